@@ -1,0 +1,26 @@
+"""The exceptions autoprune raises on bad input.
+
+Every message is one line that names the bad value, so that the CLI can print it as it is.
+"""
+
+from __future__ import annotations
+
+
+class AutopruneError(Exception):
+    """Base class of autoprune's own errors."""
+
+
+class SpecError(AutopruneError, ValueError):
+    """A study spec or a search-space setting is malformed or out of range."""
+
+
+class TaskError(AutopruneError, ValueError):
+    """A task cannot be built, or its model and data do not fit together."""
+
+
+class StorageError(AutopruneError):
+    """The study storage cannot be opened, or holds a study that does not match."""
+
+
+class TrialFailed(AutopruneError):
+    """One trial failed (e.g. a non-finite loss); the study goes on."""

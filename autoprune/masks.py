@@ -1,0 +1,142 @@
+"""Pruning as pure functions: find the layers, score them, compute masks, apply and fold them.
+
+Masks are applied with :mod:`torch.nn.utils.prune`: the mask is a buffer (``weight_mask``), the
+trained tensor is kept as the same ``Parameter`` object (``weight_orig``, so optimizers stay
+valid) and ``forward`` sees ``weight = weight_orig * weight_mask``. Pruned weights therefore get
+a zero gradient and stay exactly zero through fine-tuning.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import prune
+
+from autoprune.criteria import get_criterion
+from autoprune.errors import TaskError
+from autoprune.policy import Policy
+
+PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def prunable_layers(
+    model: nn.Module, include: Sequence[str] = ("*",), exclude: Sequence[str] = ()
+) -> list[str]:
+    """Module paths of the Linear/Conv layers whose path matches an ``include`` glob and no
+    ``exclude`` glob, in definition order.
+
+    Raises:
+        TaskError: If no layer is left (the model has none, or the globs match none).
+    """
+    names = [name for name, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)]
+    if not names:
+        raise TaskError(f"model {type(model).__name__} has no prunable Linear or Conv layer")
+    chosen = [
+        name
+        for name in names
+        if any(fnmatch.fnmatchcase(name, g) for g in include)
+        and not any(fnmatch.fnmatchcase(name, g) for g in exclude)
+    ]
+    if not chosen:
+        raise TaskError(
+            f"include {list(include)} / exclude {list(exclude)} match no prunable layer "
+            f"(layers: {', '.join(names)})"
+        )
+    return chosen
+
+
+def weights(model: nn.Module, layers: Sequence[str]) -> dict[str, Tensor]:
+    """The weight each forward pass sees for each named layer (masked, if masks are applied)."""
+    modules = dict(model.named_modules())
+    return {name: modules[name].weight for name in layers}
+
+
+def score(
+    model: nn.Module, policy: Policy, grads: Mapping[str, Tensor] | None = None
+) -> dict[str, Tensor]:
+    """Scores of the policy's criterion for each of the policy's layers (no gradient kept)."""
+    criterion = get_criterion(policy.criterion)
+    if criterion.needs_grad and grads is None:
+        raise ValueError(f"criterion {policy.criterion!r} needs calibration gradients")
+    with torch.no_grad():
+        return {
+            name: criterion.score(w.detach(), grads[name] if criterion.needs_grad else None)
+            for name, w in weights(model, list(policy.sparsity)).items()
+        }
+
+
+def compute_masks(policy: Policy, scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Boolean keep-masks (True = kept), one per layer of the policy, shaped like its scores.
+
+    The weights with the lowest scores are pruned. With the ``ratio`` rule a layer (``layer``
+    scope) or the pool of all layers (``global`` scope) loses exactly ``round(sparsity * size)``
+    weights, ties broken by position; with the ``mean`` rule it loses those scoring below
+    ``alpha * mean(scores)``, at most ``round(sparsity * size)`` per layer.
+    """
+    layers = list(policy.sparsity)
+    flat = {name: scores[name].detach().flatten().float() for name in layers}
+    caps = {name: round(policy.sparsity[name] * flat[name].numel()) for name in layers}
+    if policy.rule == "mean":
+        if policy.scope == "global":
+            pooled = torch.cat([flat[name] for name in layers])
+            thresholds = dict.fromkeys(layers, policy.alpha * pooled.mean())
+        else:
+            thresholds = {name: policy.alpha * flat[name].mean() for name in layers}
+        counts = {name: min(int((flat[name] < thresholds[name]).sum()), caps[name])
+                  for name in layers}
+        return {name: _keep_mask(flat[name], counts[name], scores[name].shape)
+                for name in layers}
+    if policy.scope == "layer":
+        return {name: _keep_mask(flat[name], caps[name], scores[name].shape) for name in layers}
+    # Global ratio: one ranking over the pool decides how the total is split between layers.
+    pooled = torch.cat([flat[name] for name in layers])
+    keep = _keep_mask(pooled, sum(caps.values()), pooled.shape)
+    masks, start = {}, 0
+    for name in layers:
+        size = flat[name].numel()
+        masks[name] = keep[start : start + size].reshape(scores[name].shape)
+        start += size
+    return masks
+
+
+def _keep_mask(flat_scores: Tensor, n_pruned: int, shape: torch.Size) -> Tensor:
+    keep = torch.ones(flat_scores.numel(), dtype=torch.bool)
+    if n_pruned > 0:
+        order = torch.argsort(flat_scores, stable=True)
+        keep[order[:n_pruned]] = False
+    return keep.reshape(shape)
+
+
+def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
+    """Hold each layer's weight at ``orig * mask`` from now on (in place)."""
+    modules = dict(model.named_modules())
+    for name, mask in masks.items():
+        weight = modules[name].weight
+        prune.custom_from_mask(modules[name], "weight", mask.to(weight.device, weight.dtype))
+
+
+def fold_masks(model: nn.Module) -> None:
+    """Make the masks permanent: plain ``weight`` parameters with exact zeros, no hooks."""
+    for module in model.modules():
+        if prune.is_pruned(module) and hasattr(module, "weight_mask"):
+            prune.remove(module, "weight")
+
+
+def count_nonzero(model: nn.Module, layers: Sequence[str]) -> tuple[int, int]:
+    """``(nonzero, total)`` weights over the named layers, as ``forward`` sees them."""
+    nonzero = total = 0
+    for w in weights(model, layers).values():
+        nonzero += int(torch.count_nonzero(w))
+        total += w.numel()
+    return nonzero, total
+
+
+def layer_sparsity(model: nn.Module, layers: Sequence[str]) -> dict[str, float]:
+    """Achieved fraction of exact zeros in each named layer's weight."""
+    return {
+        name: 1.0 - int(torch.count_nonzero(w)) / w.numel()
+        for name, w in weights(model, layers).items()
+    }

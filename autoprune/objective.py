@@ -1,0 +1,142 @@
+"""One trial: policy → pruned copy → fine-tune → numbers."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import optuna
+import torch
+from torch import Tensor, nn
+
+from autoprune.criteria import calibration_gradients, get_criterion
+from autoprune.errors import TrialFailed
+from autoprune.masks import apply_masks, compute_masks, count_nonzero, fold_masks, layer_sparsity
+from autoprune.masks import score
+from autoprune.policy import Policy
+from autoprune.space import SearchSpace, suggest_policy
+from autoprune.task import Task
+from autoprune.train import evaluate, fit
+
+# The study's objectives, in order; their names are stored in the study for dashboards.
+METRIC_NAMES = ("accuracy", "nonzero_params")
+DIRECTIONS = ("maximize", "minimize")
+
+
+@dataclasses.dataclass
+class PruneResult:
+    """A pruned, fine-tuned model (masks folded in) and what was measured on it."""
+
+    model: nn.Module
+    policy: Policy
+    metrics: dict[str, float]
+    layer_sparsity: dict[str, float]
+    history: dict[str, list[list[float]]]
+    timings: dict[str, float]
+
+
+def prune_and_finetune(
+    task: Task, policy: Policy, *, seed: int, grads: Mapping[str, Tensor] | None = None
+) -> PruneResult:
+    """Prune a copy of ``task.model`` by ``policy``, fine-tune it with the masks held, measure.
+
+    Deterministic for a given ``(task, policy, seed)``: this is how a trial is replayed.
+
+    Args:
+        grads: Calibration gradients of the dense model, if already computed (they are
+            the same for every trial of a task); computed here when the criterion needs them.
+
+    Raises:
+        TrialFailed: If fine-tuning hits a non-finite loss.
+    """
+    timings: dict[str, float] = {}
+    model = copy.deepcopy(task.model)
+    layers = list(policy.sparsity)
+    with _timed(timings, "scoring"):
+        if get_criterion(policy.criterion).needs_grad and grads is None:
+            grads = calibration_gradients(model, task, layers)
+        torch.manual_seed(seed)  # the random criterion draws from here
+        scores = score(model, policy, grads)
+    with _timed(timings, "masking"):
+        apply_masks(model, compute_masks(policy, scores))
+    with _timed(timings, "finetuning"):
+        torch.manual_seed(seed)
+        history = fit(model, task, epochs=task.finetune_epochs, seed=seed)
+        fold_masks(model)
+    with _timed(timings, "evaluation"):
+        accuracy, val_loss = evaluate(model, task, "val")
+        test_accuracy = evaluate(model, task, "test")[0] if task.test is not None else None
+        nonzero, total = count_nonzero(model, layers)
+    metrics = {
+        "accuracy": accuracy,
+        "val_loss": val_loss,
+        "nonzero_params": float(nonzero),
+        "total_params": float(total),
+        "density": nonzero / total,
+        "sparsity": 1.0 - nonzero / total,
+    }
+    if test_accuracy is not None:
+        metrics["test_accuracy"] = test_accuracy
+    return PruneResult(model, policy, metrics, layer_sparsity(model, layers), history, timings)
+
+
+class Objective:
+    """The Optuna objective: ``objective(trial) -> (val accuracy, nonzero prunable params)``.
+
+    Everything a trial produces besides its two values is kept in its user attrs: the policy,
+    its seed, test accuracy, density, per-layer sparsity, loss curves and a time split.
+    """
+
+    def __init__(self, task: Task, space: SearchSpace, layers: Sequence[str], *, seed: int = 0):
+        self.task, self.space, self.layers, self.seed = task, space, list(layers), seed
+        self._grads: dict[str, Tensor] | None = None
+
+    def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
+        policy = suggest_policy(trial, self.space, self.layers)
+        seed = trial_seed(self.seed, trial.number)
+        trial.set_user_attr("policy", policy.to_dict())
+        trial.set_user_attr("seed", seed)
+        try:
+            result = prune_and_finetune(self.task, policy, seed=seed, grads=self._grads_for(policy))
+        except TrialFailed as e:
+            trial.set_user_attr("fail_reason", str(e))
+            raise
+        for key, value in _user_attrs(result).items():
+            trial.set_user_attr(key, value)
+        return result.metrics["accuracy"], result.metrics["nonzero_params"]
+
+    def _grads_for(self, policy: Policy) -> dict[str, Tensor] | None:
+        # The dense model's gradients are the same for every trial: compute them once.
+        if not get_criterion(policy.criterion).needs_grad:
+            return None
+        if self._grads is None:
+            self._grads = calibration_gradients(self.task.model, self.task, self.layers)
+        return self._grads
+
+
+def trial_seed(study_seed: int, trial_number: int) -> int:
+    """The seed of one trial's random criterion and batch order."""
+    return study_seed * 1_000_003 + trial_number
+
+
+def _user_attrs(result: PruneResult) -> dict[str, Any]:
+    attrs: dict[str, Any] = {
+        key: value for key, value in result.metrics.items() if key not in METRIC_NAMES
+    }
+    attrs["layer_sparsity"] = result.layer_sparsity
+    attrs["history"] = result.history
+    attrs["timings"] = result.timings
+    return attrs
+
+
+@contextmanager
+def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - start

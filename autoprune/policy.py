@@ -1,0 +1,83 @@
+"""Policy: frozen, JSON-able data saying how to prune a model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from autoprune.criteria import get_criterion
+from autoprune.errors import SpecError
+
+SCOPES = ("layer", "global")
+RULES = ("ratio", "mean")
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """How to prune: which layers, how much, by which criterion.
+
+    Args:
+        sparsity: Layer name (module path, e.g. ``"features.0"``) → fraction of its weights to
+            prune. With the ``ratio`` rule this is the target; with the ``mean`` rule it is the
+            most that layer may be pruned. Only the named layers are pruned.
+        criterion: Name of a registered criterion (see :data:`autoprune.criteria.CRITERIA`).
+        scope: ``"layer"``: each layer is ranked on its own. ``"global"``: one threshold over
+            all layers' scores; with the ``ratio`` rule the total pruned count is
+            ``sum(sparsity[l] * size(l))`` and the split between layers follows the scores.
+        rule: ``"ratio"``: prune exactly the lowest-scoring fraction. ``"mean"``: the article's
+            rule, prune the weights whose score is below ``alpha * mean(S)``.
+        alpha: Multiplier of the mean threshold (``mean`` rule only).
+
+    Raises:
+        SpecError: On an unknown criterion, scope or rule, or a sparsity outside [0, 1).
+    """
+
+    sparsity: Mapping[str, float]
+    criterion: str = "magnitude"
+    scope: str = "layer"
+    rule: str = "ratio"
+    alpha: float = 1.0
+
+    def __post_init__(self) -> None:
+        get_criterion(self.criterion)
+        if self.scope not in SCOPES:
+            raise SpecError(f"unknown scope {self.scope!r} (known: {', '.join(SCOPES)})")
+        if self.rule not in RULES:
+            raise SpecError(f"unknown rule {self.rule!r} (known: {', '.join(RULES)})")
+        if not self.sparsity:
+            raise SpecError("a policy must name at least one layer to prune")
+        for layer, value in self.sparsity.items():
+            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise SpecError(f"sparsity of layer {layer!r} must be in [0, 1), got {value!r}")
+        alpha = self.alpha
+        if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0):
+            raise SpecError(f"alpha must be a finite number >= 0, got {self.alpha!r}")
+        # A private copy, so that changing the caller's dict cannot change the policy.
+        object.__setattr__(self, "sparsity", {k: float(v) for k, v in self.sparsity.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (for JSON, trial user attrs and tables)."""
+        return {
+            "sparsity": dict(self.sparsity),
+            "criterion": self.criterion,
+            "scope": self.scope,
+            "rule": self.rule,
+            "alpha": self.alpha,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Policy:
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise SpecError(f"unknown policy key {sorted(unknown)[0]!r}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> Policy:
+        return cls.from_dict(json.loads(text))

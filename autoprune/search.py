@@ -1,0 +1,199 @@
+"""The search: an Optuna multi-objective study over pruning policies."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial
+from torch import nn
+
+from autoprune._version import __version__
+from autoprune.errors import StorageError, TaskError, TrialFailed
+from autoprune.masks import count_nonzero, prunable_layers
+from autoprune.objective import DIRECTIONS, METRIC_NAMES, Objective, prune_and_finetune
+from autoprune.policy import Policy
+from autoprune.space import SearchSpace
+from autoprune.task import Task
+from autoprune.train import evaluate
+
+logger = logging.getLogger(__name__)
+
+# Key of the study user attr holding what the study was created with.
+STUDY_ATTR = "autoprune"
+Callback = Callable[[optuna.Study, FrozenTrial], None]
+
+
+def search(
+    task: Task,
+    *,
+    n_trials: int | None = None,
+    timeout: float | None = None,
+    storage: str | optuna.storages.BaseStorage | None = None,
+    study_name: str | None = None,
+    seed: int = 0,
+    space: SearchSpace | None = None,
+    sampler: optuna.samplers.BaseSampler | None = None,
+    callbacks: Iterable[Callback] = (),
+) -> optuna.Study:
+    """Search pruning policies of ``task.model``; return the (new or resumed) Optuna study.
+
+    Objectives: maximise validation accuracy, minimise nonzero prunable weights. The Pareto
+    front is ``study.best_trials``; :func:`autoprune.pareto_front` tabulates it.
+
+    Args:
+        n_trials: Trials to run in this call (None: until ``timeout``).
+        timeout: Seconds after which no new trial starts.
+        storage: Optuna storage or database URL; None keeps the study in memory.
+        study_name: Name of the study; an existing study of that name is resumed.
+        seed: Seeds the sampler and every trial's fine-tuning.
+        space: The search space; :class:`SearchSpace` defaults if None.
+        sampler: Overrides the default seeded multivariate TPE sampler.
+        callbacks: Called as ``callback(study, trial)`` after each trial.
+
+    Raises:
+        TaskError: If the model has no prunable layer left by the space's globs, or the data
+            does not fit the model.
+        StorageError: If the storage cannot be opened, or the named study was created with a
+            different task, search space or seed.
+    """
+    space = space or SearchSpace()
+    if n_trials is None and timeout is None:
+        raise ValueError("give n_trials or timeout, or the search never ends")
+    study = open_study(task, space=space, storage=storage, study_name=study_name, seed=seed,
+                       sampler=sampler)
+    objective = Objective(task, space, study.user_attrs[STUDY_ATTR]["layers"], seed=seed)
+    study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=(TrialFailed,),
+                   callbacks=list(callbacks))
+    return study
+
+
+def open_study(
+    task: Task,
+    *,
+    space: SearchSpace,
+    storage: str | optuna.storages.BaseStorage | None,
+    study_name: str | None,
+    seed: int,
+    sampler: optuna.samplers.BaseSampler | None = None,
+) -> optuna.Study:
+    """Create the study, or load it if it exists and was made by the same task and space.
+
+    Everything about the task is checked before the storage is touched, so bad input leaves
+    no half-written study behind.
+    """
+    layers = prunable_layers(task.model, space.include, space.exclude)
+    task.check()
+    setup = {"version": __version__, "task": task.name, "layers": layers,
+             "space": space.to_dict(), "seed": seed}
+    existing = _load_existing(storage, study_name)
+    if existing is not None:
+        _check_same_setup(existing, setup, study_name)
+    n_before = len(existing.trials) if existing is not None else 0
+    dense = dense_metrics(task, layers) if existing is None else None
+    if sampler is None:
+        with warnings.catch_warnings():  # `group` is experimental, and needed for our space
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            sampler = optuna.samplers.TPESampler(
+                # A resumed run must not replay the first run's random draws.
+                seed=seed + n_before, multivariate=True, group=True, n_startup_trials=10,
+            )
+    try:
+        study = optuna.create_study(storage=storage, study_name=study_name, sampler=sampler,
+                                    directions=list(DIRECTIONS), load_if_exists=True)
+    except Exception as e:
+        raise StorageError(f"cannot open storage {_describe(storage)}: {_first_line(e)}") from e
+    if existing is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(METRIC_NAMES))
+        study.set_user_attr(STUDY_ATTR, {**setup, "dense": dense})
+    return study
+
+
+def dense_metrics(task: Task, layers: list[str]) -> dict[str, float]:
+    """Validation (and test) accuracy and prunable-weight count of the unpruned model."""
+    metrics = {"accuracy": evaluate(task.model, task, "val")[0]}
+    if task.test is not None:
+        metrics["test_accuracy"] = evaluate(task.model, task, "test")[0]
+    metrics["nonzero_params"] = float(count_nonzero(task.model, layers)[0])
+    return metrics
+
+
+def materialize(task: Task, trial: FrozenTrial) -> nn.Module:
+    """Rebuild the pruned, fine-tuned model of a finished trial (masks folded in).
+
+    The replay is seeded and deterministic: the model reproduces the trial's recorded
+    metrics exactly (given the same task, on the same kind of machine).
+
+    Raises:
+        TaskError: If ``trial`` holds no autoprune policy or its layers are not in the model.
+    """
+    if "policy" not in trial.user_attrs or "seed" not in trial.user_attrs:
+        raise TaskError(f"trial {trial.number} holds no autoprune policy")
+    policy = Policy.from_dict(trial.user_attrs["policy"])
+    missing = set(policy.sparsity) - {name for name, _ in task.model.named_modules()}
+    if missing:
+        raise TaskError(f"trial {trial.number} prunes layer {sorted(missing)[0]!r}, "
+                        "which the task's model does not have")
+    return prune_and_finetune(task, policy, seed=trial.user_attrs["seed"]).model
+
+
+def load_study(storage: str, study_name: str | None) -> optuna.Study:
+    """Load an existing autoprune study; with one study in the storage, the name may be omitted.
+
+    Raises:
+        StorageError: If the storage cannot be opened, holds no such study, or the study was
+            not made by autoprune.
+    """
+    try:
+        names = optuna.get_all_study_names(storage)
+    except Exception as e:
+        raise StorageError(f"cannot open storage {_describe(storage)}: {_first_line(e)}") from e
+    if study_name is None:
+        if len(names) != 1:
+            listed = ", ".join(names) if names else "none"
+            raise StorageError(f"give --study-name: storage {_describe(storage)} holds "
+                               f"{len(names)} studies ({listed})")
+        study_name = names[0]
+    if study_name not in names:
+        raise StorageError(f"no study named {study_name!r} in {_describe(storage)}")
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    if STUDY_ATTR not in study.user_attrs:
+        raise StorageError(f"study {study_name!r} was not made by autoprune")
+    return study
+
+
+def _load_existing(storage: Any, study_name: str | None) -> optuna.Study | None:
+    if storage is None or study_name is None:
+        return None
+    try:
+        if study_name not in optuna.get_all_study_names(storage):
+            return None
+        return optuna.load_study(study_name=study_name, storage=storage)
+    except Exception as e:
+        raise StorageError(f"cannot open storage {_describe(storage)}: {_first_line(e)}") from e
+
+
+def _check_same_setup(study: optuna.Study, setup: dict[str, Any], name: str | None) -> None:
+    stored = study.user_attrs.get(STUDY_ATTR)
+    if stored is None:
+        raise StorageError(f"study {name!r} exists but was not made by autoprune")
+    for key in ("task", "layers", "space", "seed"):
+        if stored.get(key) != setup[key]:
+            raise StorageError(
+                f"study {name!r} was created with {key} {stored.get(key)!r}, not "
+                f"{setup[key]!r}; use another study name to search a different setup"
+            )
+
+
+def _describe(storage: Any) -> str:
+    return repr(storage) if isinstance(storage, str) else type(storage).__name__
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

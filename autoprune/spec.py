@@ -1,0 +1,165 @@
+"""Study specs: a TOML file naming the task, storage, budget and search space of a study.
+
+```toml
+task = "digits-cnn"              # built-in name, or "package.module:function" returning a Task
+study_name = "digits-cnn"        # default: the task name
+storage = "sqlite:///autoprune.db"
+trials = 40
+timeout = "10m"                  # optional: seconds, or a number with s, m, h or d
+seed = 0
+
+[space]                          # see autoprune.SearchSpace
+criteria = ["magnitude", "random", "sensitivity", "taylor"]
+scopes = ["layer", "global"]
+rules = ["ratio", "mean"]
+sparsity = [0.0, 0.98]
+alpha = [0.25, 4.0]
+include = ["*"]
+exclude = []
+
+[finetune]                       # overrides the task's own recipe
+epochs = 2
+lr = 0.001
+batch_size = 32
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from autoprune.errors import SpecError
+from autoprune.space import SearchSpace
+from autoprune.task import Task
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+@dataclasses.dataclass(frozen=True)
+class Finetune:
+    """Fine-tuning overrides; None keeps the task's own value."""
+
+    epochs: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+
+    def apply(self, task: Task) -> Task:
+        """``task`` with these overrides (a new Task; the model is shared, not copied)."""
+        changes = {"finetune_epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size}
+        return dataclasses.replace(task, **{k: v for k, v in changes.items() if v is not None})
+
+
+@dataclasses.dataclass(frozen=True)
+class StudySpec:
+    """A validated study spec; see the module docstring for the TOML form."""
+
+    task: str = "digits-cnn"
+    study_name: str | None = None
+    storage: str = "sqlite:///autoprune.db"
+    trials: int = 40
+    timeout: float | None = None
+    seed: int = 0
+    space: SearchSpace = dataclasses.field(default_factory=SearchSpace)
+    finetune: Finetune = dataclasses.field(default_factory=Finetune)
+
+    @property
+    def name(self) -> str:
+        """The study name: ``study_name``, or the task reference."""
+        return self.study_name or self.task
+
+
+def parse_duration(text: str | float | int) -> float:
+    """Seconds in ``90``, ``"90s"``, ``"30m"``, ``"8h"`` or ``"1d"``.
+
+    Raises:
+        SpecError: If ``text`` is not such a duration, or is not positive.
+    """
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        match = _DURATION.match(str(text))
+        if not match:
+            raise SpecError(f"timeout must be seconds or a number with s, m, h or d, got {text!r}")
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise SpecError(f"timeout must be positive, got {text!r}")
+    return seconds
+
+
+def load_spec(path: str | Path) -> StudySpec:
+    """Read and validate a TOML study spec.
+
+    Raises:
+        SpecError: One line naming the file, and the bad key and its value.
+    """
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SpecError(f"spec file {str(path)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError(f"cannot read spec file {str(path)!r}: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise SpecError(f"{path}: malformed TOML: {e}") from None
+    try:
+        return spec_from_dict(data)
+    except SpecError as e:
+        raise SpecError(f"{path}: {e}") from None
+
+
+def spec_from_dict(data: dict[str, Any]) -> StudySpec:
+    """Validate the parsed TOML of a spec; raise SpecError naming the first bad key."""
+    fields = {f.name for f in dataclasses.fields(StudySpec)}
+    for key in data:
+        if key not in fields:
+            raise SpecError(f"unknown key {key!r} (known: {', '.join(sorted(fields))})")
+    kwargs: dict[str, Any] = {}
+    for key in ("task", "storage", "study_name"):
+        if key in data:
+            kwargs[key] = _check(key, data[key], str, lambda v: bool(v.strip()), "a non-empty string")
+    for key, low in (("trials", 1), ("seed", 0)):
+        if key in data:
+            kwargs[key] = _check(key, data[key], int, lambda v, lo=low: v >= lo, f"an integer >= {low}")
+    if "timeout" in data:
+        try:
+            kwargs["timeout"] = parse_duration(data["timeout"])
+        except SpecError as e:
+            raise SpecError(f"key 'timeout': {e}") from None
+    if "space" in data:
+        table = _check("space", data["space"], dict, lambda v: True, "a table")
+        try:
+            kwargs["space"] = SearchSpace.from_dict(table)
+        except SpecError as e:
+            raise SpecError(f"[space] {e}") from None
+    if "finetune" in data:
+        kwargs["finetune"] = _finetune(_check("finetune", data["finetune"], dict, lambda v: True, "a table"))
+    return StudySpec(**kwargs)
+
+
+def _finetune(table: dict[str, Any]) -> Finetune:
+    checks = {
+        "epochs": (int, lambda v: v >= 0, "an integer >= 0"),
+        "lr": (float, lambda v: math.isfinite(v) and v > 0, "a number > 0"),
+        "batch_size": (int, lambda v: v >= 1, "an integer >= 1"),
+    }
+    kwargs = {}
+    for key, value in table.items():
+        if key not in checks:
+            raise SpecError(f"[finetune] unknown key {key!r} (known: {', '.join(checks)})")
+        kind, ok, what = checks[key]
+        kwargs[key] = _check(f"finetune.{key}", value, kind, ok, what)
+    return Finetune(**kwargs)
+
+
+def _check(key: str, value: Any, kind: type, ok: Any, what: str) -> Any:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, kind) or not ok(value):
+        raise SpecError(f"key {key!r} must be {what}, got {value!r}")
+    return value

@@ -1,0 +1,43 @@
+"""Built-in tasks, and resolution of a task reference (a built-in name or module:function)."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+from autoprune.errors import TaskError
+from autoprune.task import Task
+from autoprune.tasks.digits import digits_cnn, digits_mlp
+
+# Built-in task factories, by the name a spec uses.
+TASKS: dict[str, Callable[..., Task]] = {"digits-cnn": digits_cnn, "digits-mlp": digits_mlp}
+
+
+def load_task(ref: str, *, seed: int = 0) -> Task:
+    """Build the task named by ``ref``: a built-in name, or ``package.module:function``.
+
+    A built-in factory is called with ``seed``; a user function is called with no argument.
+
+    Raises:
+        TaskError: If ``ref`` is unknown, does not import, or does not return a Task.
+    """
+    if ref in TASKS:
+        return TASKS[ref](seed=seed)
+    if ":" not in ref:
+        raise TaskError(f"unknown task {ref!r} (built-in: {', '.join(TASKS)}; "
+                        "or give package.module:function)")
+    module_name, _, attr = ref.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise TaskError(f"task {ref!r} does not import: {e}") from e
+    try:
+        task = factory()
+    except Exception as e:
+        raise TaskError(f"task {ref!r} raised {type(e).__name__}: {e}") from e
+    if not isinstance(task, Task):
+        raise TaskError(f"task {ref!r} returned {type(task).__name__}, not an autoprune.Task")
+    return task
+
+
+__all__ = ["TASKS", "digits_cnn", "digits_mlp", "load_task"]

@@ -1,0 +1,85 @@
+"""Built-in tasks on scikit-learn's bundled 8×8 digits (no download)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch import Tensor, nn
+
+from autoprune.task import Task
+from autoprune.tasks._cache import cached_model
+from autoprune.train import fit
+
+# The split is part of the benchmark, so it is fixed; the task seed only changes the model.
+_SPLIT_SEED = 0
+# Dense training recipe; a change here changes the cache key and retrains.
+_DENSE = {"epochs": 40, "lr": 3e-3, "batch_size": 32}
+
+
+def digits_split() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Stratified 60/20/20 train/val/test split of the 1,797 digits; pixels scaled to [0, 1]."""
+    data = load_digits()
+    x, y = data.data.astype(np.float32) / 16.0, data.target.astype(np.int64)
+    x_train, x_rest, y_train, y_rest = train_test_split(
+        x, y, test_size=0.4, stratify=y, random_state=_SPLIT_SEED)
+    x_val, x_test, y_val, y_test = train_test_split(
+        x_rest, y_rest, test_size=0.5, stratify=y_rest, random_state=_SPLIT_SEED)
+    return {"train": (x_train, y_train), "val": (x_val, y_val), "test": (x_test, y_test)}
+
+
+class DigitsCNN(nn.Module):
+    """Two 3×3 convolutions and two linear layers (about 38k weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x))
+
+
+def digits_mlp_model() -> nn.Module:
+    """A 64-128-64-10 perceptron (about 17k weights)."""
+    return nn.Sequential(
+        nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10),
+    )
+
+
+def digits_cnn(*, seed: int = 0) -> Task:
+    """The digits CNN task, its dense model trained once per seed and cached."""
+    return _digits_task("digits-cnn", DigitsCNN, (1, 8, 8), seed)
+
+
+def digits_mlp(*, seed: int = 0) -> Task:
+    """The digits MLP task, its dense model trained once per seed and cached."""
+    return _digits_task("digits-mlp", digits_mlp_model, (64,), seed)
+
+
+def _digits_task(name: str, build: type[nn.Module] | object, shape: tuple[int, ...], seed: int) -> Task:
+    split = {
+        key: (torch.from_numpy(x).reshape(-1, *shape), torch.from_numpy(y))
+        for key, (x, y) in digits_split().items()
+    }
+    torch.manual_seed(seed)
+    model = build()  # type: ignore[operator]
+    task = Task(model=model, train=split["train"], val=split["val"], test=split["test"],
+                name=name)
+
+    def train(m: nn.Module) -> None:
+        recipe = dataclasses.replace(task, lr=_DENSE["lr"], batch_size=_DENSE["batch_size"])
+        fit(m, recipe, epochs=_DENSE["epochs"], seed=seed)
+
+    key = {"task": name, "seed": seed, "split_seed": _SPLIT_SEED, "arch": repr(model), **_DENSE}
+    cached_model(model, key, train)
+    model.eval()
+    return task
