@@ -15,8 +15,14 @@ from torch import Tensor, nn
 
 from autoprune.criteria import calibration_gradients, get_criterion
 from autoprune.errors import TrialFailed
-from autoprune.masks import apply_masks, compute_masks, count_nonzero, fold_masks, layer_sparsity
-from autoprune.masks import score
+from autoprune.masks import (
+    apply_masks,
+    compute_masks,
+    count_nonzero,
+    fold_masks,
+    layer_sparsity,
+    score,
+)
 from autoprune.policy import Policy
 from autoprune.space import SearchSpace, suggest_policy
 from autoprune.task import Task

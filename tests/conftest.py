@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny models and tasks that train in well under a second on a CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import autoprune
+from autoprune.train import fit
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Built-in dense models are trained once per test session, never in the user's cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("AUTOPRUNE_CACHE_DIR", str(tmp_path_factory.mktemp("autoprune-cache")))
+    yield
+    mp.undo()
+
+
+class TinyCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(4 * 4 * 4, 16), nn.ReLU(),
+                                        nn.Linear(16, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def make_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three classes of 8x8 images, told apart by which third of the image is bright."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (n,), generator=g)
+    x = torch.rand(n, 1, 8, 8, generator=g) * 0.5
+    for i, label in enumerate(y.tolist()):
+        x[i, 0, :, label * 2 : label * 2 + 3] += 1.0
+    return x, y
+
+
+def make_task(**overrides: object) -> autoprune.Task:
+    """A TinyCNN trained to high accuracy on :func:`make_data` (about 0.2 s)."""
+    torch.manual_seed(0)
+    model = TinyCNN()
+    train, val, test = make_data(192, 0), make_data(96, 1), make_data(96, 2)
+    task = autoprune.Task(model=model, train=train, val=val, test=test, finetune_epochs=1,
+                          lr=1e-2, batch_size=32, name="tiny")
+    fit(model, task, epochs=5, seed=0)
+    model.eval()
+    if overrides:
+        import dataclasses
+
+        task = dataclasses.replace(task, **overrides)
+    return task
+
+
+@pytest.fixture(scope="session")
+def _trained_task() -> autoprune.Task:
+    return make_task()
+
+
+@pytest.fixture
+def tiny_task(_trained_task: autoprune.Task) -> autoprune.Task:
+    """A trained tiny task; each test gets its own copy of the model."""
+    import copy
+    import dataclasses
+
+    return dataclasses.replace(_trained_task, model=copy.deepcopy(_trained_task.model))
