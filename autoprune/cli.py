@@ -27,9 +27,14 @@ class _Progress:
     """An Optuna callback drawing a tqdm bar: trials done/total, s/trial, ETA, front size."""
 
     def __init__(self, total: int | None, *, disable: bool = False):
-        self.bar = tqdm(total=total, unit="trial", disable=disable, dynamic_ncols=True,
-                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} "
-                                   "[{elapsed}<{remaining}, {rate_inv_fmt}{postfix}]")
+        self.bar = tqdm(
+            total=total,
+            unit="trial",
+            disable=disable,
+            dynamic_ncols=True,
+            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} "
+            "[{elapsed}<{remaining}, {rate_inv_fmt}{postfix}]",
+        )
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self.bar.update(1)
@@ -48,15 +53,24 @@ def _search(args: argparse.Namespace) -> int:
     task = spec.finetune.apply(load_task(spec.task, seed=spec.seed))
     progress = _Progress(trials, disable=args.quiet)
     try:
-        study = search(task, n_trials=trials, timeout=timeout, storage=storage,
-                       study_name=study_name, seed=spec.seed, space=spec.space,
-                       callbacks=[progress])
+        study = search(
+            task,
+            n_trials=trials,
+            timeout=timeout,
+            storage=storage,
+            study_name=study_name,
+            seed=spec.seed,
+            space=spec.space,
+            callbacks=[progress],
+        )
     finally:
         progress.bar.close()
     dense = study.user_attrs[STUDY_ATTR]["dense"]
-    print(f"dense {task.name}: val accuracy {dense['accuracy']:.4f}, test accuracy "
-          f"{dense.get('test_accuracy', float('nan')):.4f}, "
-          f"{int(dense['nonzero_params'])} prunable weights")
+    print(
+        f"dense {task.name}: val accuracy {dense['accuracy']:.4f}, test accuracy "
+        f"{dense.get('test_accuracy', float('nan')):.4f}, "
+        f"{int(dense['nonzero_params'])} prunable weights"
+    )
     _print_counts(study)
     print(_front_text(pareto_front(study)))
     out = write_report(study, args.report or f"{study_name}.html")
@@ -99,7 +113,8 @@ def _front_text(front: pd.DataFrame) -> str:
         return "the Pareto front is empty (no trial has completed)"
     shown = front.rename(columns=lambda c: c.replace("sparsity:", "s:"))
     return f"Pareto front ({len(front)} trials):\n" + shown.to_string(
-        index=False, float_format=lambda v: f"{v:.4f}", na_rep="-")
+        index=False, float_format=lambda v: f"{v:.4f}", na_rep="-"
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -109,8 +124,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", help="run (or resume) a search from a TOML study spec")
     p.add_argument("spec", help="study spec, e.g. studies/digits_cnn.toml")
-    p.add_argument("--storage", help="database URL (default: the spec's, else "
-                   f"{DEFAULT_STORAGE})")
+    p.add_argument("--storage", help=f"database URL (default: the spec's, else {DEFAULT_STORAGE})")
     p.add_argument("--study-name", help="study name (default: the spec's)")
     p.add_argument("--trials", type=_positive_int, help="trials to add in this run")
     p.add_argument("--timeout", help="stop starting trials after this long: 90, 30m, 8h")
@@ -118,11 +132,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_search)
 
-    for name, helptext in (("front", "print or export the Pareto front"),
-                           ("report", "write the HTML report")):
+    for name, helptext in (
+        ("front", "print or export the Pareto front"),
+        ("report", "write the HTML report"),
+    ):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("--storage", default=DEFAULT_STORAGE,
-                       help=f"database URL (default: {DEFAULT_STORAGE})")
+        p.add_argument(
+            "--storage", default=DEFAULT_STORAGE, help=f"database URL (default: {DEFAULT_STORAGE})"
+        )
         p.add_argument("--study-name", help="needed when the storage holds several studies")
         if name == "front":
             p.add_argument("--csv", help="write the front to this CSV file")

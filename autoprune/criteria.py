@@ -95,11 +95,11 @@ def calibration_gradients(model: nn.Module, task: Task, layers: list[str]) -> di
         for inputs, targets in task.batches("train", shuffle=True, seed=0):
             loss = task.loss(model(inputs), targets)
             grads = torch.autograd.grad(loss, weights)
-            for total, g in zip(totals, grads):
+            for total, g in zip(totals, grads, strict=True):
                 total += g.abs()
             n += 1
             if n == task.calibration_batches:
                 break
     finally:
         model.train(was_training)
-    return {name: total / max(n, 1) for name, total in zip(layers, totals)}
+    return {name: total / max(n, 1) for name, total in zip(layers, totals, strict=True)}

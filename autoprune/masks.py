@@ -85,10 +85,10 @@ def compute_masks(policy: Policy, scores: Mapping[str, Tensor]) -> dict[str, Ten
             thresholds = dict.fromkeys(layers, policy.alpha * pooled.mean())
         else:
             thresholds = {name: policy.alpha * flat[name].mean() for name in layers}
-        counts = {name: min(int((flat[name] < thresholds[name]).sum()), caps[name])
-                  for name in layers}
-        return {name: _keep_mask(flat[name], counts[name], scores[name].shape)
-                for name in layers}
+        counts = {
+            name: min(int((flat[name] < thresholds[name]).sum()), caps[name]) for name in layers
+        }
+        return {name: _keep_mask(flat[name], counts[name], scores[name].shape) for name in layers}
     if policy.scope == "layer":
         return {name: _keep_mask(flat[name], caps[name], scores[name].shape) for name in layers}
     # Global ratio: one ranking over the pool decides how the total is split between layers.

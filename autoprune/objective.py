@@ -107,7 +107,9 @@ class Objective:
         trial.set_user_attr("policy", policy.to_dict())
         trial.set_user_attr("seed", seed)
         try:
-            result = prune_and_finetune(self.task, policy, seed=seed, grads=self._grads_for(policy))
+            result = prune_and_finetune(
+                self.task, policy, seed=seed, grads=self._grads_for(policy)
+            )
         except TrialFailed as e:
             trial.set_user_attr("fail_reason", str(e))
             raise

@@ -18,8 +18,18 @@ from optuna.trial import FrozenTrial, TrialState
 from autoprune.search import STUDY_ATTR
 
 # Stable column order of the front table; per-layer sparsities follow as "sparsity:<layer>".
-COLUMNS = ["trial", "accuracy", "test_accuracy", "nonzero_params", "density", "sparsity",
-           "criterion", "scope", "rule", "alpha"]
+COLUMNS = [
+    "trial",
+    "accuracy",
+    "test_accuracy",
+    "nonzero_params",
+    "density",
+    "sparsity",
+    "criterion",
+    "scope",
+    "rule",
+    "alpha",
+]
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
@@ -75,26 +85,44 @@ def pareto_figure(frame: pd.DataFrame, *, title: str = "") -> go.Figure:
     fig = go.Figure()
     for on_front, name, opacity in ((False, "dominated", 0.25), (True, "Pareto front", 1.0)):
         part = frame[frame["on_front"] == on_front]
-        fig.add_trace(go.Scatter(
-            x=part["nonzero_params"], y=part["accuracy"], mode="markers+lines" if on_front
-            else "markers", name=name, opacity=opacity, text=[_hover(r) for _, r in part.iterrows()],
-            hovertemplate="%{text}<extra></extra>", line={"shape": "hv"},
-            marker={"size": 9 if on_front else 7},
-        ))
-    fig.update_layout(title=title or "Pareto front", xaxis_title="nonzero prunable weights (log)",
-                      yaxis_title="validation accuracy", xaxis_type="log", hovermode="closest")
+        fig.add_trace(
+            go.Scatter(
+                x=part["nonzero_params"],
+                y=part["accuracy"],
+                mode="markers+lines" if on_front else "markers",
+                name=name,
+                opacity=opacity,
+                text=[_hover(r) for _, r in part.iterrows()],
+                hovertemplate="%{text}<extra></extra>",
+                line={"shape": "hv"},
+                marker={"size": 9 if on_front else 7},
+            )
+        )
+    fig.update_layout(
+        title=title or "Pareto front",
+        xaxis_title="nonzero prunable weights (log)",
+        yaxis_title="validation accuracy",
+        xaxis_type="log",
+        hovermode="closest",
+    )
     return fig
 
 
 def _hover(row: pd.Series) -> str:
-    lines = [f"trial {row['trial']}", f"val accuracy {row['accuracy']:.4f}",
-             f"test accuracy {row['test_accuracy']:.4f}",
-             f"nonzero {row['nonzero_params']} (density {row['density']:.3f})",
-             f"criterion {row['criterion']}, scope {row['scope']}, rule {row['rule']}"]
+    lines = [
+        f"trial {row['trial']}",
+        f"val accuracy {row['accuracy']:.4f}",
+        f"test accuracy {row['test_accuracy']:.4f}",
+        f"nonzero {row['nonzero_params']} (density {row['density']:.3f})",
+        f"criterion {row['criterion']}, scope {row['scope']}, rule {row['rule']}",
+    ]
     if row["rule"] == "mean":
         lines.append(f"alpha {row['alpha']:.3f}")
-    lines += [f"{key.split(':', 1)[1]}: {value:.3f}" for key, value in row.items()
-              if str(key).startswith("sparsity:") and pd.notna(value)]
+    lines += [
+        f"{key.split(':', 1)[1]}: {value:.3f}"
+        for key, value in row.items()
+        if str(key).startswith("sparsity:") and pd.notna(value)
+    ]
     return "<br>".join(lines)
 
 
@@ -103,16 +131,26 @@ def loss_curves_figure(study: optuna.Study) -> go.Figure:
     fig = go.Figure()
     for trial in sorted(study.best_trials, key=lambda t: t.values[1]):
         history = trial.user_attrs.get("history", {})
+        density = trial.user_attrs.get("density", float("nan"))
         for split, dash in (("train", "solid"), ("val", "dash")):
             points = history.get(split, [])
             if points:
-                fig.add_trace(go.Scatter(
-                    x=[p[0] for p in points], y=[p[1] for p in points], mode="lines+markers",
-                    line={"dash": dash}, legendgroup=str(trial.number),
-                    name=f"trial {trial.number} {split} (density {trial.user_attrs['density']:.3f})",
-                ))
-    fig.update_layout(title="Fine-tuning loss of the front trials", xaxis_title="epoch",
-                      yaxis_title="loss", yaxis_type="log")
+                fig.add_trace(
+                    go.Scatter(
+                        x=[p[0] for p in points],
+                        y=[p[1] for p in points],
+                        mode="lines+markers",
+                        line={"dash": dash},
+                        legendgroup=str(trial.number),
+                        name=f"trial {trial.number} {split} (density {density:.3f})",
+                    )
+                )
+    fig.update_layout(
+        title="Fine-tuning loss of the front trials",
+        xaxis_title="epoch",
+        yaxis_title="loss",
+        yaxis_type="log",
+    )
     return fig
 
 
@@ -121,23 +159,30 @@ def write_report(study: optuna.Study, path: str | Path) -> Path:
     path = Path(path)
     setup = study.user_attrs.get(STUDY_ATTR, {})
     frame = trials_frame(study)
-    figures = [pareto_figure(frame, title=f"Pareto front of study {study.study_name!r}"),
-               loss_curves_figure(study)]
-    parts = [fig.to_html(full_html=False, include_plotlyjs=(i == 0))
-             for i, fig in enumerate(figures)]
+    figures = [
+        pareto_figure(frame, title=f"Pareto front of study {study.study_name!r}"),
+        loss_curves_figure(study),
+    ]
+    parts = [
+        fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figures)
+    ]
     front = pareto_front(study)
     dense = json.dumps(setup.get("dense", {}))
-    body = "\n".join([
-        f"<h1>autoprune report: {html.escape(study.study_name)}</h1>",
-        f"<p>{len(frame)} complete trials, {len(front)} on the front; task "
-        f"{html.escape(str(setup.get('task')))}; dense model {html.escape(dense)}</p>",
-        *parts,
-        "<h2>Pareto front</h2>",
-        front.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep=""),
-    ])
-    page = (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
-            f"<title>autoprune: {html.escape(study.study_name)}</title></head>"
-            f"<body style='font-family: sans-serif'>{body}</body></html>\n")
+    body = "\n".join(
+        [
+            f"<h1>autoprune report: {html.escape(study.study_name)}</h1>",
+            f"<p>{len(frame)} complete trials, {len(front)} on the front; task "
+            f"{html.escape(str(setup.get('task')))}; dense model {html.escape(dense)}</p>",
+            *parts,
+            "<h2>Pareto front</h2>",
+            front.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep=""),
+        ]
+    )
+    page = (
+        f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
+        f"<title>autoprune: {html.escape(study.study_name)}</title></head>"
+        f"<body style='font-family: sans-serif'>{body}</body></html>\n"
+    )
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(path)  # a reader never sees half a page

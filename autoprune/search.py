@@ -63,11 +63,17 @@ def search(
     space = space or SearchSpace()
     if n_trials is None and timeout is None:
         raise ValueError("give n_trials or timeout, or the search never ends")
-    study = open_study(task, space=space, storage=storage, study_name=study_name, seed=seed,
-                       sampler=sampler)
+    study = open_study(
+        task, space=space, storage=storage, study_name=study_name, seed=seed, sampler=sampler
+    )
     objective = Objective(task, space, study.user_attrs[STUDY_ATTR]["layers"], seed=seed)
-    study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=(TrialFailed,),
-                   callbacks=list(callbacks))
+    study.optimize(
+        objective,
+        n_trials=n_trials,
+        timeout=timeout,
+        catch=(TrialFailed,),
+        callbacks=list(callbacks),
+    )
     return study
 
 
@@ -87,8 +93,13 @@ def open_study(
     """
     layers = prunable_layers(task.model, space.include, space.exclude)
     task.check()
-    setup = {"version": __version__, "task": task.name, "layers": layers,
-             "space": space.to_dict(), "seed": seed}
+    setup = {
+        "version": __version__,
+        "task": task.name,
+        "layers": layers,
+        "space": space.to_dict(),
+        "seed": seed,
+    }
     existing = _load_existing(storage, study_name)
     if existing is not None:
         _check_same_setup(existing, setup, study_name)
@@ -99,11 +110,19 @@ def open_study(
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             sampler = optuna.samplers.TPESampler(
                 # A resumed run must not replay the first run's random draws.
-                seed=seed + n_before, multivariate=True, group=True, n_startup_trials=10,
+                seed=seed + n_before,
+                multivariate=True,
+                group=True,
+                n_startup_trials=10,
             )
     try:
-        study = optuna.create_study(storage=storage, study_name=study_name, sampler=sampler,
-                                    directions=list(DIRECTIONS), load_if_exists=True)
+        study = optuna.create_study(
+            storage=storage,
+            study_name=study_name,
+            sampler=sampler,
+            directions=list(DIRECTIONS),
+            load_if_exists=True,
+        )
     except Exception as e:
         raise StorageError(f"cannot open storage {_describe(storage)}: {_first_line(e)}") from e
     if existing is None:
@@ -137,8 +156,10 @@ def materialize(task: Task, trial: FrozenTrial) -> nn.Module:
     policy = Policy.from_dict(trial.user_attrs["policy"])
     missing = set(policy.sparsity) - {name for name, _ in task.model.named_modules()}
     if missing:
-        raise TaskError(f"trial {trial.number} prunes layer {sorted(missing)[0]!r}, "
-                        "which the task's model does not have")
+        raise TaskError(
+            f"trial {trial.number} prunes layer {sorted(missing)[0]!r}, "
+            "which the task's model does not have"
+        )
     return prune_and_finetune(task, policy, seed=trial.user_attrs["seed"]).model
 
 
@@ -156,8 +177,10 @@ def load_study(storage: str, study_name: str | None) -> optuna.Study:
     if study_name is None:
         if len(names) != 1:
             listed = ", ".join(names) if names else "none"
-            raise StorageError(f"give --study-name: storage {_describe(storage)} holds "
-                               f"{len(names)} studies ({listed})")
+            raise StorageError(
+                f"give --study-name: storage {_describe(storage)} holds "
+                f"{len(names)} studies ({listed})"
+            )
         study_name = names[0]
     if study_name not in names:
         raise StorageError(f"no study named {study_name!r} in {_describe(storage)}")

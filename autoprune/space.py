@@ -52,7 +52,9 @@ class SearchSpace:
             object.__setattr__(self, field, tuple(values))
         low, high = _bounds("sparsity", self.sparsity)
         if not 0.0 <= low <= high < 1.0:
-            raise SpecError(f"sparsity bounds must satisfy 0 <= low <= high < 1, got {[low, high]}")
+            raise SpecError(
+                f"sparsity bounds must satisfy 0 <= low <= high < 1, got {[low, high]}"
+            )
         a_low, a_high = _bounds("alpha", self.alpha)
         if not 0.0 < a_low <= a_high:
             raise SpecError(f"alpha bounds must satisfy 0 < low <= high, got {[a_low, a_high]}")
@@ -72,7 +74,9 @@ class SearchSpace:
         names = {f.name for f in dataclasses.fields(cls)}
         for key in data:
             if key not in names:
-                raise SpecError(f"unknown search-space key {key!r} (known: {', '.join(sorted(names))})")
+                raise SpecError(
+                    f"unknown search-space key {key!r} (known: {', '.join(sorted(names))})"
+                )
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 

@@ -122,10 +122,14 @@ def spec_from_dict(data: dict[str, Any]) -> StudySpec:
     kwargs: dict[str, Any] = {}
     for key in ("task", "storage", "study_name"):
         if key in data:
-            kwargs[key] = _check(key, data[key], str, lambda v: bool(v.strip()), "a non-empty string")
+            kwargs[key] = _check(
+                key, data[key], str, lambda v: bool(v.strip()), "a non-empty string"
+            )
     for key, low in (("trials", 1), ("seed", 0)):
         if key in data:
-            kwargs[key] = _check(key, data[key], int, lambda v, lo=low: v >= lo, f"an integer >= {low}")
+            kwargs[key] = _check(
+                key, data[key], int, lambda v, lo=low: v >= lo, f"an integer >= {low}"
+            )
     if "timeout" in data:
         try:
             kwargs["timeout"] = parse_duration(data["timeout"])
@@ -138,7 +142,9 @@ def spec_from_dict(data: dict[str, Any]) -> StudySpec:
         except SpecError as e:
             raise SpecError(f"[space] {e}") from None
     if "finetune" in data:
-        kwargs["finetune"] = _finetune(_check("finetune", data["finetune"], dict, lambda v: True, "a table"))
+        kwargs["finetune"] = _finetune(
+            _check("finetune", data["finetune"], dict, lambda v: True, "a table")
+        )
     return StudySpec(**kwargs)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from autoprune.errors import TaskError
 
 Batch = tuple[Tensor, Tensor]
-Data = Union[tuple[Tensor, Tensor], DataLoader]
+Data = tuple[Tensor, Tensor] | DataLoader
 Metric = Callable[[Tensor, Tensor], float]
 OptimizerFactory = Callable[[Iterable[nn.Parameter], float], torch.optim.Optimizer]
 
@@ -63,7 +63,9 @@ class Task:
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, nn.Module):
-            raise TaskError(f"Task.model must be a torch.nn.Module, got {type(self.model).__name__}")
+            raise TaskError(
+                f"Task.model must be a torch.nn.Module, got {type(self.model).__name__}"
+            )
         for field in ("train", "val", "test"):
             data = getattr(self, field)
             if data is None and field == "test":
@@ -100,7 +102,10 @@ class Task:
             order = None
         for start in range(0, n, self.batch_size):
             if order is None:
-                yield inputs[start : start + self.batch_size], targets[start : start + self.batch_size]
+                yield (
+                    inputs[start : start + self.batch_size],
+                    targets[start : start + self.batch_size],
+                )
             else:
                 index = order[start : start + self.batch_size]
                 yield inputs[index], targets[index]

@@ -23,8 +23,9 @@ class TinyCNN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(4 * 4 * 4, 16), nn.ReLU(),
-                                        nn.Linear(16, 3))
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(4 * 4 * 4, 16), nn.ReLU(), nn.Linear(16, 3)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
@@ -45,8 +46,16 @@ def make_task(**overrides: object) -> autoprune.Task:
     torch.manual_seed(0)
     model = TinyCNN()
     train, val, test = make_data(192, 0), make_data(96, 1), make_data(96, 2)
-    task = autoprune.Task(model=model, train=train, val=val, test=test, finetune_epochs=1,
-                          lr=1e-2, batch_size=32, name="tiny")
+    task = autoprune.Task(
+        model=model,
+        train=train,
+        val=val,
+        test=test,
+        finetune_epochs=1,
+        lr=1e-2,
+        batch_size=32,
+        name="tiny",
+    )
     fit(model, task, epochs=5, seed=0)
     model.eval()
     if overrides:

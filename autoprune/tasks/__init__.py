@@ -24,8 +24,9 @@ def load_task(ref: str, *, seed: int = 0) -> Task:
     if ref in TASKS:
         return TASKS[ref](seed=seed)
     if ":" not in ref:
-        raise TaskError(f"unknown task {ref!r} (built-in: {', '.join(TASKS)}; "
-                        "or give package.module:function)")
+        raise TaskError(
+            f"unknown task {ref!r} (built-in: {', '.join(TASKS)}; or give package.module:function)"
+        )
     module_name, _, attr = ref.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)

@@ -17,14 +17,16 @@ logger = logging.getLogger(__name__)
 
 
 def cache_dir() -> Path:
-    """``$AUTOPRUNE_CACHE_DIR``, else ``$XDG_CACHE_HOME/autoprune``, else ``~/.cache/autoprune``."""
+    """``$AUTOPRUNE_CACHE_DIR``, else ``$XDG_CACHE_HOME/autoprune``, else ``~/.cache/...``."""
     if os.environ.get("AUTOPRUNE_CACHE_DIR"):
         return Path(os.environ["AUTOPRUNE_CACHE_DIR"])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "autoprune"
 
 
-def cached_model(model: nn.Module, key: dict[str, Any], train: Callable[[nn.Module], None]) -> nn.Module:
+def cached_model(
+    model: nn.Module, key: dict[str, Any], train: Callable[[nn.Module], None]
+) -> nn.Module:
     """Load ``model``'s weights from the cache entry named by ``key``, or train and store them.
 
     ``key`` holds everything that decides the weights (task, architecture, seed, recipe), so

@@ -25,9 +25,11 @@ def digits_split() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     data = load_digits()
     x, y = data.data.astype(np.float32) / 16.0, data.target.astype(np.int64)
     x_train, x_rest, y_train, y_rest = train_test_split(
-        x, y, test_size=0.4, stratify=y, random_state=_SPLIT_SEED)
+        x, y, test_size=0.4, stratify=y, random_state=_SPLIT_SEED
+    )
     x_val, x_test, y_val, y_test = train_test_split(
-        x_rest, y_rest, test_size=0.5, stratify=y_rest, random_state=_SPLIT_SEED)
+        x_rest, y_rest, test_size=0.5, stratify=y_rest, random_state=_SPLIT_SEED
+    )
     return {"train": (x_train, y_train), "val": (x_val, y_val), "test": (x_test, y_test)}
 
 
@@ -37,11 +39,17 @@ class DigitsCNN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
         )
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10),
+            nn.Flatten(),
+            nn.Linear(32 * 4 * 4, 64),
+            nn.ReLU(),
+            nn.Linear(64, 10),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -51,7 +59,11 @@ class DigitsCNN(nn.Module):
 def digits_mlp_model() -> nn.Module:
     """A 64-128-64-10 perceptron (about 17k weights)."""
     return nn.Sequential(
-        nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10),
+        nn.Linear(64, 128),
+        nn.ReLU(),
+        nn.Linear(128, 64),
+        nn.ReLU(),
+        nn.Linear(64, 10),
     )
 
 
@@ -65,15 +77,16 @@ def digits_mlp(*, seed: int = 0) -> Task:
     return _digits_task("digits-mlp", digits_mlp_model, (64,), seed)
 
 
-def _digits_task(name: str, build: type[nn.Module] | object, shape: tuple[int, ...], seed: int) -> Task:
+def _digits_task(
+    name: str, build: type[nn.Module] | object, shape: tuple[int, ...], seed: int
+) -> Task:
     split = {
         key: (torch.from_numpy(x).reshape(-1, *shape), torch.from_numpy(y))
         for key, (x, y) in digits_split().items()
     }
     torch.manual_seed(seed)
     model = build()  # type: ignore[operator]
-    task = Task(model=model, train=split["train"], val=split["val"], test=split["test"],
-                name=name)
+    task = Task(model=model, train=split["train"], val=split["val"], test=split["test"], name=name)
 
     def train(m: nn.Module) -> None:
         recipe = dataclasses.replace(task, lr=_DENSE["lr"], batch_size=_DENSE["batch_size"])
