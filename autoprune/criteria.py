@@ -91,15 +91,19 @@ def calibration_gradients(model: nn.Module, task: Task, layers: list[str]) -> di
     was_training = model.training
     model.eval()  # no dropout noise in the estimate; batch-norm uses its running statistics
     n = 0
-    try:
-        for inputs, targets in task.batches("train", shuffle=True, seed=0):
-            loss = task.loss(model(inputs), targets)
-            grads = torch.autograd.grad(loss, weights)
-            for total, g in zip(totals, grads, strict=True):
-                total += g.abs()
-            n += 1
-            if n == task.calibration_batches:
-                break
-    finally:
-        model.train(was_training)
+    # A shuffling DataLoader draws its order from the global RNG: fix it, so that the same
+    # batches are used whenever this runs (a trial and its replay), and restore it after.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        try:
+            for inputs, targets in task.batches("train", shuffle=True, seed=0):
+                loss = task.loss(model(inputs), targets)
+                grads = torch.autograd.grad(loss, weights)
+                for total, g in zip(totals, grads, strict=True):
+                    total += g.abs()
+                n += 1
+                if n == task.calibration_batches:
+                    break
+        finally:
+            model.train(was_training)
     return {name: total / max(n, 1) for name, total in zip(layers, totals, strict=True)}

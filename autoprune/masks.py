@@ -61,10 +61,12 @@ def score(
     criterion = get_criterion(policy.criterion)
     if criterion.needs_grad and grads is None:
         raise ValueError(f"criterion {policy.criterion!r} needs calibration gradients")
+    # In sorted order: the random criterion's draws must not depend on the order the layers
+    # are listed in, since policies that compare equal must prune alike.
     with torch.no_grad():
         return {
             name: criterion.score(w.detach(), grads[name] if criterion.needs_grad else None)
-            for name, w in weights(model, list(policy.sparsity)).items()
+            for name, w in weights(model, sorted(policy.sparsity)).items()
         }
 
 
@@ -72,11 +74,12 @@ def compute_masks(policy: Policy, scores: Mapping[str, Tensor]) -> dict[str, Ten
     """Boolean keep-masks (True = kept), one per layer of the policy, shaped like its scores.
 
     The weights with the lowest scores are pruned. With the ``ratio`` rule a layer (``layer``
-    scope) or the pool of all layers (``global`` scope) loses exactly ``round(sparsity * size)``
-    weights, ties broken by position; with the ``mean`` rule it loses those scoring below
-    ``alpha * mean(scores)``, at most ``round(sparsity * size)`` per layer.
+    scope) loses exactly ``round(sparsity * size)`` weights and the pool of all layers
+    (``global`` scope) exactly ``round(sum(sparsity * size))``, ties broken by position; with
+    the ``mean`` rule a layer loses those scoring below ``alpha * mean(scores)``, at most
+    ``round(sparsity * size)``.
     """
-    layers = list(policy.sparsity)
+    layers = sorted(policy.sparsity)  # global ties are broken alike for equal policies
     flat = {name: scores[name].detach().flatten().float() for name in layers}
     caps = {name: round(policy.sparsity[name] * flat[name].numel()) for name in layers}
     if policy.rule == "mean":
@@ -92,8 +95,10 @@ def compute_masks(policy: Policy, scores: Mapping[str, Tensor]) -> dict[str, Ten
     if policy.scope == "layer":
         return {name: _keep_mask(flat[name], caps[name], scores[name].shape) for name in layers}
     # Global ratio: one ranking over the pool decides how the total is split between layers.
+    # The total is rounded once, not per layer, so it is the nearest count to the target.
     pooled = torch.cat([flat[name] for name in layers])
-    keep = _keep_mask(pooled, sum(caps.values()), pooled.shape)
+    total = round(sum(policy.sparsity[name] * flat[name].numel() for name in layers))
+    keep = _keep_mask(pooled, total, pooled.shape)
     masks, start = {}, 0
     for name in layers:
         size = flat[name].numel()
@@ -114,8 +119,12 @@ def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
     """Hold each layer's weight at ``orig * mask`` from now on (in place)."""
     modules = dict(model.named_modules())
     for name, mask in masks.items():
-        weight = modules[name].weight
-        prune.custom_from_mask(modules[name], "weight", mask.to(weight.device, weight.dtype))
+        module = modules[name]
+        weight = module.weight
+        prune.custom_from_mask(module, "weight", mask.to(weight.device, weight.dtype))
+        # prune stores ``orig * mask`` as a non-leaf tensor, which copy.deepcopy refuses
+        # (pytorch#37322); the hook recomputes it at every forward, so keep a detached copy.
+        module.weight = module.weight.detach()
 
 
 def fold_masks(model: nn.Module) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -56,8 +57,10 @@ class SearchSpace:
                 f"sparsity bounds must satisfy 0 <= low <= high < 1, got {[low, high]}"
             )
         a_low, a_high = _bounds("alpha", self.alpha)
-        if not 0.0 < a_low <= a_high:
-            raise SpecError(f"alpha bounds must satisfy 0 < low <= high, got {[a_low, a_high]}")
+        if not (0.0 < a_low <= a_high and math.isfinite(a_high)):
+            raise SpecError(
+                f"alpha bounds must satisfy 0 < low <= high < inf, got {[a_low, a_high]}"
+            )
         object.__setattr__(self, "sparsity", (low, high))
         object.__setattr__(self, "alpha", (a_low, a_high))
         for field in ("include", "exclude"):
