@@ -16,7 +16,7 @@ from tqdm import tqdm
 from autoprune import __version__
 from autoprune.errors import AutopruneError, SpecError
 from autoprune.report import pareto_front, write_report
-from autoprune.search import STUDY_ATTR, load_study, search
+from autoprune.search import STUDY_ATTR, load_study, open_study, optimize
 from autoprune.spec import load_spec, parse_duration
 from autoprune.tasks import load_task
 
@@ -38,7 +38,7 @@ class _Progress:
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self.bar.update(1)
-        postfix = {"front": len(study.best_trials)}
+        postfix: dict[str, object] = {"front": len(study.best_trials)}
         if trial.state == TrialState.FAIL:
             postfix["last"] = "failed"
         self.bar.set_postfix(postfix)
@@ -51,26 +51,22 @@ def _search(args: argparse.Namespace) -> int:
     storage = args.storage or spec.storage
     study_name = args.study_name or spec.name
     task = spec.finetune.apply(load_task(spec.task, seed=spec.seed))
-    progress = _Progress(trials, disable=args.quiet)
-    try:
-        study = search(
-            task,
-            n_trials=trials,
-            timeout=timeout,
-            storage=storage,
-            study_name=study_name,
-            seed=spec.seed,
-            space=spec.space,
-            callbacks=[progress],
-        )
-    finally:
-        progress.bar.close()
+    # Opened (and the task checked) before the bar is drawn: bad input gives one line.
+    study = open_study(
+        task, space=spec.space, storage=storage, study_name=study_name, seed=spec.seed
+    )
     dense = study.user_attrs[STUDY_ATTR]["dense"]
     print(
         f"dense {task.name}: val accuracy {dense['accuracy']:.4f}, test accuracy "
         f"{dense.get('test_accuracy', float('nan')):.4f}, "
-        f"{int(dense['nonzero_params'])} prunable weights"
+        f"{int(dense['nonzero_params'])} prunable weights",
+        flush=True,
     )
+    progress = _Progress(trials, disable=args.quiet)
+    try:
+        optimize(study, task, n_trials=trials, timeout=timeout, callbacks=[progress])
+    finally:
+        progress.bar.close()
     _print_counts(study)
     print(_front_text(pareto_front(study)))
     out = write_report(study, args.report or f"{study_name}.html")
@@ -88,7 +84,7 @@ def _front(args: argparse.Namespace) -> int:
         front.to_csv(args.csv, index=False)
         print(f"wrote {len(front)} front trials to {args.csv}")
     elif args.json:
-        front.to_json(args.json, orient="records", indent=2)
+        front.to_json(args.json, orient="records", indent=2, double_precision=15)
         print(f"wrote {len(front)} front trials to {args.json}")
     else:
         print(_front_text(front))

@@ -59,13 +59,15 @@ def score(
 ) -> dict[str, Tensor]:
     """Scores of the policy's criterion for each of the policy's layers (no gradient kept)."""
     criterion = get_criterion(policy.criterion)
-    if criterion.needs_grad and grads is None:
+    if not criterion.needs_grad:
+        grads = None
+    elif grads is None:
         raise ValueError(f"criterion {policy.criterion!r} needs calibration gradients")
     # In sorted order: the random criterion's draws must not depend on the order the layers
     # are listed in, since policies that compare equal must prune alike.
     with torch.no_grad():
         return {
-            name: criterion.score(w.detach(), grads[name] if criterion.needs_grad else None)
+            name: criterion.score(w.detach(), grads[name] if grads is not None else None)
             for name, w in weights(model, sorted(policy.sparsity)).items()
         }
 

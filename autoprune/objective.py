@@ -7,7 +7,7 @@ import dataclasses
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import optuna
 import torch
@@ -30,7 +30,7 @@ from autoprune.train import evaluate, fit
 
 # The study's objectives, in order; their names are stored in the study for dashboards.
 METRIC_NAMES = ("accuracy", "nonzero_params")
-DIRECTIONS = ("maximize", "minimize")
+DIRECTIONS: list[Literal["maximize", "minimize"]] = ["maximize", "minimize"]
 
 
 @dataclasses.dataclass

@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy
 from optuna.trial import FrozenTrial
 from torch import nn
 
@@ -61,12 +63,27 @@ def search(
             different task, search space or seed.
     """
     space = space or SearchSpace()
-    if n_trials is None and timeout is None:
-        raise ValueError("give n_trials or timeout, or the search never ends")
+    _check_budget(n_trials, timeout)
     study = open_study(
         task, space=space, storage=storage, study_name=study_name, seed=seed, sampler=sampler
     )
-    objective = Objective(task, space, study.user_attrs[STUDY_ATTR]["layers"], seed=seed)
+    optimize(study, task, n_trials=n_trials, timeout=timeout, callbacks=callbacks)
+    return study
+
+
+def optimize(
+    study: optuna.Study,
+    task: Task,
+    *,
+    n_trials: int | None = None,
+    timeout: float | None = None,
+    callbacks: Iterable[Callback] = (),
+) -> None:
+    """Run trials of an opened study (see :func:`open_study`) with the space stored in it."""
+    _check_budget(n_trials, timeout)
+    setup = study.user_attrs[STUDY_ATTR]
+    space = SearchSpace.from_dict(setup["space"])
+    objective = Objective(task, space, setup["layers"], seed=setup["seed"])
     study.optimize(
         objective,
         n_trials=n_trials,
@@ -74,7 +91,11 @@ def search(
         catch=(TrialFailed,),
         callbacks=list(callbacks),
     )
-    return study
+
+
+def _check_budget(n_trials: int | None, timeout: float | None) -> None:
+    if n_trials is None and timeout is None:
+        raise ValueError("give n_trials or timeout, or the search never ends")
 
 
 def open_study(
@@ -86,20 +107,33 @@ def open_study(
     seed: int,
     sampler: optuna.samplers.BaseSampler | None = None,
 ) -> optuna.Study:
-    """Create the study, or load it if it exists and was made by the same task and space.
+    """Create the study, or load it if it exists and was made with the same setup.
 
     Everything about the task is checked before the storage is touched, so bad input leaves
     no half-written study behind.
+
+    Raises:
+        TaskError: If the model has no prunable layer left by the space's globs, or the data
+            does not fit the model.
+        StorageError: If the storage cannot be opened, or the named study was created with a
+            different task, fine-tuning recipe, search space or seed.
     """
     layers = prunable_layers(task.model, space.include, space.exclude)
     task.check()
     setup = {
         "version": __version__,
         "task": task.name,
+        "finetune": {
+            "epochs": task.finetune_epochs,
+            "lr": task.lr,
+            "batch_size": task.batch_size,
+            "calibration_batches": task.calibration_batches,
+        },
         "layers": layers,
         "space": space.to_dict(),
         "seed": seed,
     }
+    storage = _open_storage(storage)
     existing = _load_existing(storage, study_name)
     if existing is not None:
         _check_same_setup(existing, setup, study_name)
@@ -120,7 +154,7 @@ def open_study(
             storage=storage,
             study_name=study_name,
             sampler=sampler,
-            directions=list(DIRECTIONS),
+            directions=DIRECTIONS,
             load_if_exists=True,
         )
     except Exception as e:
@@ -170,6 +204,9 @@ def load_study(storage: str, study_name: str | None) -> optuna.Study:
         StorageError: If the storage cannot be opened, holds no such study, or the study was
             not made by autoprune.
     """
+    if _missing_sqlite_file(storage):  # opening it would leave an empty database behind
+        raise StorageError(f"storage {_describe(storage)} does not exist")
+    storage = _open_storage(storage)
     try:
         names = optuna.get_all_study_names(storage)
     except Exception as e:
@@ -190,6 +227,17 @@ def load_study(storage: str, study_name: str | None) -> optuna.Study:
     return study
 
 
+def _open_storage(storage: Any) -> Any:
+    """A URL becomes a storage object, opened once for all that follows."""
+    if not isinstance(storage, str):
+        return storage
+    try:
+        opened = optuna.storages.RDBStorage(storage)
+    except Exception as e:
+        raise StorageError(f"cannot open storage {_describe(storage)}: {_first_line(e)}") from e
+    return opened
+
+
 def _load_existing(storage: Any, study_name: str | None) -> optuna.Study | None:
     if storage is None or study_name is None:
         return None
@@ -205,7 +253,7 @@ def _check_same_setup(study: optuna.Study, setup: dict[str, Any], name: str | No
     stored = study.user_attrs.get(STUDY_ATTR)
     if stored is None:
         raise StorageError(f"study {name!r} exists but was not made by autoprune")
-    for key in ("task", "layers", "space", "seed"):
+    for key in ("task", "finetune", "layers", "space", "seed"):
         if stored.get(key) != setup[key]:
             raise StorageError(
                 f"study {name!r} was created with {key} {stored.get(key)!r}, not "
@@ -213,8 +261,25 @@ def _check_same_setup(study: optuna.Study, setup: dict[str, Any], name: str | No
             )
 
 
+def _missing_sqlite_file(storage: Any) -> bool:
+    if not isinstance(storage, str) or not storage.startswith("sqlite:"):
+        return False
+    try:
+        database = sqlalchemy.engine.make_url(storage).database
+    except Exception:  # a malformed URL: let Optuna say what is wrong with it
+        return False
+    return database not in (None, "", ":memory:") and not Path(database).exists()
+
+
 def _describe(storage: Any) -> str:
-    return repr(storage) if isinstance(storage, str) else type(storage).__name__
+    """The storage's URL with any password hidden, for messages."""
+    url = storage if isinstance(storage, str) else getattr(storage, "url", None)
+    if url is None:
+        return type(storage).__name__
+    try:
+        return repr(sqlalchemy.engine.make_url(url).render_as_string(hide_password=True))
+    except Exception:  # not a URL SQLAlchemy can parse: say it as given
+        return repr(url)
 
 
 def _first_line(e: BaseException) -> str:

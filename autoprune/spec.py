@@ -51,7 +51,11 @@ class Finetune:
 
     def apply(self, task: Task) -> Task:
         """``task`` with these overrides (a new Task; the model is shared, not copied)."""
-        changes = {"finetune_epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size}
+        changes: dict[str, Any] = {
+            "finetune_epochs": self.epochs,
+            "lr": self.lr,
+            "batch_size": self.batch_size,
+        }
         return dataclasses.replace(task, **{k: v for k, v in changes.items() if v is not None})
 
 

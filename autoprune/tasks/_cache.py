@@ -39,7 +39,7 @@ def cached_model(
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
             model.load_state_dict(state, strict=True)
-            logger.info("loaded the dense model from %s", path)
+            logger.debug("loaded the dense model from %s", path)
             return model
         except Exception as e:  # corrupt, truncated or foreign: retrain over it
             logger.warning("ignoring unusable cached model %s (%s); retraining", path, e)
