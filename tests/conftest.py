@@ -19,6 +19,16 @@ def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
     mp.undo()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread() -> None:
+    """Tiny models run faster on one thread than on several that wait on each other, and the
+    suite's time then holds steady on a loaded machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class TinyCNN(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -1,0 +1,352 @@
+"""The Python API: search, resume, replay (materialize), and early rejection of bad input."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from autoprune import SearchSpace, Task, load_study, materialize, pareto_front, search
+from autoprune.errors import StorageError, TaskError
+from autoprune.masks import count_nonzero, prunable_layers
+from autoprune.search import STUDY_ATTR
+from autoprune.train import evaluate
+
+LAYERS = ["features.0", "classifier.1", "classifier.3"]
+TOTAL = 4 * 9 + 64 * 16 + 16 * 3  # prunable weights of the tiny CNN
+
+
+def url(tmp_path: Path, name: str = "x.db") -> str:
+    return f"sqlite:///{tmp_path / name}"
+
+
+def snapshot(study: optuna.Study) -> list[tuple[int, TrialState, Any, dict[str, Any]]]:
+    return [(t.number, t.state, t.values, t.params) for t in study.trials]
+
+
+def model_state(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_untouched(model: nn.Module, before: dict[str, Tensor], training: bool) -> None:
+    after = model.state_dict()
+    assert list(after) == list(before)  # no weight_orig / weight_mask left behind
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key
+    assert model.training is training
+    for module in model.modules():
+        assert not module._forward_pre_hooks
+
+
+def assert_replays(task: Task, study: optuna.Study) -> None:
+    """Every complete trial's model, rebuilt from storage, gives exactly its numbers."""
+    layers = study.user_attrs[STUDY_ATTR]["layers"]
+    for trial in study.get_trials(states=(TrialState.COMPLETE,)):
+        model = materialize(task, trial)
+        accuracy, nonzero = trial.values
+        assert evaluate(model, task, "val")[0] == accuracy, trial.number
+        assert count_nonzero(model, layers)[0] == nonzero, trial.number
+        if task.test is not None:
+            assert evaluate(model, task, "test")[0] == trial.user_attrs["test_accuracy"]
+        # Masks are folded: plain weights with exact zeros, no pruning hooks.
+        assert not any(k.endswith(("_orig", "_mask")) for k in model.state_dict())
+
+
+def test_search_records_a_complete_study(tiny_task: Task, tmp_path: Path) -> None:
+    study = search(tiny_task, n_trials=3, storage=url(tmp_path), study_name="s", seed=0)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+    assert study.metric_names == ["accuracy", "nonzero_params"]
+    assert study.directions == [
+        optuna.study.StudyDirection.MAXIMIZE,
+        optuna.study.StudyDirection.MINIMIZE,
+    ]
+    setup = study.user_attrs[STUDY_ATTR]
+    assert setup["layers"] == LAYERS == prunable_layers(tiny_task.model)
+    assert setup["space"] == SearchSpace().to_dict()
+    assert setup["seed"] == 0
+    assert setup["task"] == "tiny"
+    assert setup["dense"] == {
+        "accuracy": evaluate(tiny_task.model, tiny_task, "val")[0],
+        "test_accuracy": evaluate(tiny_task.model, tiny_task, "test")[0],
+        "nonzero_params": float(TOTAL),
+    }
+    for trial in study.trials:
+        accuracy, nonzero = trial.values
+        attrs = trial.user_attrs
+        assert 0.0 <= accuracy <= 1.0
+        assert attrs["total_params"] == TOTAL
+        assert nonzero == round(attrs["density"] * TOTAL)
+        assert math.isclose(attrs["sparsity"], 1.0 - attrs["density"])
+        assert set(attrs["layer_sparsity"]) == set(LAYERS)
+        assert attrs["policy"]["criterion"] == trial.params["criterion"]
+        assert {"seed", "test_accuracy", "val_loss", "history", "timings"} <= set(attrs)
+    # Everything is in the database, not only in the returned object.
+    stored = optuna.load_study(study_name="s", storage=url(tmp_path))
+    assert snapshot(stored) == snapshot(study)
+    assert stored.user_attrs == study.user_attrs
+
+
+def test_search_resumes_by_name(tiny_task: Task, tmp_path: Path) -> None:
+    first = snapshot(search(tiny_task, n_trials=2, storage=url(tmp_path), study_name="s"))
+    study = search(tiny_task, n_trials=2, storage=url(tmp_path), study_name="s")
+    assert [t.number for t in study.trials] == [0, 1, 2, 3]
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+    assert snapshot(study)[:2] == first
+    # The resumed run draws new policies instead of replaying the first run's draws.
+    assert study.trials[2].params != study.trials[0].params
+    assert optuna.get_all_study_names(url(tmp_path)) == ["s"]
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ({"seed": 1}, "seed 0, not 1"),
+        ({"space": SearchSpace(criteria=["magnitude"])}, "space"),
+        ({"space": SearchSpace(exclude=["classifier.3"])}, "layers"),
+    ],
+)
+def test_resume_with_another_setup_is_refused(
+    tiny_task: Task, tmp_path: Path, change: dict[str, Any], key: str
+) -> None:
+    search(tiny_task, n_trials=1, storage=url(tmp_path), study_name="s", seed=0)
+    with pytest.raises(StorageError, match=f"study 's' was created with {key}"):
+        search(tiny_task, n_trials=1, storage=url(tmp_path), study_name="s", **change)
+    assert len(optuna.load_study(study_name="s", storage=url(tmp_path)).trials) == 1
+
+
+def test_resume_with_another_task_is_refused(tiny_task: Task, tmp_path: Path) -> None:
+    search(tiny_task, n_trials=1, storage=url(tmp_path), study_name="s")
+    other = dataclasses.replace(tiny_task, name="other")
+    with pytest.raises(StorageError, match="study 's' was created with task 'tiny', not 'other'"):
+        search(other, n_trials=1, storage=url(tmp_path), study_name="s")
+
+
+def test_materialize_reproduces_every_criterion_exactly(tiny_task: Task, tmp_path: Path) -> None:
+    before, training = model_state(tiny_task.model), tiny_task.model.training
+    storage = url(tmp_path)
+    search(tiny_task, n_trials=1, storage=storage, study_name="s", seed=3)
+    # Warm-start the rest (Optuna's enqueue_trial) so that every criterion, scope and rule
+    # is replayed, whatever the sampler draws.
+    study = optuna.load_study(study_name="s", storage=storage)
+    sparsities = {f"sparsity:{name}": s for name, s in zip(LAYERS, (0.5, 0.8, 0.3), strict=True)}
+    for params in (
+        {"criterion": "sensitivity", "scope": "layer", "rule": "ratio", **sparsities},
+        {"criterion": "taylor", "scope": "global", "rule": "mean", "alpha": 1.0},
+        {"criterion": "random", "scope": "global", "rule": "ratio", "sparsity": 0.6},
+        {"criterion": "magnitude", "scope": "layer", "rule": "mean", "alpha": 0.5},
+    ):
+        study.enqueue_trial(params)
+    study = search(tiny_task, n_trials=4, storage=storage, study_name="s", seed=3)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 5
+    assert study.trials[1].params == {"criterion": "sensitivity", "scope": "layer"} | {
+        "rule": "ratio",
+        **sparsities,
+    }
+    assert_replays(tiny_task, study)
+    assert_untouched(tiny_task.model, before, training)
+
+
+def tensor_loaders(task: Task) -> dict[str, DataLoader]:
+    def loader(split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(TensorDataset(*getattr(task, split)), batch_size=32, shuffle=shuffle)
+
+    return {
+        "train": loader("train", True),
+        "val": loader("val", False),
+        "test": loader("test", False),
+    }
+
+
+def test_dataloader_data(tiny_task: Task, tmp_path: Path) -> None:
+    task = dataclasses.replace(tiny_task, **tensor_loaders(tiny_task))
+    before = model_state(task.model)
+    storage = url(tmp_path)
+    search(task, n_trials=1, storage=storage, study_name="s")
+    study = optuna.load_study(study_name="s", storage=storage)
+    study.enqueue_trial(
+        {"criterion": "taylor", "scope": "global", "rule": "ratio", "sparsity": 0.5}
+    )
+    study = search(task, n_trials=2, storage=storage, study_name="s")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+    dense = study.user_attrs[STUDY_ATTR]["dense"]
+    assert dense["accuracy"] == evaluate(tiny_task.model, tiny_task, "val")[0]
+    assert_replays(task, study)
+    assert_untouched(task.model, before, training=False)
+
+
+def test_without_test_data(tiny_task: Task, tmp_path: Path) -> None:
+    task = dataclasses.replace(tiny_task, test=None)
+    study = search(task, n_trials=2, storage=url(tmp_path), study_name="s")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    assert "test_accuracy" not in study.user_attrs[STUDY_ATTR]["dense"]
+    assert not any("test_accuracy" in t.user_attrs for t in study.trials)
+    front = pareto_front(study)
+    assert len(front) >= 1 and front["test_accuracy"].isna().all()
+    assert_replays(task, study)
+
+
+def test_in_memory_study(tiny_task: Task) -> None:
+    study = search(tiny_task, n_trials=1)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE]
+    assert study.user_attrs[STUDY_ATTR]["layers"] == LAYERS
+
+
+def test_neither_trials_nor_timeout(tiny_task: Task, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="give n_trials or timeout"):
+        search(tiny_task, storage=url(tmp_path), study_name="s")
+    assert list(tmp_path.iterdir()) == []
+
+
+class PoisonableLoss:
+    """Cross-entropy, or NaN while ``poisoned`` is set."""
+
+    def __init__(self) -> None:
+        self.poisoned = False
+
+    def __call__(self, logits: Tensor, targets: Tensor) -> Tensor:
+        loss = nn.functional.cross_entropy(logits, targets)
+        return loss * float("nan") if self.poisoned else loss
+
+
+def test_nan_loss_fails_only_that_trial(tiny_task: Task, tmp_path: Path) -> None:
+    loss = PoisonableLoss()
+    task = dataclasses.replace(tiny_task, loss=loss)
+
+    def poison_trial_1(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        loss.poisoned = trial.number == 0  # poisoned for trial 1 only
+
+    study = search(
+        task,
+        n_trials=3,
+        storage=url(tmp_path),
+        study_name="s",
+        space=SearchSpace(criteria=["magnitude"]),
+        callbacks=[poison_trial_1],
+    )
+    assert [t.state for t in study.trials] == [
+        TrialState.COMPLETE,
+        TrialState.FAIL,
+        TrialState.COMPLETE,
+    ]
+    failed = study.trials[1]
+    assert failed.values is None
+    assert "non-finite loss nan" in failed.user_attrs["fail_reason"]
+    assert "policy" in failed.user_attrs  # what was tried is kept
+    assert set(pareto_front(study)["trial"]) <= {0, 2}
+
+
+def test_diverging_finetuning_fails_every_trial_but_not_the_study(
+    tiny_task: Task, tmp_path: Path
+) -> None:
+    task = dataclasses.replace(tiny_task, lr=1e30)
+    space = SearchSpace(criteria=["magnitude"], sparsity=(0.0, 0.5))
+    study = search(task, n_trials=2, storage=url(tmp_path), study_name="s", space=space)
+    assert [t.state for t in study.trials] == [TrialState.FAIL] * 2
+    for trial in study.trials:
+        assert "non-finite loss" in trial.user_attrs["fail_reason"]
+    assert pareto_front(study).empty
+
+
+@pytest.mark.parametrize(
+    "storage",
+    ["sqlite:///{tmp}/no/such/dir/x.db", "nosuchdialect://x"],
+)
+def test_unopenable_storage(
+    tiny_task: Task, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, storage: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    storage = storage.format(tmp=tmp_path)
+    with pytest.raises(StorageError) as info:
+        search(tiny_task, n_trials=1, storage=storage, study_name="s")
+    message = str(info.value)
+    assert message.startswith(f"cannot open storage {storage!r}: ") and "\n" not in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_data_that_does_not_fit_is_refused_before_the_storage(
+    tiny_task: Task, tmp_path: Path
+) -> None:
+    x, y = torch.rand(40, 1, 5, 5), torch.randint(0, 3, (40,))
+    task = dataclasses.replace(tiny_task, val=(x, y))
+    with pytest.raises(TaskError) as info:
+        search(task, n_trials=1, storage=url(tmp_path), study_name="s")
+    message = str(info.value)
+    assert message.startswith("val data of shape (32, 1, 5, 5) does not fit the model: ")
+    assert "\n" not in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_targets_that_do_not_fit_are_refused(tiny_task: Task, tmp_path: Path) -> None:
+    x, _ = tiny_task.val
+    task = dataclasses.replace(tiny_task, val=(x, torch.full((len(x),), 7)))  # 3 classes only
+    with pytest.raises(TaskError, match=r"val data of shape \(32, 1, 8, 8\) does not fit"):
+        search(task, n_trials=1, storage=url(tmp_path), study_name="s")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_model_without_prunable_layers(tiny_task: Task, tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Flatten(), nn.ReLU())
+    task = dataclasses.replace(tiny_task, model=model)
+    with pytest.raises(TaskError) as info:
+        search(task, n_trials=1, storage=url(tmp_path), study_name="s")
+    assert str(info.value) == "model Sequential has no prunable Linear or Conv layer"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_globs_matching_no_layer(tiny_task: Task, tmp_path: Path) -> None:
+    space = SearchSpace(include=["features.*"], exclude=["features.0"])
+    with pytest.raises(TaskError) as info:
+        search(tiny_task, n_trials=1, storage=url(tmp_path), study_name="s", space=space)
+    assert str(info.value) == (
+        "include ['features.*'] / exclude ['features.0'] match no prunable layer "
+        "(layers: features.0, classifier.1, classifier.3)"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_materialize_refuses_foreign_trials(tiny_task: Task) -> None:
+    plain = optuna.create_study(directions=["maximize", "minimize"])
+    plain.add_trial(optuna.trial.create_trial(values=[0.5, 10.0]))
+    trial = plain.trials[0]
+    with pytest.raises(TaskError, match="trial 0 holds no autoprune policy"):
+        materialize(tiny_task, trial)
+    other = copy.deepcopy(tiny_task.model)
+    del other.classifier[3]
+    study = search(tiny_task, n_trials=1)
+    with pytest.raises(TaskError, match="prunes layer 'classifier.3', which the task's model"):
+        materialize(dataclasses.replace(tiny_task, model=other), study.trials[0])
+
+
+def test_load_study(tiny_task: Task, tmp_path: Path) -> None:
+    storage = url(tmp_path)
+    search(tiny_task, n_trials=1, storage=storage, study_name="s")
+    assert load_study(storage, "s").trials[0].state == TrialState.COMPLETE
+    assert load_study(storage, None).study_name == "s"  # the only study
+    with pytest.raises(StorageError, match=f"no study named 'nope' in {storage!r}"):
+        load_study(storage, "nope")
+    optuna.create_study(storage=storage, study_name="plain")
+    with pytest.raises(StorageError, match="study 'plain' was not made by autoprune"):
+        load_study(storage, "plain")
+    with pytest.raises(StorageError, match=r"give --study-name: .* holds 2 studies \(s, plain\)"):
+        load_study(storage, None)
+    before = (tmp_path / "x.db").read_bytes()
+    assert load_study(storage, "s").user_attrs[STUDY_ATTR]["seed"] == 0
+    assert (tmp_path / "x.db").read_bytes() == before
+
+
+def test_load_study_does_not_create_a_database(tmp_path: Path) -> None:
+    storage = url(tmp_path, "missing.db")
+    with pytest.raises(StorageError, match=f"storage {storage!r} does not exist"):
+        load_study(storage, "s")
+    with pytest.raises(StorageError, match="cannot open storage 'nosuchdialect://x': "):
+        load_study("nosuchdialect://x", None)
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,220 @@
+"""Study specs: the shipped TOML files parse, and every bad key is named in one line."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from autoprune.errors import SpecError
+from autoprune.space import SearchSpace
+from autoprune.spec import Finetune, StudySpec, load_spec, parse_duration
+
+STUDIES = Path(__file__).resolve().parent.parent / "studies"
+
+
+def write_spec(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "spec.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def spec_error(path: Path) -> str:
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_digits_cnn_spec_parses() -> None:
+    spec = load_spec(STUDIES / "digits_cnn.toml")
+    assert spec == StudySpec(
+        task="digits-cnn",
+        study_name="digits-cnn",
+        storage="sqlite:///autoprune.db",
+        trials=40,
+        timeout=None,
+        seed=0,
+        space=SearchSpace(
+            criteria=("magnitude", "random", "sensitivity", "taylor"),
+            scopes=("layer", "global"),
+            rules=("ratio", "mean"),
+            sparsity=(0.0, 0.98),
+            alpha=(0.25, 4.0),
+            include=("*",),
+            exclude=(),
+        ),
+        finetune=Finetune(epochs=2, lr=0.001, batch_size=32),
+    )
+    assert spec.name == "digits-cnn"
+
+
+def test_digits_mlp_spec_parses() -> None:
+    spec = load_spec(STUDIES / "digits_mlp.toml")
+    assert spec.task == "digits-mlp"
+    assert spec.timeout == 15 * 60
+    assert spec.storage == "sqlite:///autoprune.db"  # the default
+    assert spec.space.criteria == ("magnitude", "taylor")
+    assert spec.space.rules == ("ratio",)
+    assert spec.space.sparsity == (0.3, 0.98)
+    assert spec.space.exclude == ("4",)
+    assert spec.space.alpha == SearchSpace().alpha  # not given: the default
+    assert spec.finetune == Finetune(epochs=2)
+
+
+def test_defaults_and_name(tmp_path: Path) -> None:
+    spec = load_spec(write_spec(tmp_path, 'task = "pkg.mod:make"\n'))
+    assert spec == StudySpec(task="pkg.mod:make")
+    assert spec.name == "pkg.mod:make"  # no study_name: the task reference
+    assert spec.space == SearchSpace()
+    assert spec.finetune == Finetune()
+
+
+def test_integer_lr_becomes_float(tmp_path: Path) -> None:
+    spec = load_spec(write_spec(tmp_path, "[finetune]\nlr = 1\nepochs = 0\n"))
+    assert spec.finetune == Finetune(epochs=0, lr=1.0)
+    assert isinstance(spec.finetune.lr, float)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "trails = 5\n",
+            "unknown key 'trails' (known: finetune, seed, space, storage, study_name, task, "
+            "timeout, trials)",
+        ),
+        (
+            "[finetune]\nepoch = 1\n",
+            "[finetune] unknown key 'epoch' (known: epochs, lr, batch_size)",
+        ),
+        ('trials = "ten"\n', "key 'trials' must be an integer >= 1, got 'ten'"),
+        ("trials = 0\n", "key 'trials' must be an integer >= 1, got 0"),
+        ("trials = true\n", "key 'trials' must be an integer >= 1, got True"),
+        ("trials = 2.5\n", "key 'trials' must be an integer >= 1, got 2.5"),
+        ("seed = -1\n", "key 'seed' must be an integer >= 0, got -1"),
+        ("task = 5\n", "key 'task' must be a non-empty string, got 5"),
+        ('storage = " "\n', "key 'storage' must be a non-empty string, got ' '"),
+        ("space = 3\n", "key 'space' must be a table, got 3"),
+        ("[finetune]\nlr = -1\n", "key 'finetune.lr' must be a number > 0, got -1.0"),
+        ("[finetune]\nepochs = -1\n", "key 'finetune.epochs' must be an integer >= 0, got -1"),
+        (
+            "[finetune]\nbatch_size = 0\n",
+            "key 'finetune.batch_size' must be an integer >= 1, got 0",
+        ),
+        (
+            'timeout = "soon"\n',
+            "key 'timeout': timeout must be seconds or a number with s, m, h or d, got 'soon'",
+        ),
+    ],
+)
+def test_rejections_name_key_and_value(tmp_path: Path, text: str, expected: str) -> None:
+    path = write_spec(tmp_path, text)
+    assert spec_error(path) == f"{path}: {expected}"
+
+
+# Messages of the search space's own checks (worded in autoprune.space): the spec prefixes
+# them with the file and "[space]"; here only the key and the bad value are pinned.
+@pytest.mark.parametrize(
+    ("text", "key", "value"),
+    [
+        ('[space]\ncriterion = ["magnitude"]\n', "unknown search-space key", "'criterion'"),
+        ("[space]\nsparsity = [0.1, 1.0]\n", "sparsity", "[0.1, 1.0]"),
+        ("[space]\nsparsity = [-0.1, 0.5]\n", "sparsity", "[-0.1, 0.5]"),
+        ("[space]\nsparsity = [0.6, 0.2]\n", "sparsity", "[0.6, 0.2]"),
+        ('[space]\nsparsity = [0.1, "x"]\n', "sparsity", "'x'"),
+        ("[space]\nalpha = [2.0, 1.0]\n", "alpha", "[2.0, 1.0]"),
+        ("[space]\nalpha = [0.0, 1.0]\n", "alpha", "[0.0, 1.0]"),
+        ('[space]\nscopes = ["layer", "local"]\n', "unknown scope", "'local'"),
+        ('[space]\nrules = ["median"]\n', "unknown rule", "'median'"),
+        ('[space]\ncriteria = ["magnitude", "l2"]\n', "unknown criterion", "'l2'"),
+        ('[space]\ncriteria = "magnitude"\n', "criteria", "'magnitude'"),
+        ("[space]\ncriteria = []\n", "criteria", "()"),
+        ('[space]\ninclude = "features.*"\n', "include", "'features.*'"),
+    ],
+)
+def test_space_rejections_name_key_and_value(
+    tmp_path: Path, text: str, key: str, value: str
+) -> None:
+    path = write_spec(tmp_path, text)
+    message = spec_error(path)
+    assert message.startswith(f"{path}: [space] ")
+    assert key in message and value in message
+
+
+def test_unknown_criterion(tmp_path: Path) -> None:
+    # The list of known criteria grows with registrations, so only its head is fixed here.
+    path = write_spec(tmp_path, '[space]\ncriteria = ["magnitude", "l2"]\n')
+    message = spec_error(path)
+    assert message.startswith(f"{path}: [space] unknown criterion 'l2' (known: ")
+    assert "magnitude" in message and "taylor" in message
+
+
+def test_malformed_toml(tmp_path: Path) -> None:
+    path = write_spec(tmp_path, "trials = \n")
+    assert spec_error(path).startswith(f"{path}: malformed TOML: ")
+
+
+def test_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "spec.toml"
+    path.write_bytes(b'task = "\xff"\n')
+    assert spec_error(path).startswith(f"cannot read spec file {str(path)!r}: ")
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.toml"
+    assert spec_error(path) == f"spec file {str(path)!r} does not exist"
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        (90, 90.0),
+        (2.5, 2.5),
+        ("90", 90.0),
+        ("90s", 90.0),
+        ("30m", 1800.0),
+        ("8h", 28800.0),
+        ("1d", 86400.0),
+        ("1.5h", 5400.0),
+        (" 10 m ", 600.0),
+    ],
+)
+def test_parse_duration(text: str | float, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("soon", "timeout must be seconds or a number with s, m, h or d, got 'soon'"),
+        ("-5m", "timeout must be seconds or a number with s, m, h or d, got '-5m'"),
+        ("5 minutes", "timeout must be seconds or a number with s, m, h or d, got '5 minutes'"),
+        ("", "timeout must be seconds or a number with s, m, h or d, got ''"),
+        (True, "timeout must be seconds or a number with s, m, h or d, got True"),
+        (0, "timeout must be positive, got 0"),
+        ("0s", "timeout must be positive, got '0s'"),
+        (-5, "timeout must be positive, got -5"),
+        (math.inf, "timeout must be positive, got inf"),
+        (math.nan, "timeout must be positive, got nan"),
+    ],
+)
+def test_parse_duration_rejects(text: object, expected: str) -> None:
+    with pytest.raises(SpecError) as info:
+        parse_duration(text)  # type: ignore[arg-type]
+    assert str(info.value) == expected
+
+
+def test_finetune_apply_overrides_only_given_fields(tiny_task) -> None:
+    task = Finetune(epochs=3, batch_size=8).apply(tiny_task)
+    assert (task.finetune_epochs, task.lr, task.batch_size) == (3, tiny_task.lr, 8)
+    assert task.model is tiny_task.model  # shared, not copied
+    assert task.train is tiny_task.train and task.name == tiny_task.name
+    # The original task is frozen and unchanged.
+    assert (tiny_task.finetune_epochs, tiny_task.batch_size) == (1, 32)
+
+    task = Finetune(epochs=0, lr=0.5).apply(tiny_task)
+    assert (task.finetune_epochs, task.lr, task.batch_size) == (0, 0.5, tiny_task.batch_size)
+    assert Finetune().apply(tiny_task) == tiny_task
