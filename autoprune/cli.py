@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +28,10 @@ DEFAULT_STORAGE = "sqlite:///autoprune.db"
 class _Progress:
     """An Optuna callback drawing a tqdm bar: trials done/total, s/trial, ETA, front size."""
 
+    # study.best_trials copies every trial, so a long study recounts its front at most this
+    # often (seconds) instead of after every trial.
+    FRONT_EVERY = 2.0
+
     def __init__(self, total: int | None, *, disable: bool = False):
         self.bar = tqdm(
             total=total,
@@ -35,13 +41,17 @@ class _Progress:
             bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} "
             "[{elapsed}<{remaining}, {rate_inv_fmt}{postfix}]",
         )
+        self.front, self.failed = 0, 0
+        self._counted = -math.inf
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self.bar.update(1)
-        postfix: dict[str, object] = {"front": len(study.best_trials)}
-        if trial.state == TrialState.FAIL:
-            postfix["last"] = "failed"
-        self.bar.set_postfix(postfix)
+        now = time.monotonic()
+        if now - self._counted >= self.FRONT_EVERY or self.bar.n == self.bar.total:
+            self.front = len(study.best_trials)
+            self._counted = now
+        self.failed += trial.state == TrialState.FAIL
+        self.bar.set_postfix(front=self.front, failed=self.failed)
 
 
 def _search(args: argparse.Namespace) -> int:

@@ -7,11 +7,11 @@ the figures only draw them.
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 
 import optuna
 import pandas as pd
+import plotly.colors
 import plotly.graph_objects as go
 from optuna.trial import FrozenTrial, TrialState
 
@@ -129,9 +129,12 @@ def _hover(row: pd.Series) -> str:
 def loss_curves_figure(study: optuna.Study) -> go.Figure:
     """Fine-tuning loss curves (train solid, validation dashed) of the front trials."""
     fig = go.Figure()
-    for trial in sorted(study.best_trials, key=lambda t: t.values[1]):
+    palette = plotly.colors.qualitative.Plotly
+    front = sorted(study.best_trials, key=lambda t: t.values[1])
+    for i, trial in enumerate(front):
         history = trial.user_attrs.get("history", {})
         density = trial.user_attrs.get("density", float("nan"))
+        color = palette[i % len(palette)]  # a trial's train and val curves share a colour
         for split, dash in (("train", "solid"), ("val", "dash")):
             points = history.get(split, [])
             if points:
@@ -140,7 +143,7 @@ def loss_curves_figure(study: optuna.Study) -> go.Figure:
                         x=[p[0] for p in points],
                         y=[p[1] for p in points],
                         mode="lines+markers",
-                        line={"dash": dash},
+                        line={"dash": dash, "color": color},
                         legendgroup=str(trial.number),
                         name=f"trial {trial.number} {split} (density {density:.3f})",
                     )
@@ -167,12 +170,17 @@ def write_report(study: optuna.Study, path: str | Path) -> Path:
         fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figures)
     ]
     front = pareto_front(study)
-    dense = json.dumps(setup.get("dense", {}))
+    dense = setup.get("dense", {})
+    dense_text = ", ".join(
+        f"{key} {value:.4f}" if value % 1 else f"{key} {int(value)}"
+        for key, value in dense.items()
+        if isinstance(value, (int, float))
+    )
     body = "\n".join(
         [
             f"<h1>autoprune report: {html.escape(study.study_name)}</h1>",
             f"<p>{len(frame)} complete trials, {len(front)} on the front; task "
-            f"{html.escape(str(setup.get('task')))}; dense model {html.escape(dense)}</p>",
+            f"{html.escape(str(setup.get('task')))}; dense model: {html.escape(dense_text)}</p>",
             *parts,
             "<h2>Pareto front</h2>",
             front.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep=""),
