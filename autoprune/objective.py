@@ -132,9 +132,11 @@ def trial_seed(study_seed: int, trial_number: int) -> int:
 
 
 def _user_attrs(result: PruneResult) -> dict[str, Any]:
-    attrs: dict[str, Any] = {
-        key: value for key, value in result.metrics.items() if key not in METRIC_NAMES
-    }
+    # Each attr is one storage commit, so what can be derived is not stored: sparsity is
+    # 1 - density, the total is the study's, the final val loss ends the val curve.
+    attrs: dict[str, Any] = {"density": result.metrics["density"]}
+    if "test_accuracy" in result.metrics:
+        attrs["test_accuracy"] = result.metrics["test_accuracy"]
     attrs["layer_sparsity"] = result.layer_sparsity
     attrs["history"] = result.history
     attrs["timings"] = result.timings

@@ -168,11 +168,12 @@ def open_study(
 
 
 def dense_metrics(task: Task, layers: list[str]) -> dict[str, float]:
-    """Validation (and test) accuracy and prunable-weight count of the unpruned model."""
+    """Validation (and test) accuracy, nonzero and total prunable weights of the dense model."""
     metrics = {"accuracy": evaluate(task.model, task, "val")[0]}
     if task.test is not None:
         metrics["test_accuracy"] = evaluate(task.model, task, "test")[0]
-    metrics["nonzero_params"] = float(count_nonzero(task.model, layers)[0])
+    nonzero, total = count_nonzero(task.model, layers)
+    metrics["nonzero_params"], metrics["total_params"] = float(nonzero), float(total)
     return metrics
 
 

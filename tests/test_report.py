@@ -131,7 +131,9 @@ def test_front_of_a_real_search(searched: optuna.Study) -> None:
         for name in LAYERS:
             assert row[f"sparsity:{name}"] == trial.user_attrs["layer_sparsity"][name]
         assert row["test_accuracy"] == trial.user_attrs["test_accuracy"]
-        assert row["nonzero_params"] == round(row["density"] * trial.user_attrs["total_params"])
+        total = searched.user_attrs["autoprune"]["dense"]["total_params"]
+        assert row["nonzero_params"] == round(row["density"] * total)
+        assert row["sparsity"] == 1.0 - row["density"]
 
 
 def test_empty_study() -> None:
