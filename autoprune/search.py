@@ -133,7 +133,7 @@ def open_study(
         "space": space.to_dict(),
         "seed": seed,
     }
-    storage = _open_storage(storage)
+    storage = _open_storage(storage, for_writing=True)
     existing = _load_existing(storage, study_name)
     if existing is not None:
         _check_same_setup(existing, setup, study_name)
@@ -228,15 +228,33 @@ def load_study(storage: str, study_name: str | None) -> optuna.Study:
     return study
 
 
-def _open_storage(storage: Any) -> Any:
-    """A URL becomes a storage object, opened once for all that follows."""
+def _open_storage(storage: Any, *, for_writing: bool = False) -> Any:
+    """A URL becomes a storage object, opened once for all that follows.
+
+    A SQLite file opened for writing is switched to write-ahead logging (see
+    :func:`_sqlite_pragmas`); read-only commands leave the file as they find it.
+    """
     if not isinstance(storage, str):
         return storage
     try:
         opened = optuna.storages.RDBStorage(storage)
     except Exception as e:
         raise StorageError(f"cannot open storage {_describe(storage)}: {_first_line(e)}") from e
+    if for_writing and opened.engine.name == "sqlite":
+        sqlalchemy.event.listen(opened.engine, "connect", _sqlite_pragmas)
+        opened.engine.dispose()  # reconnect, so that every pooled connection gets the pragmas
     return opened
+
+
+def _sqlite_pragmas(connection: Any, _record: Any) -> None:
+    # A trial makes ~17 small commits. With WAL and synchronous=NORMAL a commit does not wait
+    # for the disk (measured: 2.6 -> 1.2 ms per user attr), and readers such as `autoprune
+    # report` do not block the search. A killed process loses nothing committed; a power cut
+    # may lose the last commits but never corrupts the file. WAL needs a local file system.
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
 
 
 def _load_existing(storage: Any, study_name: str | None) -> optuna.Study | None:

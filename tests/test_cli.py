@@ -60,6 +60,12 @@ def files(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
 
 
+def files_besides_sqlite_logs(directory: Path) -> list[str]:
+    """Names in ``directory``, less the write-ahead log files that SQLite keeps beside a
+    database while this test process still holds it open (it removes them on close)."""
+    return sorted(p.name for p in directory.iterdir() if not p.name.endswith(("-wal", "-shm")))
+
+
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Two runs of ``autoprune search`` on the same spec in one directory (6 + 6 trials)."""
@@ -107,7 +113,7 @@ def test_search_end_to_end(searched: dict[str, Any]) -> None:
     report = re.search(r"^report: (.+)$", out, flags=re.MULTILINE)
     assert report and Path(report.group(1)) == directory / "digits-cnn.html"
     assert Path(report.group(1)).read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
-    assert sorted(p.name for p in directory.iterdir()) == [
+    assert files_besides_sqlite_logs(directory) == [
         "autoprune.db",
         "digits-cnn.html",
         "spec.toml",
@@ -179,7 +185,7 @@ def test_storage_and_study_name_overrides(
     )
     assert code == 0 and "%|" not in err and "error" not in err
     assert "study 'mine' in sqlite:///other.db" in out
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
+    assert files_besides_sqlite_logs(tmp_path) == [
         "mine-report.html",
         "other.db",
         "spec.toml",
