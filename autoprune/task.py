@@ -111,23 +111,34 @@ class Task:
                 yield inputs[index], targets[index]
 
     def check(self) -> None:
-        """Run one validation batch through the model; raise TaskError if it does not fit."""
-        batch = next(self.batches("val"), None)
-        if batch is None:
-            raise TaskError("Task.val is empty")
-        inputs, targets = batch
+        """Run the first batch of each split through the model and the loss and metric.
+
+        Raises:
+            TaskError: Naming the split and its shape, if a split is empty or does not fit.
+        """
         model = self.model
         was_training = model.training
         model.eval()
         try:
-            with torch.no_grad():
-                logits = model(inputs)
-                self.loss(logits, targets)
-        except Exception as e:  # the model's own error says what does not fit
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise TaskError(
-                f"val data of shape {tuple(inputs.shape)} does not fit the model: {first}"
-            ) from e
+            for split in ("train", "val", "test"):
+                if split == "test" and self.test is None:
+                    continue
+                batch = next(self.batches(split), None)
+                if batch is None:
+                    raise TaskError(f"Task.{split} is empty")
+                inputs, targets = batch
+                try:
+                    with torch.no_grad():
+                        logits = model(inputs)
+                        self.loss(logits, targets)
+                        self.metric(logits, targets)
+                except Exception as e:  # the model's own error says what does not fit
+                    text = str(e).strip()
+                    first = text.splitlines()[0] if text else type(e).__name__
+                    raise TaskError(
+                        f"{split} data of shape {tuple(inputs.shape)} does not fit the model: "
+                        f"{first}"
+                    ) from e
         finally:
             model.train(was_training)
 

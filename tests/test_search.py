@@ -270,15 +270,16 @@ def test_unopenable_storage(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("split", ["train", "val", "test"])
 def test_data_that_does_not_fit_is_refused_before_the_storage(
-    tiny_task: Task, tmp_path: Path
+    tiny_task: Task, tmp_path: Path, split: str
 ) -> None:
     x, y = torch.rand(40, 1, 5, 5), torch.randint(0, 3, (40,))
-    task = dataclasses.replace(tiny_task, val=(x, y))
+    task = dataclasses.replace(tiny_task, **{split: (x, y)})
     with pytest.raises(TaskError) as info:
         search(task, n_trials=1, storage=url(tmp_path), study_name="s")
     message = str(info.value)
-    assert message.startswith("val data of shape (32, 1, 5, 5) does not fit the model: ")
+    assert message.startswith(f"{split} data of shape (32, 1, 5, 5) does not fit the model: ")
     assert "\n" not in message
     assert list(tmp_path.iterdir()) == []
 
