@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from autoprune import Task, TaskError
+from autoprune.masks import prunable_layers
+from autoprune.tasks import TASKS, load_task
 from autoprune.tasks import _cache as cache
-from autoprune.tasks import load_task
 from autoprune.train import evaluate
 
 
@@ -35,18 +36,22 @@ def cache_file_of(model: nn.Module) -> Path:
     return path
 
 
-def test_digits_mlp_is_accurate_and_cached(caplog: pytest.LogCaptureFixture) -> None:
-    task = load_task("digits-mlp", seed=0)
-    assert task.name == "digits-mlp"
-    assert evaluate(task.model, task, "val")[0] >= 0.95
-    assert evaluate(task.model, task, "test")[0] >= 0.95
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_builtin_task_contract(name: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Every built-in task: accurate dense model, prunable layers, data that fits, cached."""
+    task = load_task(name, seed=0)
+    assert task.name == name
+    assert evaluate(task.model, task, "val")[0] >= 0.97
+    assert evaluate(task.model, task, "test")[0] >= 0.97
     assert not task.model.training
+    assert len(prunable_layers(task.model)) >= 2
+    task.check()
     path = cache_file_of(task.model)
-    assert path.name.startswith("digits-mlp-")
+    assert path.name.startswith(f"{name}-")
 
     start = time.perf_counter()
     with caplog.at_level(logging.INFO, logger="autoprune"):
-        again = load_task("digits-mlp", seed=0)
+        again = load_task(name, seed=0)
     seconds = time.perf_counter() - start
     assert again.model is not task.model
     for (key, a), (key_b, b) in zip(
