@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import warnings
 from collections.abc import Callable, Iterable
@@ -132,6 +133,7 @@ def open_study(
         "layers": layers,
         "space": space.to_dict(),
         "seed": seed,
+        "model": model_fingerprint(task.model),
     }
     storage = _open_storage(storage, for_writing=True)
     existing = _load_existing(storage, study_name)
@@ -177,6 +179,15 @@ def dense_metrics(task: Task, layers: list[str]) -> dict[str, float]:
     return metrics
 
 
+def model_fingerprint(model: nn.Module) -> str:
+    """A short hash of the model's state dict: the same trained weights give the same hash."""
+    digest = hashlib.sha256()
+    for key, tensor in model.state_dict().items():
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def materialize(task: Task, trial: FrozenTrial) -> nn.Module:
     """Rebuild the pruned, fine-tuned model of a finished trial (masks folded in).
 
@@ -195,7 +206,16 @@ def materialize(task: Task, trial: FrozenTrial) -> nn.Module:
             f"trial {trial.number} prunes layer {sorted(missing)[0]!r}, "
             "which the task's model does not have"
         )
-    return prune_and_finetune(task, policy, seed=trial.user_attrs["seed"]).model
+    result = prune_and_finetune(task, policy, seed=trial.user_attrs["seed"])
+    if trial.values is not None and result.metrics["accuracy"] != trial.values[0]:
+        logger.warning(
+            "trial %d replayed to val accuracy %.6f, not the recorded %.6f: is this the task "
+            "the study searched (same model weights, data and recipe)?",
+            trial.number,
+            result.metrics["accuracy"],
+            trial.values[0],
+        )
+    return result.model
 
 
 def load_study(storage: str, study_name: str | None) -> optuna.Study:
@@ -272,10 +292,11 @@ def _check_same_setup(study: optuna.Study, setup: dict[str, Any], name: str | No
     stored = study.user_attrs.get(STUDY_ATTR)
     if stored is None:
         raise StorageError(f"study {name!r} exists but was not made by autoprune")
-    for key in ("task", "finetune", "layers", "space", "seed"):
+    for key in ("task", "model", "finetune", "layers", "space", "seed"):
         if stored.get(key) != setup[key]:
+            label = "dense model weights (fingerprint)" if key == "model" else key
             raise StorageError(
-                f"study {name!r} was created with {key} {stored.get(key)!r}, not "
+                f"study {name!r} was created with {label} {stored.get(key)!r}, not "
                 f"{setup[key]!r}; use another study name to search a different setup"
             )
 

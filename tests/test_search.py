@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,51 @@ def test_resume_with_another_task_is_refused(tiny_task: Task, tmp_path: Path) ->
     other = dataclasses.replace(tiny_task, name="other")
     with pytest.raises(StorageError, match="study 's' was created with task 'tiny', not 'other'"):
         search(other, n_trials=1, storage=url(tmp_path), study_name="s")
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ({"finetune_epochs": 2}, "finetune"),
+        ({"lr": 0.5}, "finetune"),
+        ({"model": "retrained"}, r"dense model weights \(fingerprint\)"),
+    ],
+)
+def test_resume_with_another_model_or_recipe_is_refused(
+    tiny_task: Task, tmp_path: Path, change: dict[str, Any], key: str
+) -> None:
+    search(tiny_task, n_trials=1, storage=url(tmp_path), study_name="s")
+    if change.get("model") == "retrained":
+        model = copy.deepcopy(tiny_task.model)
+        with torch.no_grad():
+            model.classifier[3].bias[0] += 1e-3  # the same architecture, other weights
+        change = {"model": model}
+    with pytest.raises(StorageError, match=f"study 's' was created with {key}"):
+        search(
+            dataclasses.replace(tiny_task, **change),
+            n_trials=1,
+            storage=url(tmp_path),
+            study_name="s",
+        )
+    assert len(optuna.load_study(study_name="s", storage=url(tmp_path)).trials) == 1
+
+
+def test_materialize_warns_when_the_replay_differs(
+    tiny_task: Task, caplog: pytest.LogCaptureFixture
+) -> None:
+    study = search(tiny_task, n_trials=1, seed=0)
+    trial = study.trials[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="autoprune"):
+        materialize(tiny_task, trial)
+    assert [r for r in caplog.records if r.name.startswith("autoprune")] == []
+    other = copy.deepcopy(tiny_task.model)
+    with torch.no_grad():
+        other.classifier[3].bias.copy_(torch.tensor([5.0, -5.0, -5.0]))  # a different model
+    with caplog.at_level(logging.WARNING, logger="autoprune"):
+        materialize(dataclasses.replace(tiny_task, model=other), trial)
+    assert f"trial {trial.number} replayed to val accuracy" in caplog.text
+    assert "is this the task the study searched" in caplog.text
 
 
 def test_materialize_reproduces_every_criterion_exactly(tiny_task: Task, tmp_path: Path) -> None:
