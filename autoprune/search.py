@@ -210,7 +210,7 @@ def materialize(task: Task, trial: FrozenTrial) -> nn.Module:
     if trial.values is not None and result.metrics["accuracy"] != trial.values[0]:
         logger.warning(
             "trial %d replayed to val accuracy %.6f, not the recorded %.6f: is this the task "
-            "the study searched (same model weights, data and recipe)?",
+            "the study searched (same model weights, data, recipe and torch thread count)?",
             trial.number,
             result.metrics["accuracy"],
             trial.values[0],
@@ -295,9 +295,14 @@ def _check_same_setup(study: optuna.Study, setup: dict[str, Any], name: str | No
     for key in ("task", "model", "finetune", "layers", "space", "seed"):
         if stored.get(key) != setup[key]:
             label = "dense model weights (fingerprint)" if key == "model" else key
+            hint = (
+                "resume with the model the study was made with, or use another study name"
+                if key == "model"
+                else "use another study name to search a different setup"
+            )
             raise StorageError(
                 f"study {name!r} was created with {label} {stored.get(key)!r}, not "
-                f"{setup[key]!r}; use another study name to search a different setup"
+                f"{setup[key]!r}; {hint}"
             )
 
 

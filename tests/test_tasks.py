@@ -14,6 +14,7 @@ from torch import nn
 
 from autoprune import Task, TaskError
 from autoprune.masks import prunable_layers
+from autoprune.search import model_fingerprint
 from autoprune.tasks import TASKS, load_task
 from autoprune.tasks import _cache as cache
 from autoprune.train import evaluate
@@ -60,6 +61,24 @@ def test_builtin_task_contract(name: str, caplog: pytest.LogCaptureFixture) -> N
         assert key == key_b and torch.equal(a, b)
     assert cache_file_of(again.model) == path
     assert "trained" not in caplog.text and seconds < 2.0  # loaded, not trained again
+
+
+def test_dense_training_does_not_depend_on_the_thread_count(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Workers and machines with other thread counts train the very same dense model."""
+    fingerprints = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (2, 1):
+            monkeypatch.setenv("AUTOPRUNE_CACHE_DIR", str(tmp_path / str(threads)))
+            torch.set_num_threads(threads)
+            # The CNN: its convolutions sum in another order on two threads than on one.
+            fingerprints.append(model_fingerprint(load_task("digits-cnn", seed=0).model))
+            assert torch.get_num_threads() == threads  # restored after training
+    finally:
+        torch.set_num_threads(before)
+    assert fingerprints[0] == fingerprints[1]
 
 
 def test_digits_split_is_fixed() -> None:
