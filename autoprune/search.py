@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -151,7 +152,7 @@ def open_study(
                 group=True,
                 n_startup_trials=10,
             )
-    try:
+    with _storage_errors(storage):
         study = optuna.create_study(
             storage=storage,
             study_name=study_name,
@@ -159,8 +160,6 @@ def open_study(
             directions=DIRECTIONS,
             load_if_exists=True,
         )
-    except Exception as e:
-        raise StorageError(f"cannot open storage {_describe(storage)}: {_first_line(e)}") from e
     if existing is None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -228,10 +227,8 @@ def load_study(storage: str, study_name: str | None) -> optuna.Study:
     if _missing_sqlite_file(storage):  # opening it would leave an empty database behind
         raise StorageError(f"storage {_describe(storage)} does not exist")
     storage = _open_storage(storage)
-    try:
+    with _storage_errors(storage):
         names = optuna.get_all_study_names(storage)
-    except Exception as e:
-        raise StorageError(f"cannot open storage {_describe(storage)}: {_first_line(e)}") from e
     if study_name is None:
         if len(names) != 1:
             listed = ", ".join(names) if names else "none"
@@ -256,10 +253,8 @@ def _open_storage(storage: Any, *, for_writing: bool = False) -> Any:
     """
     if not isinstance(storage, str):
         return storage
-    try:
+    with _storage_errors(storage):
         opened = optuna.storages.RDBStorage(storage)
-    except Exception as e:
-        raise StorageError(f"cannot open storage {_describe(storage)}: {_first_line(e)}") from e
     if for_writing and opened.engine.name == "sqlite":
         sqlalchemy.event.listen(opened.engine, "connect", _sqlite_pragmas)
         opened.engine.dispose()  # reconnect, so that every pooled connection gets the pragmas
@@ -280,19 +275,17 @@ def _sqlite_pragmas(connection: Any, _record: Any) -> None:
 def _load_existing(storage: Any, study_name: str | None) -> optuna.Study | None:
     if storage is None or study_name is None:
         return None
-    try:
+    with _storage_errors(storage):
         if study_name not in optuna.get_all_study_names(storage):
             return None
         return optuna.load_study(study_name=study_name, storage=storage)
-    except Exception as e:
-        raise StorageError(f"cannot open storage {_describe(storage)}: {_first_line(e)}") from e
 
 
 def _check_same_setup(study: optuna.Study, setup: dict[str, Any], name: str | None) -> None:
     stored = study.user_attrs.get(STUDY_ATTR)
     if stored is None:
         raise StorageError(f"study {name!r} exists but was not made by autoprune")
-    for key in ("task", "model", "finetune", "layers", "space", "seed"):
+    for key in [k for k in setup if k != "version"]:  # what a study was made with
         if stored.get(key) != setup[key]:
             label = "dense model weights (fingerprint)" if key == "model" else key
             hint = (
@@ -314,6 +307,15 @@ def _missing_sqlite_file(storage: Any) -> bool:
     except Exception:  # a malformed URL: let Optuna say what is wrong with it
         return False
     return database not in (None, "", ":memory:") and not Path(database).exists()
+
+
+@contextmanager
+def _storage_errors(storage: Any) -> Iterator[None]:
+    """Turn whatever the storage layer raises into one-line StorageErrors naming the URL."""
+    try:
+        yield
+    except Exception as e:
+        raise StorageError(f"cannot open storage {_describe(storage)}: {_first_line(e)}") from e
 
 
 def _describe(storage: Any) -> str:
