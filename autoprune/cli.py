@@ -16,6 +16,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
 from autoprune import __version__
+from autoprune.artifacts import resolve_dir
 from autoprune.errors import AutopruneError, SpecError
 from autoprune.report import pareto_front, write_report
 from autoprune.search import STUDY_ATTR, load_study, open_study, optimize
@@ -60,6 +61,7 @@ def _search(args: argparse.Namespace) -> int:
     timeout = parse_duration(args.timeout) if args.timeout is not None else spec.timeout
     storage = args.storage or spec.storage
     study_name = args.study_name or spec.name
+    resolve_dir(storage, spec.artifacts)  # a server database without [artifacts] dir: refused
     task = spec.finetune.apply(load_task(spec.task, seed=spec.seed))
     # Opened (and the task checked) before the bar is drawn: bad input gives one line.
     study = open_study(
@@ -74,7 +76,14 @@ def _search(args: argparse.Namespace) -> int:
     )
     progress = _Progress(trials, disable=args.quiet)
     try:
-        optimize(study, task, n_trials=trials, timeout=timeout, callbacks=[progress])
+        optimize(
+            study,
+            task,
+            n_trials=trials,
+            timeout=timeout,
+            callbacks=[progress],
+            artifacts=spec.artifacts,
+        )
     finally:
         progress.bar.close()
     _print_counts(study)

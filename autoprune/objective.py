@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -31,6 +31,8 @@ from autoprune.train import evaluate, fit
 # The study's objectives, in order; their names are stored in the study for dashboards.
 METRIC_NAMES = ("accuracy", "nonzero_params")
 DIRECTIONS: list[Literal["maximize", "minimize"]] = ["maximize", "minimize"]
+# Called with (trial, result, values) once a trial's numbers are in, e.g. to store its weights.
+ResultHook = Callable[[optuna.Trial, "PruneResult", Sequence[float]], object]
 
 
 @dataclasses.dataclass
@@ -95,10 +97,21 @@ class Objective:
 
     Everything a trial produces besides its two values is kept in its user attrs: the policy,
     its seed, test accuracy, density, per-layer sparsity, loss curves and a time split.
+    ``on_result(trial, result, values)``, if given, is called before the values are returned
+    (it is how the weights of front trials are stored).
     """
 
-    def __init__(self, task: Task, space: SearchSpace, layers: Sequence[str], *, seed: int = 0):
+    def __init__(
+        self,
+        task: Task,
+        space: SearchSpace,
+        layers: Sequence[str],
+        *,
+        seed: int = 0,
+        on_result: ResultHook | None = None,
+    ):
         self.task, self.space, self.layers, self.seed = task, space, list(layers), seed
+        self.on_result = on_result
         self._grads: dict[str, Tensor] | None = None
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
@@ -115,7 +128,10 @@ class Objective:
             raise
         for key, value in _user_attrs(result).items():
             trial.set_user_attr(key, value)
-        return result.metrics["accuracy"], result.metrics["nonzero_params"]
+        values = result.metrics["accuracy"], result.metrics["nonzero_params"]
+        if self.on_result is not None:
+            self.on_result(trial, result, values)
+        return values
 
     def _grads_for(self, policy: Policy) -> dict[str, Tensor] | None:
         # The dense model's gradients are the same for every trial: compute them once.

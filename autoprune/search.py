@@ -16,7 +16,9 @@ from optuna.trial import FrozenTrial
 from torch import nn
 
 from autoprune._version import __version__
+from autoprune.artifacts import ArtifactSpec, FrontWeights, resolve_dir
 from autoprune.errors import StorageError, TaskError, TrialFailed
+from autoprune.front_table import FrontTable
 from autoprune.masks import count_nonzero, prunable_layers
 from autoprune.objective import DIRECTIONS, METRIC_NAMES, Objective, prune_and_finetune
 from autoprune.policy import Policy
@@ -42,6 +44,8 @@ def search(
     space: SearchSpace | None = None,
     sampler: optuna.samplers.BaseSampler | None = None,
     callbacks: Iterable[Callback] = (),
+    artifacts: ArtifactSpec | None = None,
+    front_table: bool = True,
 ) -> optuna.Study:
     """Search pruning policies of ``task.model``; return the (new or resumed) Optuna study.
 
@@ -57,19 +61,35 @@ def search(
         space: The search space; :class:`SearchSpace` defaults if None.
         sampler: Overrides the default seeded multivariate TPE sampler.
         callbacks: Called as ``callback(study, trial)`` after each trial.
+        artifacts: Where the weights of front trials are kept (see
+            :class:`autoprune.artifacts.ArtifactSpec`; default: next to a SQLite file).
+        front_table: Keep the ``autoprune_front`` table of a database storage up to date.
 
     Raises:
         TaskError: If the model has no prunable layer left by the space's globs, or the data
             does not fit the model.
         StorageError: If the storage cannot be opened, or the named study was created with a
             different task, search space or seed.
+        SpecError: If weights are to be kept in a server database's study and
+            ``artifacts.dir`` is not given.
     """
     space = space or SearchSpace()
+    artifacts = artifacts or ArtifactSpec()
     _check_budget(n_trials, timeout)
+    if isinstance(storage, str) or storage is None:
+        resolve_dir(storage, artifacts)  # refused before anything is written
     study = open_study(
         task, space=space, storage=storage, study_name=study_name, seed=seed, sampler=sampler
     )
-    optimize(study, task, n_trials=n_trials, timeout=timeout, callbacks=callbacks)
+    optimize(
+        study,
+        task,
+        n_trials=n_trials,
+        timeout=timeout,
+        callbacks=callbacks,
+        artifacts=artifacts,
+        front_table=front_table,
+    )
     return study
 
 
@@ -80,18 +100,35 @@ def optimize(
     n_trials: int | None = None,
     timeout: float | None = None,
     callbacks: Iterable[Callback] = (),
+    artifacts: ArtifactSpec | None = None,
+    front_table: bool = True,
 ) -> None:
-    """Run trials of an opened study (see :func:`open_study`) with the space stored in it."""
+    """Run trials of an opened study (see :func:`open_study`) with the space stored in it.
+
+    The weights of front trials are kept by ``artifacts`` (see :func:`search`), and a
+    database storage gets the ``autoprune_front`` table after each trial (``front_table``).
+    """
     _check_budget(n_trials, timeout)
     setup = study.user_attrs[STUDY_ATTR]
     space = SearchSpace.from_dict(setup["space"])
-    objective = Objective(task, space, setup["layers"], seed=setup["seed"])
+    weights = FrontWeights.for_study(study, artifacts or ArtifactSpec())
+    table = FrontTable.for_study(study) if front_table else None
+    objective = Objective(
+        task,
+        space,
+        setup["layers"],
+        seed=setup["seed"],
+        on_result=weights.upload if weights is not None else None,
+    )
+    if table is not None:
+        table.write(study)  # a resumed study's table is current before its first new trial
+    ours = [c for c in (weights, table) if c is not None]  # before the user's: they may read it
     study.optimize(
         objective,
         n_trials=n_trials,
         timeout=timeout,
         catch=(TrialFailed,),
-        callbacks=list(callbacks),
+        callbacks=[*ours, *callbacks],
     )
 
 

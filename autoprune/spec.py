@@ -21,6 +21,10 @@ exclude = []
 epochs = 2
 lr = 0.001
 batch_size = 32
+
+[artifacts]                      # weights of the front trials (autoprune.artifacts)
+dir = "autoprune.artifacts"      # default: <database stem>.artifacts next to a SQLite file
+keep = "front"                   # "front" (drop those that leave it), "all" or "none"
 ```
 """
 
@@ -33,6 +37,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from autoprune.artifacts import ArtifactSpec
 from autoprune.errors import SpecError
 from autoprune.space import SearchSpace
 from autoprune.task import Task
@@ -71,6 +76,7 @@ class StudySpec:
     seed: int = 0
     space: SearchSpace = dataclasses.field(default_factory=SearchSpace)
     finetune: Finetune = dataclasses.field(default_factory=Finetune)
+    artifacts: ArtifactSpec = dataclasses.field(default_factory=ArtifactSpec)
 
     @property
     def name(self) -> str:
@@ -149,6 +155,12 @@ def spec_from_dict(data: dict[str, Any]) -> StudySpec:
         kwargs["finetune"] = _finetune(
             _check("finetune", data["finetune"], dict, lambda v: True, "a table")
         )
+    if "artifacts" in data:
+        table = _check("artifacts", data["artifacts"], dict, lambda v: True, "a table")
+        try:
+            kwargs["artifacts"] = ArtifactSpec.from_dict(table)
+        except SpecError as e:
+            raise SpecError(f"[artifacts] {e}") from None
     return StudySpec(**kwargs)
 
 

@@ -1,0 +1,269 @@
+"""Front-trial weights kept as Optuna artifacts, so that exporting a model needs no retraining.
+
+A trial uploads its pruned weights from inside the objective only when its values are not
+dominated by any completed trial (dominated trials cost nothing), and :class:`FrontWeights`,
+called back after each trial, removes the weights of trials that have left the front
+(``keep = "front"``, the default) so that long runs do not fill the disk.
+
+Weights are a plain ``torch.save`` of nested dicts of tensors, read back with
+``weights_only=True``. A tensor with enough zeros is stored as a bitmask of its nonzeros plus
+their values (``numel / 8 + nnz * itemsize`` bytes instead of ``numel * itemsize``), so the
+bytes on disk shrink with sparsity; see ``scripts/bench_artifacts.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import math
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import optuna
+import sqlalchemy
+import torch
+from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+from optuna.artifacts.exceptions import ArtifactNotFound
+from optuna.study import StudyDirection
+from optuna.trial import FrozenTrial, TrialState
+from torch import Tensor
+
+from autoprune.errors import SpecError, StorageError
+from autoprune.objective import PruneResult
+
+logger = logging.getLogger(__name__)
+
+# Which uploaded weights are kept: those of the current front, all, or none are uploaded.
+KEEP = ("front", "all", "none")
+# Study user attr recording where this study's weights are (absolute directory) and the rule.
+ARTIFACTS_ATTR = "autoprune_artifacts"
+# Trial user attr holding the artifact id of the trial's weights.
+ARTIFACT_ID_ATTR = "artifact_id"
+FORMAT = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ArtifactSpec:
+    """The ``[artifacts]`` table of a study spec.
+
+    Args:
+        dir: Directory of the artifact store. None: ``<database stem>.artifacts`` next to a
+            SQLite file; any other database must name one.
+        keep: ``"front"`` removes the weights of trials that leave the front, ``"all"``
+            keeps every upload, ``"none"`` stores no weights (export then replays trials).
+    """
+
+    dir: str | None = None
+    keep: str = "front"
+
+    def __post_init__(self) -> None:
+        if self.keep not in KEEP:
+            raise SpecError(f"artifacts keep must be one of {', '.join(KEEP)}, got {self.keep!r}")
+        if self.dir is not None and (not isinstance(self.dir, str) or not self.dir.strip()):
+            raise SpecError(f"artifacts dir must be a non-empty string, got {self.dir!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ArtifactSpec:
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in data:
+            if key not in known:
+                raise SpecError(f"unknown key {key!r} (known: {', '.join(known)})")
+        return cls(**data)
+
+
+def resolve_dir(storage: str | None, spec: ArtifactSpec) -> Path | None:
+    """The artifact directory for a study in ``storage`` (a URL), or None if none is kept.
+
+    Raises:
+        SpecError: If weights are to be kept, ``spec.dir`` is not given and the storage is not
+            a SQLite file (a server database has no "next to it").
+    """
+    if spec.keep == "none":
+        return None
+    if spec.dir is not None:
+        return Path(spec.dir).expanduser().resolve()
+    database = sqlite_file(storage)
+    if database is not None:
+        return database.with_name(database.stem + ".artifacts").resolve()
+    if storage is None:  # an in-memory study: nothing outlives the process
+        return None
+    url = sqlalchemy.engine.make_url(storage).render_as_string(hide_password=True)
+    raise SpecError(
+        f"storage {url!r} is not a SQLite file: give [artifacts] dir (where front-trial "
+        'weights go), or keep = "none"'
+    )
+
+
+def sqlite_file(storage: str | None) -> Path | None:
+    """The database file of a ``sqlite:///path`` URL; None for anything else."""
+    if storage is None or not storage.startswith("sqlite:"):
+        return None
+    database = sqlalchemy.engine.make_url(storage).database
+    return None if database in (None, "", ":memory:") else Path(database)
+
+
+def rdb_storage(study: optuna.Study) -> optuna.storages.RDBStorage | None:
+    """The SQLAlchemy-backed storage of ``study``, or None (e.g. in memory).
+
+    Optuna keeps the storage private (and wraps an RDBStorage in a cache), so this is the one
+    place that reaches for it.
+    """
+    storage = getattr(study, "_storage", None)
+    storage = getattr(storage, "_backend", storage)
+    return storage if isinstance(storage, optuna.storages.RDBStorage) else None
+
+
+def storage_url(study: optuna.Study) -> str | None:
+    """The database URL of ``study``'s storage; None if it is not a database."""
+    storage = rdb_storage(study)
+    return None if storage is None else str(storage.url)
+
+
+def dominated(study: optuna.Study, values: Sequence[float]) -> bool:
+    """Whether a completed trial of ``study`` dominates ``values`` (equal values do not)."""
+    signs = [1.0 if d == StudyDirection.MAXIMIZE else -1.0 for d in study.directions]
+    mine = [s * v for s, v in zip(signs, values, strict=True)]
+    for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        theirs = [s * v for s, v in zip(signs, other.values, strict=True)]
+        if all(t >= m for t, m in zip(theirs, mine, strict=True)) and theirs != mine:
+            return True
+    return False
+
+
+class FrontWeights:
+    """The artifact store of a study's front-trial weights.
+
+    Use :meth:`upload` as the objective's result hook and the object itself as a study
+    callback (it removes the weights of trials that left the front when ``keep="front"``).
+    """
+
+    def __init__(self, directory: str | Path, *, keep: str = "front"):
+        ArtifactSpec(dir=str(directory), keep=keep)  # validates
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.store = FileSystemArtifactStore(self.directory)
+        self.keep = keep
+        self._removed: set[str] = set()
+
+    @classmethod
+    def for_study(cls, study: optuna.Study, spec: ArtifactSpec) -> FrontWeights | None:
+        """The store of ``study`` by ``spec``, recorded in the study; None if none is kept."""
+        directory = resolve_dir(storage_url(study), spec)
+        if directory is None:
+            return None
+        record = {"dir": str(directory), "keep": spec.keep}
+        if study.user_attrs.get(ARTIFACTS_ATTR) != record:
+            study.set_user_attr(ARTIFACTS_ATTR, record)
+        return cls(directory, keep=spec.keep)
+
+    @classmethod
+    def find(cls, study: optuna.Study, directory: str | Path | None = None) -> FrontWeights | None:
+        """The store holding ``study``'s weights for reading: ``directory``, else the one the
+        study recorded, else ``<database stem>.artifacts`` next to its SQLite file; None if
+        none of them exists."""
+        candidates = [directory] if directory is not None else []
+        if directory is None:
+            recorded = study.user_attrs.get(ARTIFACTS_ATTR, {}).get("dir")
+            candidates += [recorded, resolve_dir(storage_url(study), ArtifactSpec())]
+        for candidate in candidates:
+            if candidate is not None and Path(candidate).is_dir():
+                return cls(candidate, keep="all")
+        if directory is not None:
+            raise StorageError(f"artifact directory {str(directory)!r} does not exist")
+        return None
+
+    def upload(self, trial: optuna.Trial, result: PruneResult, values: Sequence[float]) -> None:
+        """Store the trial's weights if ``values`` are on the current front (objective hook)."""
+        if dominated(trial.study, values):
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "weights.pt"
+            save_weights(result.model.state_dict(), path)
+            artifact_id = upload_artifact(
+                artifact_store=self.store, file_path=str(path), study_or_trial=trial
+            )
+        trial.set_user_attr(ARTIFACT_ID_ATTR, artifact_id)
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """Remove the weights of trials that are no longer on the front (study callback)."""
+        if self.keep != "front" or ARTIFACT_ID_ATTR not in trial.user_attrs:
+            return  # a trial that uploaded nothing pushed nobody off the front
+        front = {t.number for t in study.best_trials}
+        for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            artifact_id = other.user_attrs.get(ARTIFACT_ID_ATTR)
+            if artifact_id is None or other.number in front or artifact_id in self._removed:
+                continue
+            try:
+                self.store.remove(artifact_id)
+                logger.debug("removed the weights of trial %d (off the front)", other.number)
+            except ArtifactNotFound:
+                pass  # removed by an earlier run or another worker
+            self._removed.add(artifact_id)
+
+    def load(self, trial: FrozenTrial) -> dict[str, Tensor] | None:
+        """The stored state dict of ``trial``, or None if it has none (any more)."""
+        artifact_id = trial.user_attrs.get(ARTIFACT_ID_ATTR)
+        if artifact_id is None:
+            return None
+        try:
+            reader = self.store.open_reader(artifact_id)
+        except ArtifactNotFound:
+            return None
+        with reader:
+            return load_weights(reader)
+
+
+def save_weights(state: Mapping[str, Tensor], path: str | Path) -> None:
+    """Write a state dict with its sparse tensors as bitmask + values (see the module doc)."""
+    dense: dict[str, Tensor] = {}
+    sparse: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in state.items():
+        tensor = tensor.detach().cpu()
+        nonzero = tensor != 0
+        nnz = int(nonzero.sum())
+        packed_bytes = math.ceil(tensor.numel() / 8) + nnz * tensor.element_size()
+        if tensor.is_floating_point() and packed_bytes < tensor.numel() * tensor.element_size():
+            bits = np.packbits(nonzero.flatten().numpy(), bitorder="little")
+            sparse[key] = {
+                "shape": torch.tensor(tensor.shape, dtype=torch.int64),
+                "mask": torch.from_numpy(bits),
+                "values": tensor[nonzero].clone(),
+            }
+        else:
+            dense[key] = tensor.clone()
+    torch.save({"format": FORMAT, "dense": dense, "sparse": sparse}, path)
+
+
+def load_weights(file: str | Path | BinaryIO) -> dict[str, Tensor]:
+    """Read what :func:`save_weights` wrote (never unpickles code: ``weights_only=True``).
+
+    Raises:
+        StorageError: If the file is not a weights file of this format.
+    """
+    if not isinstance(file, (str, Path)):
+        file = io.BytesIO(file.read())  # torch.load wants a seekable file
+    try:
+        data = torch.load(file, weights_only=True, map_location="cpu")
+    except Exception as e:
+        raise StorageError(f"cannot read weights {_name(file)}: {e}") from e
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise StorageError(f"{_name(file)} is not an autoprune weights file (format {FORMAT})")
+    state: dict[str, Tensor] = dict(data["dense"])
+    for key, part in data["sparse"].items():
+        shape = torch.Size(part["shape"].tolist())
+        mask = np.unpackbits(part["mask"].numpy(), count=shape.numel(), bitorder="little")
+        tensor = torch.zeros(shape.numel(), dtype=part["values"].dtype)
+        tensor[torch.from_numpy(mask.astype(bool))] = part["values"]
+        state[key] = tensor.reshape(shape)
+    return state
+
+
+def _name(file: object) -> str:
+    return repr(str(file)) if isinstance(file, (str, Path)) else "(stream)"

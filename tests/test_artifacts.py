@@ -1,0 +1,165 @@
+"""Front-trial weights: the sparse file format, uploads only on the front, removal off it."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+from torch import nn
+
+from autoprune import Task, search
+from autoprune.artifacts import (
+    ARTIFACT_ID_ATTR,
+    ARTIFACTS_ATTR,
+    ArtifactSpec,
+    FrontWeights,
+    dominated,
+    load_weights,
+    resolve_dir,
+    save_weights,
+)
+from autoprune.errors import SpecError, StorageError
+from autoprune.objective import PruneResult
+from autoprune.policy import Policy
+from autoprune.spec import spec_from_dict
+from autoprune.train import evaluate
+
+
+def sparse_state(sparsity: float, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(64, 128, generator=g)
+    weight[torch.rand(64, 128, generator=g) < sparsity] = 0.0
+    return {
+        "layer.weight": weight,
+        "layer.bias": torch.randn(64, generator=g),
+        "bn.num_batches_tracked": torch.tensor(7),
+        "half": weight[:8].to(torch.bfloat16),
+    }
+
+
+def test_weights_round_trip_exactly(tmp_path: Path) -> None:
+    state = sparse_state(0.9)
+    state["layer.weight"][0, 0] = -0.0  # a folded mask leaves signed zeros: still zero
+    save_weights(state, tmp_path / "w.pt")
+    loaded = load_weights(tmp_path / "w.pt")
+    assert loaded.keys() == state.keys()
+    for key, tensor in state.items():
+        assert loaded[key].dtype == tensor.dtype and loaded[key].shape == tensor.shape
+        assert torch.equal(loaded[key], tensor), key
+    with open(tmp_path / "w.pt", "rb") as f:  # from a stream too (the artifact store's)
+        assert torch.equal(load_weights(f)["layer.weight"], state["layer.weight"])
+
+
+def test_bytes_on_disk_shrink_with_sparsity(tmp_path: Path) -> None:
+    sizes = {}
+    for sparsity in (0.0, 0.5, 0.9, 0.98):
+        path = tmp_path / f"{sparsity}.pt"
+        save_weights(sparse_state(sparsity), path)
+        sizes[sparsity] = path.stat().st_size
+    torch.save(sparse_state(0.9), tmp_path / "dense.pt")
+    dense = (tmp_path / "dense.pt").stat().st_size
+    assert sizes[0.0] <= dense * 1.01  # a dense tensor is stored dense: no overhead
+    assert sizes[0.0] > sizes[0.5] > sizes[0.9] > sizes[0.98]
+    assert sizes[0.9] < 0.25 * dense  # 32 KiB of weights: 1 KiB of bits + 3.3 KiB of values
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_weights_file_is_never_unpickled(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps(Policy))  # a pickled class: code that would run
+    with pytest.raises(StorageError, match="cannot read weights"):
+        load_weights(path)
+    torch.save({"a": torch.ones(1)}, path)
+    with pytest.raises(StorageError, match="not an autoprune weights file"):
+        load_weights(path)
+
+
+def test_artifact_spec_and_directories(tmp_path: Path) -> None:
+    db = tmp_path / "runs" / "my.db"
+    assert resolve_dir(f"sqlite:///{db}", ArtifactSpec()) == tmp_path / "runs" / "my.artifacts"
+    assert resolve_dir(f"sqlite:///{db}", ArtifactSpec(dir=str(tmp_path / "w"))) == tmp_path / "w"
+    assert resolve_dir(f"sqlite:///{db}", ArtifactSpec(keep="none")) is None
+    assert resolve_dir(None, ArtifactSpec()) is None  # in memory
+    with pytest.raises(SpecError, match=r"postgresql://u:\*\*\*@h/db.*\[artifacts\] dir"):
+        resolve_dir("postgresql://u:secret@h/db", ArtifactSpec())
+    assert resolve_dir("postgresql://h/db", ArtifactSpec(dir="w")) == Path("w").resolve()
+    with pytest.raises(SpecError, match="keep must be one of front, all, none, got 'some'"):
+        ArtifactSpec(keep="some")
+    spec = spec_from_dict({"artifacts": {"dir": "x", "keep": "all"}})
+    assert spec.artifacts == ArtifactSpec(dir="x", keep="all")
+    assert ArtifactSpec.from_dict(spec.artifacts.to_dict()) == spec.artifacts
+    with pytest.raises(SpecError, match=r"\[artifacts\] unknown key 'path'"):
+        spec_from_dict({"artifacts": {"path": "x"}})
+
+
+def test_search_keeps_exactly_the_front_weights(tiny_task: Task, tmp_path: Path) -> None:
+    storage = f"sqlite:///{tmp_path / 'run.db'}"
+    study = search(tiny_task, n_trials=6, storage=storage, study_name="s", seed=2)
+    directory = tmp_path / "run.artifacts"
+    assert study.user_attrs[ARTIFACTS_ATTR] == {"dir": str(directory), "keep": "front"}
+    front = {t.number for t in study.best_trials}
+    on_disk = {p.name for p in directory.iterdir()}
+    assert on_disk == {study.trials[n].user_attrs[ARTIFACT_ID_ATTR] for n in front}
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    for trial in complete:  # no upload means: dominated when it finished
+        if ARTIFACT_ID_ATTR not in trial.user_attrs:
+            earlier = [t for t in complete if t.datetime_complete < trial.datetime_complete]
+            assert any(_dominates(t.values, trial.values) for t in earlier), trial.number
+    # The stored weights are the trial's model: they give its recorded accuracies exactly.
+    weights = FrontWeights.find(study)
+    assert weights is not None
+    for number in front:
+        model = copy.deepcopy(tiny_task.model)
+        model.load_state_dict(weights.load(study.trials[number]))
+        assert evaluate(model, tiny_task, "val")[0] == study.trials[number].values[0]
+        assert (
+            evaluate(model, tiny_task, "test")[0]
+            == study.trials[number].user_attrs["test_accuracy"]
+        )
+
+
+def _dominates(a: list[float], b: list[float]) -> bool:
+    return a[0] >= b[0] and a[1] <= b[1] and list(a) != list(b)
+
+
+def scripted_study(tmp_path: Path, values: list[tuple[float, float]], keep: str) -> optuna.Study:
+    """Trials with the given values whose objective uploads a small model, as search does."""
+    study = optuna.create_study(
+        storage=f"sqlite:///{tmp_path / 'x.db'}", directions=["maximize", "minimize"]
+    )
+    weights = FrontWeights(tmp_path / "store", keep=keep)
+    model = nn.Linear(3, 2)
+    result = PruneResult(model, Policy({"": 0.5}), {}, {}, {}, {})
+
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        accuracy, size = values[trial.number]
+        weights.upload(trial, result, (accuracy, size))
+        return accuracy, size
+
+    study.optimize(objective, n_trials=len(values), callbacks=[weights])
+    return study
+
+
+def test_weights_of_trials_that_leave_the_front_are_removed(tmp_path: Path) -> None:
+    values = [(0.5, 100.0), (0.6, 90.0), (0.4, 200.0), (0.7, 300.0), (0.7, 300.0)]
+    study = scripted_study(tmp_path, values, keep="front")
+    uploaded = [t.number for t in study.trials if ARTIFACT_ID_ATTR in t.user_attrs]
+    assert uploaded == [0, 1, 3, 4]  # trial 2 was dominated by trial 1: it cost nothing
+    files = {p.name for p in (tmp_path / "store").iterdir()}
+    assert files == {study.trials[n].user_attrs[ARTIFACT_ID_ATTR] for n in (1, 3, 4)}
+    assert dominated(study, (0.5, 100.0)) and not dominated(study, (0.7, 300.0))
+
+
+def test_keep_all_keeps_every_upload(tmp_path: Path) -> None:
+    study = scripted_study(tmp_path, [(0.5, 100.0), (0.6, 90.0)], keep="all")
+    assert len(list((tmp_path / "store").iterdir())) == 2
+    weights = FrontWeights.find(study, tmp_path / "store")
+    assert weights is not None
+    assert weights.load(study.trials[0])["weight"].shape == (2, 3)
+    with pytest.raises(StorageError, match="does not exist"):
+        FrontWeights.find(study, tmp_path / "nowhere")
