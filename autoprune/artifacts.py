@@ -168,10 +168,13 @@ class FrontWeights:
         """The store holding ``study``'s weights for reading: ``directory``, else the one the
         study recorded, else ``<database stem>.artifacts`` next to its SQLite file; None if
         none of them exists."""
-        candidates = [directory] if directory is not None else []
+        candidates: list[str | Path | None] = [directory]
         if directory is None:
-            recorded = study.user_attrs.get(ARTIFACTS_ATTR, {}).get("dir")
-            candidates += [recorded, resolve_dir(storage_url(study), ArtifactSpec())]
+            database = sqlite_file(storage_url(study))
+            candidates = [
+                study.user_attrs.get(ARTIFACTS_ATTR, {}).get("dir"),
+                None if database is None else database.with_name(database.stem + ".artifacts"),
+            ]
         for candidate in candidates:
             if candidate is not None and Path(candidate).is_dir():
                 return cls(candidate, keep="all")

@@ -16,12 +16,14 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
 from autoprune import __version__
-from autoprune.artifacts import resolve_dir
+from autoprune.artifacts import ARTIFACT_ID_ATTR, resolve_dir
 from autoprune.errors import AutopruneError, SpecError
+from autoprune.export import export, pick
 from autoprune.report import pareto_front, write_report
 from autoprune.search import STUDY_ATTR, load_study, open_study, optimize
 from autoprune.spec import load_spec, parse_duration
 from autoprune.tasks import load_task
+from autoprune.trial_metrics import metric_names, study_total_params, trial_metrics
 
 DEFAULT_STORAGE = "sqlite:///autoprune.db"
 
@@ -61,12 +63,17 @@ def _search(args: argparse.Namespace) -> int:
     timeout = parse_duration(args.timeout) if args.timeout is not None else spec.timeout
     storage = args.storage or spec.storage
     study_name = args.study_name or spec.name
-    resolve_dir(storage, spec.artifacts)  # a server database without [artifacts] dir: refused
     task = spec.finetune.apply(load_task(spec.task, seed=spec.seed))
     # Opened (and the task checked) before the bar is drawn: bad input gives one line.
     study = open_study(
-        task, space=spec.space, storage=storage, study_name=study_name, seed=spec.seed
+        task,
+        space=spec.space,
+        storage=storage,
+        study_name=study_name,
+        seed=spec.seed,
+        artifacts=spec.artifacts,
     )
+    weights_dir = resolve_dir(storage, spec.artifacts)
     dense = study.user_attrs[STUDY_ATTR]["dense"]
     print(
         f"dense {task.name}: val accuracy {dense['accuracy']:.4f}, test accuracy "
@@ -90,6 +97,8 @@ def _search(args: argparse.Namespace) -> int:
     print(_front_text(pareto_front(study)))
     out = write_report(study, args.report or f"{study_name}.html")
     print(f"study {study_name!r} in {storage}")
+    if weights_dir is not None:
+        print(f"front weights: {_relative(weights_dir)}")
     print(f"report: {out.resolve()}")
     return 0
 
@@ -115,6 +124,48 @@ def _report(args: argparse.Namespace) -> int:
     out = write_report(study, args.out or f"{study.study_name}.html")
     print(f"report: {Path(out).resolve()}")
     return 0
+
+
+def _pick(args: argparse.Namespace) -> int:
+    study = load_study(args.storage, args.study_name)
+    trial = pick(
+        study,
+        min_accuracy=args.min_accuracy,
+        max_params=args.max_params,
+        max_size=args.max_size,
+        knee=args.knee,
+        by=args.by,
+    )
+    metrics = trial_metrics(trial, metric_names(study), total_params=study_total_params(study))
+    policy = trial.user_attrs.get("policy", {})
+    numbers = ", ".join(f"{k} {v:.6g}" for k, v in metrics.items())
+    stored = "weights stored" if ARTIFACT_ID_ATTR in trial.user_attrs else "no stored weights"
+    print(
+        f"trial {trial.number}: {numbers}; criterion {policy.get('criterion')}, scope "
+        f"{policy.get('scope')}, rule {policy.get('rule')}; {stored}"
+    )
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    study = load_study(args.storage, args.study_name)
+    done = export(study, args.trial, args.out, task_ref=args.task, artifact_dir=args.artifact_dir)
+    m = done.metrics
+    how = "its stored weights" if done.source == "artifact" else "a replay (no stored weights)"
+    print(
+        f"exported trial {done.trial} from {how} to {done.directory}: val accuracy "
+        f"{m['accuracy']:.4f}, test accuracy {m['test_accuracy'] or math.nan:.4f}, "
+        f"{m['nonzero_params']} "
+        f"nonzero weights, {m['bytes']} bytes (dense {m['dense_bytes']}), {m['macs']} MACs"
+    )
+    return 0
+
+
+def _relative(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _print_counts(study: optuna.Study) -> None:
@@ -163,7 +214,32 @@ def _parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--out", help="HTML path (default: STUDY_NAME.html)")
             p.set_defaults(run=_report)
+
+    p = sub.add_parser("pick", help="choose one trial of the Pareto front and print it")
+    _study_arguments(p)
+    rule = p.add_mutually_exclusive_group(required=True)
+    rule.add_argument("--min-accuracy", type=float, help="smallest model with this val accuracy")
+    rule.add_argument("--max-params", type=float, help="most accurate with <= this many nonzero")
+    rule.add_argument("--max-size", type=float, help="most accurate with its --by size <= this")
+    rule.add_argument("--knee", action="store_true", help="the knee of the front")
+    p.add_argument("--by", help="size objective (default: the study's first, e.g. nonzero_params)")
+    p.set_defaults(run=_pick)
+
+    p = sub.add_parser("export", help="write a trial's pruned model, policy and metrics")
+    p.add_argument("trial", type=int, help="trial number (see `autoprune pick` / `front`)")
+    p.add_argument("--out", required=True, help="directory to create")
+    p.add_argument("--task", help="task reference that rebuilds the model (default: the study's)")
+    p.add_argument("--artifact-dir", help="where the weights are (default: the study's record)")
+    _study_arguments(p)
+    p.set_defaults(run=_export)
     return parser
+
+
+def _study_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--storage", default=DEFAULT_STORAGE, help=f"database URL (default: {DEFAULT_STORAGE})"
+    )
+    p.add_argument("--study-name", help="needed when the storage holds several studies")
 
 
 def _positive_int(text: str) -> int:

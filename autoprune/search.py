@@ -76,10 +76,14 @@ def search(
     space = space or SearchSpace()
     artifacts = artifacts or ArtifactSpec()
     _check_budget(n_trials, timeout)
-    if isinstance(storage, str) or storage is None:
-        resolve_dir(storage, artifacts)  # refused before anything is written
     study = open_study(
-        task, space=space, storage=storage, study_name=study_name, seed=seed, sampler=sampler
+        task,
+        space=space,
+        storage=storage,
+        study_name=study_name,
+        seed=seed,
+        sampler=sampler,
+        artifacts=artifacts,
     )
     optimize(
         study,
@@ -145,6 +149,7 @@ def open_study(
     study_name: str | None,
     seed: int,
     sampler: optuna.samplers.BaseSampler | None = None,
+    artifacts: ArtifactSpec | None = None,
 ) -> optuna.Study:
     """Create the study, or load it if it exists and was made with the same setup.
 
@@ -156,6 +161,8 @@ def open_study(
             does not fit the model.
         StorageError: If the storage cannot be opened, or the named study was created with a
             different task, fine-tuning recipe, search space or seed.
+        SpecError: If ``artifacts`` keeps weights of a study in a server database and names
+            no directory for them.
     """
     layers = prunable_layers(task.model, space.include, space.exclude)
     task.check()
@@ -174,6 +181,8 @@ def open_study(
         "model": model_fingerprint(task.model),
     }
     storage = _open_storage(storage, for_writing=True)
+    if artifacts is not None:
+        resolve_dir(getattr(storage, "url", None), artifacts)
     existing = _load_existing(storage, study_name)
     if existing is not None:
         _check_same_setup(existing, setup, study_name)

@@ -113,7 +113,9 @@ def test_search_end_to_end(searched: dict[str, Any]) -> None:
     report = re.search(r"^report: (.+)$", out, flags=re.MULTILINE)
     assert report and Path(report.group(1)) == directory / "digits-cnn.html"
     assert Path(report.group(1)).read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    assert "front weights: autoprune.artifacts" in out
     assert files_besides_sqlite_logs(directory) == [
+        "autoprune.artifacts",
         "autoprune.db",
         "digits-cnn.html",
         "spec.toml",
@@ -187,6 +189,7 @@ def test_storage_and_study_name_overrides(
     assert "study 'mine' in sqlite:///other.db" in out
     assert files_besides_sqlite_logs(tmp_path) == [
         "mine-report.html",
+        "other.artifacts",
         "other.db",
         "spec.toml",
     ]

@@ -1,0 +1,314 @@
+"""Pick one trial of the Pareto front, export its pruned model, and load an export back.
+
+An export directory holds ``model.pt`` (the state dict with the masks folded in, stored sparse:
+see :func:`autoprune.artifacts.save_weights`), ``policy.json``, ``metrics.json`` and
+``export.json`` (the task reference that rebuilds the architecture). Exporting reads the
+trial's stored weights (see :mod:`autoprune.artifacts`); a trial without them (an old study, or
+``keep = "none"``) is replayed with :func:`autoprune.search.materialize` instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+import json
+import logging
+import math
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.trial import FrozenTrial, TrialState
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from autoprune._version import __version__
+from autoprune.artifacts import FrontWeights, load_weights, save_weights
+from autoprune.errors import SpecError, StorageError
+from autoprune.masks import count_nonzero
+from autoprune.search import STUDY_ATTR, materialize
+from autoprune.task import Task
+from autoprune.tasks import load_task
+from autoprune.train import evaluate
+from autoprune.trial_metrics import (
+    ACCURACY,
+    metric_names,
+    size_metric,
+    study_total_params,
+    trial_metrics,
+)
+
+logger = logging.getLogger(__name__)
+
+FILES = ("model.pt", "policy.json", "metrics.json", "export.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class Exported:
+    """What :func:`export` wrote: where, from which trial, how (artifact or replay), numbers."""
+
+    directory: Path
+    trial: int
+    source: str
+    metrics: dict[str, Any]
+
+
+def front_metrics(study: optuna.Study) -> list[tuple[FrozenTrial, dict[str, float]]]:
+    """The front trials (``study.best_trials``) with their numbers by name."""
+    names, total = metric_names(study), study_total_params(study)
+    return [(t, trial_metrics(t, names, total_params=total)) for t in study.best_trials]
+
+
+def pick(
+    study: optuna.Study,
+    *,
+    min_accuracy: float | None = None,
+    max_params: float | None = None,
+    max_size: float | None = None,
+    knee: bool = False,
+    by: str | None = None,
+) -> FrozenTrial:
+    """Choose one front trial by exactly one rule.
+
+    Args:
+        min_accuracy: The smallest model (by ``by``) with at least this val accuracy.
+        max_params: The most accurate model with at most this many nonzero prunable weights.
+        max_size: The most accurate model whose ``by`` is at most this.
+        knee: The knee of the front in (accuracy, log10 size) space.
+        by: The size objective (default: the study's first one, e.g. ``nonzero_params``).
+
+    Raises:
+        SpecError: If not exactly one rule is given, ``by`` is not a size objective of the
+            study, or no front trial qualifies (the message says the closest there is).
+    """
+    rules = {"min_accuracy": min_accuracy, "max_params": max_params, "max_size": max_size}
+    given = [name for name, value in rules.items() if value is not None] + ["knee"] * knee
+    if len(given) != 1:
+        raise SpecError(f"give exactly one of {', '.join([*rules, 'knee'])}, got {given or 0}")
+    sizes = [name for name in metric_names(study) if name != ACCURACY]
+    by = by or size_metric(study)
+    if by not in sizes:
+        raise SpecError(f"size objective must be one of {', '.join(sizes)}, got {by!r}")
+    front = front_metrics(study)
+    if not front:
+        raise SpecError(f"study {study.study_name!r} has no completed trial to pick")
+    return _CHOOSERS[given[0]](front, by, rules.get(given[0]) or 0.0)
+
+
+Front = list[tuple[FrozenTrial, dict[str, float]]]
+
+
+def _smallest_above(front: Front, by: str, bar: float) -> FrozenTrial:
+    ok = [(m[by], -m[ACCURACY], t.number, t) for t, m in front if m[ACCURACY] >= bar]
+    if not ok:
+        best = max(m[ACCURACY] for _, m in front)
+        raise SpecError(f"no front trial has val accuracy >= {bar:g} (the best has {best:.4f})")
+    return min(ok, key=lambda row: row[:3])[3]
+
+
+def _most_accurate_under(key: str | None) -> Callable[[Front, str, float], FrozenTrial]:
+    """The most accurate trial whose ``key`` (None: the size objective ``by``) is <= bar."""
+
+    def choose(front: Front, by: str, bar: float) -> FrozenTrial:
+        metric = key or by
+        ok = [(-m[ACCURACY], m[metric], t.number, t) for t, m in front if m[metric] <= bar]
+        if not ok:
+            least = min(m[metric] for _, m in front)
+            raise SpecError(f"no front trial has {metric} <= {bar:g} (the smallest has {least:g})")
+        return min(ok, key=lambda row: row[:3])[3]
+
+    return choose
+
+
+def _knee(front: Front, by: str, _: float) -> FrozenTrial:
+    """The point farthest above the chord joining the two ends of the front, in normalised
+    (log10 size, accuracy); with no point above it, the one nearest (smallest, most accurate).
+    """
+    points = sorted((math.log10(max(m[by], 1e-12)), m[ACCURACY], t.number, t) for t, m in front)
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+
+    def scaled(v: float, vs: list[float]) -> float:
+        return (v - min(vs)) / (max(vs) - min(vs)) if max(vs) > min(vs) else 0.0
+
+    norm = [(scaled(x, xs), scaled(y, ys), p[3]) for x, y, p in zip(xs, ys, points, strict=True)]
+    (x0, y0, _), (x1, y1, _) = norm[0], norm[-1]
+    gaps = [((y - y0) * (x1 - x0) - (x - x0) * (y1 - y0), t) for x, y, t in norm]
+    best_gap, best_trial = max(gaps, key=lambda a: (a[0], -a[1].number))
+    if best_gap > 1e-12:
+        return best_trial
+    return min(norm, key=lambda p: (math.hypot(p[0], 1.0 - p[1]), p[2].number))[2]
+
+
+_CHOOSERS: dict[str, Callable[[Front, str, float], FrozenTrial]] = {
+    "min_accuracy": _smallest_above,
+    "max_params": _most_accurate_under("nonzero_params"),
+    "max_size": _most_accurate_under(None),
+    "knee": _knee,
+}
+
+
+def study_task(study: optuna.Study, task_ref: str | None = None) -> Task:
+    """The task a study searched, rebuilt from its reference with the study's recipe.
+
+    Raises:
+        TaskError: If the reference (``task_ref``, else the task name stored in the study)
+            does not build a task.
+    """
+    setup = study.user_attrs[STUDY_ATTR]
+    task = load_task(task_ref or setup["task"], seed=setup["seed"])
+    recipe = setup["finetune"]
+    return dataclasses.replace(
+        task,
+        finetune_epochs=recipe["epochs"],
+        lr=recipe["lr"],
+        batch_size=recipe["batch_size"],
+        calibration_batches=recipe["calibration_batches"],
+    )
+
+
+def export(
+    study: optuna.Study,
+    trial_number: int,
+    out: str | Path,
+    *,
+    task: Task | None = None,
+    task_ref: str | None = None,
+    artifact_dir: str | Path | None = None,
+) -> Exported:
+    """Write trial ``trial_number``'s pruned model, policy and metrics to directory ``out``.
+
+    Args:
+        task: The study's task (default: rebuilt from ``task_ref``).
+        task_ref: The task reference stored in the export, which :func:`load` rebuilds the
+            architecture from (default: the task name stored in the study, e.g. a built-in).
+        artifact_dir: Where the study's weights are (default: where the study recorded them,
+            else next to its SQLite file).
+
+    Raises:
+        SpecError: If the trial is not a completed autoprune trial of the study, or ``out``
+            exists and is not empty.
+        TaskError: If the task cannot be rebuilt.
+    """
+    trial = _completed_trial(study, trial_number)
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SpecError(f"output directory {str(out)!r} exists and is not empty")
+    setup = study.user_attrs[STUDY_ATTR]
+    task_ref = task_ref or setup["task"]
+    task = task or study_task(study, task_ref)
+    weights = FrontWeights.find(study, artifact_dir)
+    state = weights.load(trial) if weights is not None else None
+    if state is not None:
+        model, source = copy.deepcopy(task.model), "artifact"
+        model.load_state_dict(state)
+    else:
+        logger.warning("trial %d has no stored weights: replaying it", trial.number)
+        model, source = materialize(task, trial), "replay"
+    model.eval()
+    metrics = _measure(model, task, setup["layers"])
+    recorded = trial_metrics(trial, metric_names(study), total_params=study_total_params(study))
+    if metrics["accuracy"] != recorded[ACCURACY]:
+        logger.warning(
+            "trial %d's model has val accuracy %.6f here, not the recorded %.6f",
+            trial.number,
+            metrics["accuracy"],
+            recorded[ACCURACY],
+        )
+    recorded = {k: v for k, v in recorded.items() if math.isfinite(v)}  # JSON has no NaN
+    metrics = {"study": study.study_name, "trial": trial.number, **metrics, "recorded": recorded}
+    manifest = {
+        "format": 1,
+        "autoprune": __version__,
+        "task": task_ref,
+        "seed": setup["seed"],
+        "study": study.study_name,
+        "trial": trial.number,
+        "source": source,
+    }
+    _write(out, model, trial.user_attrs["policy"], metrics, manifest)
+    return Exported(out, trial.number, source, metrics)
+
+
+def _completed_trial(study: optuna.Study, number: int) -> FrozenTrial:
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    if number not in trials:
+        raise SpecError(f"study {study.study_name!r} has no trial {number}")
+    trial = trials[number]
+    if trial.state != TrialState.COMPLETE or "policy" not in trial.user_attrs:
+        raise SpecError(f"trial {number} is {trial.state.name.lower()}, not a completed trial")
+    return trial
+
+
+def _measure(model: nn.Module, task: Task, layers: list[str]) -> dict[str, Any]:
+    nonzero, total = count_nonzero(model, layers)
+    params = list(model.parameters())
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    metrics: dict[str, Any] = {
+        "accuracy": evaluate(model, task, "val")[0],
+        "test_accuracy": evaluate(model, task, "test")[0] if task.test is not None else None,
+        "nonzero_params": nonzero,
+        "total_params": total,
+        "model_params": sum(p.numel() for p in params),
+        "model_nonzero_params": sum(int(torch.count_nonzero(p)) for p in params),
+        "bytes": _sparse_bytes(model),
+        "dense_bytes": len(buffer.getvalue()),
+        "macs": macs(model, next(task.batches("val"))[0][:1]),
+    }
+    return metrics
+
+
+def macs(model: nn.Module, example: torch.Tensor) -> int:
+    """Multiply-accumulates of one forward pass on ``example`` (one sample), counted by
+    :class:`torch.utils.flop_counter.FlopCounterMode`. Dense: zeros are multiplied too."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(example)
+    return int(counter.get_total_flops()) // 2
+
+
+def _sparse_bytes(model: nn.Module) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        save_weights(model.state_dict(), Path(tmp) / "model.pt")
+        return (Path(tmp) / "model.pt").stat().st_size
+
+
+def _write(out: Path, model: nn.Module, policy: Any, metrics: Any, manifest: Any) -> None:
+    # Written next to ``out`` and renamed into place: a failure leaves no half export.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_weights(model.state_dict(), tmp / "model.pt")
+        for name, data in (("policy", policy), ("metrics", metrics), ("export", manifest)):
+            text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n"
+            (tmp / f"{name}.json").write_text(text, encoding="utf-8")
+        if out.exists():
+            out.rmdir()  # checked empty above
+        tmp.replace(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load(directory: str | Path, *, task: Task | None = None) -> nn.Module:
+    """Rebuild an exported model (eval mode): the architecture from the task reference in the
+    export (or ``task``'s model), the weights from ``model.pt``.
+
+    Raises:
+        StorageError: If ``directory`` is not an autoprune export.
+        TaskError: If the stored task reference does not build a task.
+    """
+    directory = Path(directory)
+    try:
+        manifest = json.loads((directory / "export.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise StorageError(f"{str(directory)!r} is not an autoprune export: {e}") from None
+    if task is None:
+        task = load_task(manifest["task"], seed=manifest["seed"])
+    model = copy.deepcopy(task.model)
+    model.load_state_dict(load_weights(directory / "model.pt"))
+    return model.eval()
