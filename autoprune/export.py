@@ -136,7 +136,7 @@ def _knee(front: Front, by: str, _: float) -> FrozenTrial:
         return (v - min(vs)) / (max(vs) - min(vs)) if max(vs) > min(vs) else 0.0
 
     norm = [(scaled(x, xs), scaled(y, ys), p[3]) for x, y, p in zip(xs, ys, points, strict=True)]
-    (x0, y0, _), (x1, y1, _) = norm[0], norm[-1]
+    (x0, y0), (x1, y1) = norm[0][:2], norm[-1][:2]
     gaps = [((y - y0) * (x1 - x0) - (x - x0) * (y1 - y0), t) for x, y, t in norm]
     best_gap, best_trial = max(gaps, key=lambda a: (a[0], -a[1].number))
     if best_gap > 1e-12:
