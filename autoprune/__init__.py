@@ -2,12 +2,13 @@
 
 from autoprune._version import __version__
 from autoprune.criteria import CRITERIA, Criterion, get_criterion, register_criterion
+from autoprune.dashboard import write_report
 from autoprune.errors import AutopruneError, SpecError, StorageError, TaskError, TrialFailed
 from autoprune.export import export, load, pick
 from autoprune.masks import apply_masks, compute_masks, fold_masks, prunable_layers
 from autoprune.objective import PruneResult, prune_and_finetune
 from autoprune.policy import Policy
-from autoprune.report import pareto_front, write_report
+from autoprune.report import pareto_front
 from autoprune.search import load_study, materialize, search
 from autoprune.space import SearchSpace, suggest_policy
 from autoprune.task import Task, accuracy

@@ -17,9 +17,10 @@ from tqdm import tqdm
 
 from autoprune import __version__
 from autoprune.artifacts import ARTIFACT_ID_ATTR, resolve_dir
+from autoprune.dashboard import watch_report, write_report
 from autoprune.errors import AutopruneError, SpecError
 from autoprune.export import export, pick
-from autoprune.report import pareto_front, write_report
+from autoprune.report import pareto_front
 from autoprune.search import STUDY_ATTR, load_study, open_study, optimize
 from autoprune.spec import load_spec, parse_duration
 from autoprune.tasks import load_task
@@ -120,9 +121,17 @@ def _front(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    study = load_study(args.storage, args.study_name)
-    out = write_report(study, args.out or f"{study.study_name}.html")
-    print(f"report: {Path(out).resolve()}")
+    studies = [load_study(args.storage, name) for name in args.study_name or [None]]
+    out = Path(args.out or "-vs-".join(s.study_name for s in studies) + ".html")
+    if args.watch is None:
+        write_report(studies, out)
+        print(f"report: {out.resolve()}")
+        return 0
+    print(f"report: {out.resolve()} (rewritten every {args.watch:g} s; Ctrl-C stops)", flush=True)
+    try:
+        watch_report(studies, out, every=args.watch)
+    except KeyboardInterrupt:
+        print("stopped watching", file=sys.stderr)
     return 0
 
 
@@ -206,13 +215,24 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--storage", default=DEFAULT_STORAGE, help=f"database URL (default: {DEFAULT_STORAGE})"
         )
-        p.add_argument("--study-name", help="needed when the storage holds several studies")
         if name == "front":
+            p.add_argument("--study-name", help="needed when the storage holds several studies")
             p.add_argument("--csv", help="write the front to this CSV file")
             p.add_argument("--json", help="write the front to this JSON file")
             p.set_defaults(run=_front)
         else:
+            p.add_argument(
+                "--study-name",
+                action="append",
+                help="study to show (repeat to compare studies on one front plot)",
+            )
             p.add_argument("--out", help="HTML path (default: STUDY_NAME.html)")
+            p.add_argument(
+                "--watch",
+                type=_positive_float,
+                metavar="SECONDS",
+                help="rewrite the page this often (during a search) until interrupted",
+            )
             p.set_defaults(run=_report)
 
     p = sub.add_parser("pick", help="choose one trial of the Pareto front and print it")
@@ -240,6 +260,16 @@ def _study_arguments(p: argparse.ArgumentParser) -> None:
         "--storage", default=DEFAULT_STORAGE, help=f"database URL (default: {DEFAULT_STORAGE})"
     )
     p.add_argument("--study-name", help="needed when the storage holds several studies")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
+    return value
 
 
 def _positive_int(text: str) -> int:

@@ -1,21 +1,40 @@
-"""Report: the front as a table, plotly figures, one self-contained HTML page.
+"""Report data: the front and the trials as tables, and what the dashboard draws from them.
 
-Computing is kept apart from drawing: the tables are plain DataFrames (tested on their own),
-the figures only draw them.
+Computing is kept apart from drawing: everything here is a plain DataFrame or dict (tested on
+its own); :mod:`autoprune.figures` draws them and :mod:`autoprune.dashboard` lays out the page.
 """
 
 from __future__ import annotations
 
-import html
+import datetime
+import math
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pandas as pd
-import plotly.colors
-import plotly.graph_objects as go
+from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from autoprune.figures import loss_curves_figure, pareto_figure
 from autoprune.search import STUDY_ATTR
+from autoprune.trial_metrics import (
+    ACCURACY,
+    metric_names,
+    size_metric,
+    study_total_params,
+    trial_metrics,
+)
+
+# Policy columns whose values are compared by their share of the front.
+ASPECTS = ("criterion", "scope", "rule", "granularity")
+# Study user attr with per-layer sensitivity curves: {layer: [[sparsity, accuracy], ...]}.
+SENSITIVITY_ATTR = "autoprune_sensitivity"
+# Fewer complete trials than this give importances that mean nothing.
+MIN_TRIALS_FOR_IMPORTANCE = 4
+_EPOCH = datetime.datetime(1970, 1, 1)
 
 # Stable column order of the front table; per-layer sparsities follow as "sparsity:<layer>".
 COLUMNS = [
@@ -32,11 +51,29 @@ COLUMNS = [
 ]
 
 
+__all__ = [
+    "COLUMNS",
+    "front_share",
+    "hypervolume_2d",
+    "hypervolume_history",
+    "loss_curves_figure",
+    "param_importances",
+    "pareto_figure",
+    "pareto_front",
+    "sensitivity_frame",
+    "states_over_time",
+    "trial_details",
+    "trials_frame",
+    "write_report",
+]
+
+
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
     """One row per complete trial, front and dominated alike; ``on_front`` marks the front."""
     front = {t.number for t in study.best_trials}
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    rows = [_row(t, t.number in front) for t in trials]
+    names, total = metric_names(study), study_total_params(study)
+    rows = [_row(t, t.number in front, names, total) for t in trials]
     frame = pd.DataFrame(rows, columns=[*COLUMNS, "on_front"] if not rows else None)
     return frame.sort_values("nonzero_params", kind="stable").reset_index(drop=True)
 
@@ -48,21 +85,24 @@ def pareto_front(study: optuna.Study) -> pd.DataFrame:
     ``density``, ``sparsity``, ``criterion``, ``scope``, ``rule``, ``alpha``, then
     ``sparsity:<layer>`` (achieved) for every pruned layer.
     """
-    rows = [_row(t, True) for t in study.best_trials]
+    names, total = metric_names(study), study_total_params(study)
+    rows = [_row(t, True, names, total) for t in study.best_trials]
     if not rows:
         return pd.DataFrame(columns=COLUMNS)
     frame = pd.DataFrame(rows).drop(columns="on_front")
     return frame.sort_values(["nonzero_params", "trial"]).reset_index(drop=True)
 
 
-def _row(trial: FrozenTrial, on_front: bool) -> dict[str, object]:
+def _row(
+    trial: FrozenTrial, on_front: bool, names: list[str], total: float | None
+) -> dict[str, object]:
     attrs, policy = trial.user_attrs, trial.user_attrs.get("policy", {})
-    accuracy, nonzero = trial.values
+    metrics = trial_metrics(trial, names, total_params=total)
     row: dict[str, object] = {
         "trial": trial.number,
-        "accuracy": accuracy,
+        "accuracy": metrics[ACCURACY],
         "test_accuracy": attrs.get("test_accuracy", float("nan")),
-        "nonzero_params": int(nonzero),
+        "nonzero_params": int(metrics.get("nonzero_params", -1)),
         "density": attrs.get("density", float("nan")),
         "sparsity": 1.0 - attrs.get("density", float("nan")),
         "criterion": policy.get("criterion"),
@@ -70,128 +110,185 @@ def _row(trial: FrozenTrial, on_front: bool) -> dict[str, object]:
         "rule": policy.get("rule"),
         "alpha": policy.get("alpha") if policy.get("rule") == "mean" else float("nan"),
     }
+    if "granularity" in policy:
+        row["granularity"] = policy["granularity"]
+    for name in names:  # size objectives other than nonzero_params (bytes, macs, ...)
+        row.setdefault(name, metrics[name])
     for layer, value in attrs.get("layer_sparsity", {}).items():
         row[f"sparsity:{layer}"] = value
     row["on_front"] = on_front
     return row
 
 
-def pareto_figure(frame: pd.DataFrame, *, title: str = "") -> go.Figure:
-    """Validation accuracy against nonzero weights; dominated trials faded.
+def relative_size(study: optuna.Study, trial: FrozenTrial) -> float:
+    """The trial's size objective as a fraction of the dense model's (its density when the
+    dense value is not recorded)."""
+    name = size_metric(study)
+    dense = study.user_attrs.get(STUDY_ATTR, {}).get("dense", {})
+    metrics = trial_metrics(trial, metric_names(study), total_params=study_total_params(study))
+    if dense.get(name):
+        return metrics[name] / dense[name]
+    return metrics.get("density", math.nan)
 
-    Args:
-        frame: :func:`trials_frame` output.
+
+def hypervolume_2d(points: Iterable[tuple[float, float]]) -> float:
+    """Area dominated by ``(x, y)`` points, both maximised, above the reference point (0, 0).
+
+    The 2-D sweep: from the largest ``x`` down, each point adds the strip of ``y`` it raises
+    the staircase by. Points with a negative coordinate add nothing.
     """
-    fig = go.Figure()
-    for on_front, name, opacity in ((False, "dominated", 0.25), (True, "Pareto front", 1.0)):
-        part = frame[frame["on_front"] == on_front]
-        fig.add_trace(
-            go.Scatter(
-                x=part["nonzero_params"],
-                y=part["accuracy"],
-                mode="markers+lines" if on_front else "markers",
-                name=name,
-                opacity=opacity,
-                text=[_hover(r) for _, r in part.iterrows()],
-                hovertemplate="%{text}<extra></extra>",
-                line={"shape": "hv"},
-                marker={"size": 9 if on_front else 7},
-            )
+    area, top = 0.0, 0.0
+    for x, y in sorted(points, key=lambda p: (-p[0], -p[1])):
+        if x > 0 and y > top:
+            area += x * (y - top)
+            top = y
+    return area
+
+
+def hypervolume_history(study: optuna.Study) -> pd.DataFrame:
+    """Hypervolume of the completed trials after each completion, in normalised space.
+
+    Each trial is the point (decades of compression ``-log10(relative size)``, val accuracy);
+    the reference point is the dense size at zero accuracy, so values are comparable across
+    studies of one model. Columns: ``trial``, ``completed``, ``hypervolume``.
+    """
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    trials = sorted(trials, key=lambda t: (t.datetime_complete or _EPOCH, t.number))
+    rows: list[dict[str, Any]] = []
+    staircase: list[tuple[float, float]] = []
+    for trial in trials:
+        size = relative_size(study, trial)
+        if size > 0 and math.isfinite(size):
+            point = (-math.log10(size), float(trial.values[0]))
+            # Only the points on the last staircase can matter to the next one.
+            staircase = [p for p in [*staircase, point] if not _covered(p, [*staircase, point])]
+        value = hypervolume_2d(staircase)
+        rows.append(
+            {"trial": trial.number, "completed": trial.datetime_complete, "hypervolume": value}
         )
-    fig.update_layout(
-        title=title or "Pareto front",
-        xaxis_title="nonzero prunable weights (log)",
-        yaxis_title="validation accuracy",
-        xaxis_type="log",
-        hovermode="closest",
+    return pd.DataFrame(rows, columns=["trial", "completed", "hypervolume"])
+
+
+def _covered(p: tuple[float, float], points: list[tuple[float, float]]) -> bool:
+    return any(q != p and q[0] >= p[0] and q[1] >= p[1] for q in points)
+
+
+def states_over_time(study: optuna.Study) -> pd.DataFrame:
+    """Cumulative trial counts by state over time (a running trial counts from its start).
+
+    Columns: ``time``, ``state``, ``count``.
+    """
+    events = sorted(
+        (t.datetime_complete or t.datetime_start or _EPOCH, t.state.name.lower(), t.number)
+        for t in study.get_trials(deepcopy=False)
     )
-    return fig
+    counts: dict[str, int] = {}
+    rows = []
+    for time, state, _ in events:
+        counts[state] = counts.get(state, 0) + 1
+        rows.append({"time": time, "state": state, "count": counts[state]})
+    return pd.DataFrame(rows, columns=["time", "state", "count"])
 
 
-def _hover(row: pd.Series) -> str:
-    lines = [
-        f"trial {row['trial']}",
-        f"val accuracy {row['accuracy']:.4f}",
-        f"test accuracy {row['test_accuracy']:.4f}",
-        f"nonzero {row['nonzero_params']} (density {row['density']:.3f})",
-        f"criterion {row['criterion']}, scope {row['scope']}, rule {row['rule']}",
-    ]
-    if row["rule"] == "mean":
-        lines.append(f"alpha {row['alpha']:.3f}")
-    lines += [
-        f"{key.split(':', 1)[1]}: {value:.3f}"
-        for key, value in row.items()
-        if str(key).startswith("sparsity:") and pd.notna(value)
-    ]
-    return "<br>".join(lines)
+def front_share(frame: pd.DataFrame) -> pd.DataFrame:
+    """How each criterion, scope, rule (and granularity) fares, from :func:`trials_frame`.
+
+    Columns: ``aspect``, ``value``, ``trials``, ``on_front``, ``share_of_front`` (of the front's
+    trials, the fraction with this value) and ``front_rate`` (of its trials, those on the front).
+    """
+    columns = ["aspect", "value", "trials", "on_front", "share_of_front", "front_rate"]
+    if frame.empty:
+        return pd.DataFrame(columns=columns)
+    front_size = int(frame["on_front"].sum())
+    rows = []
+    for aspect in [a for a in ASPECTS if a in frame.columns]:
+        for value, part in frame.groupby(aspect, sort=True):
+            on_front = int(part["on_front"].sum())
+            rows.append(
+                {
+                    "aspect": aspect,
+                    "value": value,
+                    "trials": len(part),
+                    "on_front": on_front,
+                    "share_of_front": on_front / front_size if front_size else 0.0,
+                    "front_rate": on_front / len(part),
+                }
+            )
+    return pd.DataFrame(rows, columns=columns)
 
 
-def loss_curves_figure(study: optuna.Study) -> go.Figure:
-    """Fine-tuning loss curves (train solid, validation dashed) of the front trials."""
-    fig = go.Figure()
-    palette = plotly.colors.qualitative.Plotly
-    front = sorted(study.best_trials, key=lambda t: t.values[1])
-    for i, trial in enumerate(front):
-        history = trial.user_attrs.get("history", {})
-        density = trial.user_attrs.get("density", float("nan"))
-        color = palette[i % len(palette)]  # a trial's train and val curves share a colour
-        for split, dash in (("train", "solid"), ("val", "dash")):
-            points = history.get(split, [])
-            if points:
-                fig.add_trace(
-                    go.Scatter(
-                        x=[p[0] for p in points],
-                        y=[p[1] for p in points],
-                        mode="lines+markers",
-                        line={"dash": dash, "color": color},
-                        legendgroup=str(trial.number),
-                        name=f"trial {trial.number} {split} (density {density:.3f})",
-                    )
+def param_importances(study: optuna.Study) -> tuple[pd.DataFrame, str]:
+    """Optuna's parameter importances for each objective; ``(frame, "")``, or an empty frame
+    and the reason there are none (too few trials, nothing varied).
+
+    Columns: ``objective``, ``param``, ``importance``.
+    """
+    columns = ["objective", "param", "importance"]
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if len(complete) < MIN_TRIALS_FOR_IMPORTANCE:
+        reason = f"{len(complete)} complete trials; importances need {MIN_TRIALS_FOR_IMPORTANCE}"
+        return pd.DataFrame(columns=columns), reason
+    rows = []
+    for i, name in enumerate(metric_names(study)):
+        # Optuna's default evaluator explains low target values: negate what is maximised.
+        sign = -1.0 if study.directions[i] == StudyDirection.MAXIMIZE else 1.0
+        try:
+            with warnings.catch_warnings():  # "few trials in a regime": said by the reason
+                warnings.simplefilter("ignore", UserWarning)
+                importances = optuna.importance.get_param_importances(
+                    study, target=_objective(i, sign)
                 )
-    fig.update_layout(
-        title="Fine-tuning loss of the front trials",
-        xaxis_title="epoch",
-        yaxis_title="loss",
-        yaxis_type="log",
-    )
-    return fig
+        except (ValueError, RuntimeError) as e:  # e.g. no parameter common to all trials
+            return pd.DataFrame(columns=columns), f"importances unavailable: {e}"
+        rows += [{"objective": name, "param": p, "importance": v} for p, v in importances.items()]
+    return pd.DataFrame(rows, columns=columns), ""
 
 
-def write_report(study: optuna.Study, path: str | Path) -> Path:
-    """Write a self-contained HTML page (plotly.js embedded, works offline); return its path."""
-    path = Path(path)
-    setup = study.user_attrs.get(STUDY_ATTR, {})
-    frame = trials_frame(study)
-    figures = [
-        pareto_figure(frame, title=f"Pareto front of study {study.study_name!r}"),
-        loss_curves_figure(study),
+def _objective(index: int, sign: float) -> Callable[[FrozenTrial], float]:
+    return lambda trial: sign * float(trial.values[index])
+
+
+def sensitivity_frame(study: optuna.Study) -> pd.DataFrame:
+    """Per-layer sensitivity curves, if the study stores them (study user attr
+    ``"autoprune_sensitivity"`` = {layer: [[sparsity, accuracy], ...]}).
+
+    Columns: ``layer``, ``sparsity``, ``accuracy``.
+    """
+    curves = study.user_attrs.get(SENSITIVITY_ATTR, {})
+    rows = [
+        {"layer": layer, "sparsity": float(s), "accuracy": float(a)}
+        for layer, points in curves.items()
+        for s, a in points
     ]
-    parts = [
-        fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figures)
-    ]
-    front = pareto_front(study)
-    dense = setup.get("dense", {})
-    dense_text = ", ".join(
-        f"{key} {value:.4f}" if value % 1 else f"{key} {int(value)}"
-        for key, value in dense.items()
-        if isinstance(value, (int, float))
-    )
-    body = "\n".join(
-        [
-            f"<h1>autoprune report: {html.escape(study.study_name)}</h1>",
-            f"<p>{len(frame)} complete trials, {len(front)} on the front; task "
-            f"{html.escape(str(setup.get('task')))}; dense model: {html.escape(dense_text)}</p>",
-            *parts,
-            "<h2>Pareto front</h2>",
-            front.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep=""),
-        ]
-    )
-    page = (
-        f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
-        f"<title>autoprune: {html.escape(study.study_name)}</title></head>"
-        f"<body style='font-family: sans-serif'>{body}</body></html>\n"
-    )
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)  # a reader never sees half a page
-    return path
+    return pd.DataFrame(rows, columns=["layer", "sparsity", "accuracy"])
+
+
+def trial_details(study: optuna.Study, *, key_prefix: str = "") -> dict[str, dict[str, Any]]:
+    """What the dashboard shows when a trial is clicked, for each complete trial, keyed by
+    ``key_prefix + str(number)``: numbers, policy, per-layer sparsity and loss curves."""
+    names, total = metric_names(study), study_total_params(study)
+    details = {}
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        policy = dict(trial.user_attrs.get("policy", {}))
+        target = policy.pop("sparsity", {})
+        metrics = trial_metrics(trial, names, total_params=total)
+        details[f"{key_prefix}{trial.number}"] = {
+            "study": study.study_name,
+            "trial": trial.number,
+            "metrics": {k: v for k, v in metrics.items() if math.isfinite(v)},
+            "policy": policy,
+            "target_sparsity": target,
+            "layer_sparsity": trial.user_attrs.get("layer_sparsity", {}),
+            "history": trial.user_attrs.get("history", {}),
+        }
+    return details
+
+
+def write_report(
+    studies: optuna.Study | Sequence[optuna.Study], path: str | Path, **kwargs: Any
+) -> Path:
+    """Write the HTML dashboard of one or more studies (:func:`autoprune.dashboard.write_report`;
+    kept here, where it always was)."""
+    from autoprune.dashboard import write_report as write
+
+    return write(studies, path, **kwargs)

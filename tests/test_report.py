@@ -152,7 +152,7 @@ def check_page(path: Path, front: pd.DataFrame) -> str:
     # Self-contained: the plotly.js bundle is inline, nothing is fetched from the network.
     assert "plotly.js v" in page and len(page) > 1_000_000
     assert not re.search(r"<script[^>]*\bsrc\s*=", page, flags=re.IGNORECASE)
-    assert page.count('class="plotly-graph-div"') == 2
+    assert page.count('class="plotly-graph-div"') == 6  # front, 4 panels, loss curves
     table = page[page.index("<h2>Pareto front</h2>") :]
     assert table.count("<tr") == 1 + len(front)  # header and one row per front trial
     for name in front.columns:

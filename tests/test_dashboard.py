@@ -1,0 +1,165 @@
+"""The dashboard's data (asserted on the frames, not the figures) and its page."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+from optuna.trial import TrialState, create_trial
+from test_cli import run
+from test_report import VALUES, hand_made_trial
+
+from autoprune.dashboard import dashboard_data, dashboard_figures, watch_report, write_report
+from autoprune.errors import SpecError
+from autoprune.report import (
+    SENSITIVITY_ATTR,
+    front_share,
+    hypervolume_2d,
+    hypervolume_history,
+    param_importances,
+    states_over_time,
+    trials_frame,
+)
+from autoprune.search import STUDY_ATTR
+
+
+def hand_made(name: str = "hand", storage: object = None, values=VALUES) -> optuna.Study:
+    study = optuna.create_study(
+        storage=storage, study_name=name, directions=["maximize", "minimize"]
+    )
+    study.set_metric_names(["accuracy", "nonzero_params"])
+    study.set_user_attr(STUDY_ATTR, {"task": "hand", "dense": {"accuracy": 1.0}})
+    for i, (accuracy, nonzero) in enumerate(values):
+        study.add_trial(hand_made_trial(accuracy, nonzero, i))
+    study.add_trial(create_trial(state=TrialState.FAIL, user_attrs={"fail_reason": "x"}))
+    return study
+
+
+def test_hypervolume_2d_matches_optuna() -> None:
+    rng = random.Random(0)
+    from optuna._hypervolume import compute_hypervolume  # only as an oracle in this test
+
+    for _ in range(20):
+        points = [(rng.uniform(0, 3), rng.uniform(0, 1)) for _ in range(rng.randint(1, 12))]
+        ours = hypervolume_2d(points)
+        losses = np.array([[-x, -y] for x, y in points])  # Optuna minimises
+        assert ours == pytest.approx(compute_hypervolume(losses, np.zeros(2)), abs=1e-12)
+    assert hypervolume_2d([]) == 0.0
+    assert hypervolume_2d([(-1.0, 0.9), (1.0, -0.5)]) == 0.0  # beyond the reference point
+
+
+def test_hypervolume_history() -> None:
+    study = hand_made()
+    history = hypervolume_history(study)
+    assert list(history["trial"]) == list(range(len(VALUES)))  # completion order
+    assert history["hypervolume"].is_monotonic_increasing
+    # The final front as (decades of compression, accuracy): (2, .5) (1, .9) (.7, .95) (.4, .99)
+    expected = 2 * 0.5 + 1 * 0.4 + math.log10(5) * 0.05 + math.log10(2.5) * 0.04
+    assert history["hypervolume"].iloc[-1] == pytest.approx(expected)
+    assert history["hypervolume"].iloc[0] == pytest.approx(1 * 0.9)
+
+
+def test_states_and_share() -> None:
+    study = hand_made()
+    states = states_over_time(study)
+    assert states.groupby("state")["count"].max().to_dict() == {"complete": 8, "fail": 1}
+    share = front_share(trials_frame(study)).set_index(["aspect", "value"])
+    # Front: 0, 1, 3, 5, 6; scope is global for trial numbers divisible by 3 (0, 3, 6).
+    assert share.loc[("scope", "global"), "on_front"] == 3
+    assert share.loc[("scope", "global"), "share_of_front"] == pytest.approx(3 / 5)
+    assert share.loc[("scope", "layer"), "front_rate"] == pytest.approx(2 / 5)
+    assert share.loc[("criterion", "magnitude"), "share_of_front"] == 1.0
+    assert share.loc[("rule", "mean"), "trials"] == 4
+
+
+def test_importances_need_trials(searched_study: optuna.Study) -> None:
+    few = hand_made(values=VALUES[:3])
+    frame, reason = param_importances(few)
+    assert frame.empty and reason == "3 complete trials; importances need 4"
+    frame, reason = param_importances(searched_study)
+    assert reason == ""
+    sums = frame.groupby("objective")["importance"].sum()
+    assert list(sums.index) == ["accuracy", "nonzero_params"]
+    assert sums.to_numpy() == pytest.approx([1.0, 1.0])
+
+
+@pytest.fixture(scope="module")
+def searched_study(_trained_task) -> optuna.Study:
+    from autoprune import search
+
+    return search(_trained_task, n_trials=6, seed=1, study_name="real")
+
+
+def test_dashboard_data_of_several_studies(tmp_path: Path) -> None:
+    storage = f"sqlite:///{tmp_path / 'x.db'}"
+    a, b = hand_made("a", storage), hand_made("b", storage, VALUES[:3])
+    b.set_user_attr(SENSITIVITY_ATTR, {"conv": [[0.0, 0.9], [0.5, 0.8]], "fc": [[0.5, 0.7]]})
+    data = dashboard_data([a, b])
+    assert data.studies == ["a", "b"] and data.size == "nonzero_params"
+    assert list(data.trials.groupby("study").size()) == [8, 3]
+    assert set(data.details) == {f"a/{n}" for n in range(8)} | {f"b/{n}" for n in range(3)}
+    detail = data.details["a/5"]
+    assert detail["metrics"]["accuracy"] == 0.5 and detail["policy"]["rule"] == "mean"
+    assert detail["layer_sparsity"] == dict.fromkeys(
+        ["features.0", "classifier.1", "classifier.3"], 0.99
+    )
+    assert detail["history"]["val"] == [[0.0, 1.2], [1.0, 0.6]]
+    assert data.initial == "a/0"  # the knee of a's front
+    assert list(data.sensitivity["study"]) == ["b"] * 3
+    assert data.importance_reason == "b: 3 complete trials; importances need 4"
+    figures = dashboard_figures(data, [a, b])
+    assert list(figures) == [
+        "pareto", "hypervolume", "states", "share", "importances", "sensitivity", "loss-curves"
+    ]  # fmt: skip
+    pareto = figures["pareto"]
+    assert [t.name for t in pareto.data] == [
+        "a: dominated", "a: Pareto front", "b: dominated", "b: Pareto front"
+    ]  # fmt: skip
+    assert sorted(pareto.data[1].customdata) == sorted(f"a/{n}" for n in (0, 1, 3, 5, 6))
+
+
+def page_details(page: str) -> dict:
+    match = re.search(r"<script type='application/json' id='autoprune-details'>(.*?)</script>",
+                      page, flags=re.DOTALL)  # fmt: skip
+    assert match
+    return json.loads(match.group(1))
+
+
+def test_page_embeds_the_details_safely(tmp_path: Path) -> None:
+    study = hand_made("x</script><b>y")
+    out = write_report(study, tmp_path / "r.html")
+    page = out.read_text(encoding="utf-8")
+    assert page_details(page) == dashboard_data([study]).details
+    assert "<b>y" not in page.replace("\\u003c", "")  # the name never opens a tag
+    assert "http-equiv='refresh'" not in page
+    assert page.count("<script") == page.count("</script>")
+    assert [p.name for p in tmp_path.iterdir()] == ["r.html"]
+
+
+def test_watch_rewrites_with_a_refresh(tmp_path: Path) -> None:
+    study = hand_made()
+    out = watch_report([study], tmp_path / "w.html", every=0.01, rounds=2)
+    assert "<meta http-equiv='refresh' content='0.01'>" in out.read_text(encoding="utf-8")
+    with pytest.raises(SpecError, match="watch interval must be > 0 seconds, got 0"):
+        watch_report([study], tmp_path / "w.html", every=0, rounds=1)
+
+
+def test_cli_report_of_two_studies(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    storage = f"sqlite:///{tmp_path / 'x.db'}"
+    hand_made("a", storage), hand_made("b", storage, VALUES[:2])
+    code, out, _ = run(capsys, "report", "--storage", storage, "--study-name", "a",
+                       "--study-name", "b")  # fmt: skip
+    assert code == 0 and out == f"report: {tmp_path / 'a-vs-b.html'}\n"
+    page = (tmp_path / "a-vs-b.html").read_text(encoding="utf-8")
+    assert "autoprune report: a, b" in page and "<p>b: 2 complete trials" in page
+    with pytest.raises(SystemExit) as exit_:
+        run(capsys, "report", "--storage", storage, "--watch", "soon")
+    assert exit_.value.code == 2
+    assert "--watch: must be a number of seconds > 0, got 'soon'" in capsys.readouterr().err
