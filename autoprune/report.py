@@ -241,7 +241,8 @@ def param_importances(study: optuna.Study) -> tuple[pd.DataFrame, str]:
         except (ValueError, RuntimeError) as e:  # e.g. no parameter common to all trials
             return pd.DataFrame(columns=columns), f"importances unavailable: {e}"
         rows += [{"objective": name, "param": p, "importance": v} for p, v in importances.items()]
-    return pd.DataFrame(rows, columns=columns), ""
+    reason = "" if rows else "no parameter was searched in every complete trial"
+    return pd.DataFrame(rows, columns=columns), reason
 
 
 def _objective(index: int, sign: float) -> Callable[[FrozenTrial], float]:

@@ -112,7 +112,10 @@ def test_dashboard_data_of_several_studies(tmp_path: Path) -> None:
     assert detail["history"]["val"] == [[0.0, 1.2], [1.0, 0.6]]
     assert data.initial == "a/0"  # the knee of a's front
     assert list(data.sensitivity["study"]) == ["b"] * 3
-    assert data.importance_reason == "b: 3 complete trials; importances need 4"
+    assert data.importance_reason == (
+        "a: no parameter was searched in every complete trial; "
+        "b: 3 complete trials; importances need 4"
+    )
     figures = dashboard_figures(data, [a, b])
     assert list(figures) == [
         "pareto", "hypervolume", "states", "share", "importances", "sensitivity", "loss-curves"
