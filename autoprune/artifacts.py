@@ -28,7 +28,7 @@ import sqlalchemy
 import torch
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.artifacts.exceptions import ArtifactNotFound
-from optuna.study import StudyDirection
+from optuna.study import StudyDirection, _constrained_optimization
 from optuna.trial import FrozenTrial, TrialState
 from torch import Tensor
 
@@ -44,6 +44,8 @@ ARTIFACTS_ATTR = "autoprune_artifacts"
 # Trial user attr holding the artifact id of the trial's weights.
 ARTIFACT_ID_ATTR = "artifact_id"
 FORMAT = 1
+# Where Optuna keeps a trial's constraint values (private; a rename fails loudly at import).
+_CONSTRAINTS_KEY = _constrained_optimization._CONSTRAINTS_KEY
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,10 +129,13 @@ def storage_url(study: optuna.Study) -> str | None:
 
 
 def dominated(study: optuna.Study, values: Sequence[float]) -> bool:
-    """Whether a completed trial of ``study`` dominates ``values`` (equal values do not)."""
+    """Whether a completed, feasible trial of ``study`` dominates ``values`` (equal values do
+    not). Like ``study.best_trials``, trials that violate a ``set_constraint`` are ignored."""
     signs = [1.0 if d == StudyDirection.MAXIMIZE else -1.0 for d in study.directions]
     mine = [s * v for s, v in zip(signs, values, strict=True)]
     for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if any(c > 0 for c in other.system_attrs.get(_CONSTRAINTS_KEY, ())):
+            continue
         theirs = [s * v for s, v in zip(signs, other.values, strict=True)]
         if all(t >= m for t, m in zip(theirs, mine, strict=True)) and theirs != mine:
             return True

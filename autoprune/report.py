@@ -35,6 +35,8 @@ SENSITIVITY_ATTR = "autoprune_sensitivity"
 # Fewer complete trials than this give importances that mean nothing.
 MIN_TRIALS_FOR_IMPORTANCE = 4
 _EPOCH = datetime.datetime(1970, 1, 1)
+# Optuna's PRUNED is a trial stopped early as hopeless: "pruned" means something else here.
+STATE_LABELS = {TrialState.PRUNED: "stopped"}
 
 # Stable column order of the front table; per-layer sparsities follow as "sparsity:<layer>".
 COLUMNS = [
@@ -120,15 +122,17 @@ def _row(
     return row
 
 
-def relative_size(study: optuna.Study, trial: FrozenTrial) -> float:
-    """The trial's size objective as a fraction of the dense model's (its density when the
-    dense value is not recorded)."""
-    name = size_metric(study)
-    dense = study.user_attrs.get(STUDY_ATTR, {}).get("dense", {})
-    metrics = trial_metrics(trial, metric_names(study), total_params=study_total_params(study))
-    if dense.get(name):
-        return metrics[name] / dense[name]
-    return metrics.get("density", math.nan)
+def relative_size(study: optuna.Study) -> Callable[[FrozenTrial], float]:
+    """``size(trial)``: the trial's size objective as a fraction of the dense model's (its
+    density when the dense value is not recorded). The study is read once, not per trial."""
+    name, names, total = size_metric(study), metric_names(study), study_total_params(study)
+    dense = study.user_attrs.get(STUDY_ATTR, {}).get("dense", {}).get(name)
+
+    def size(trial: FrozenTrial) -> float:
+        metrics = trial_metrics(trial, names, total_params=total)
+        return metrics[name] / dense if dense else metrics.get("density", math.nan)
+
+    return size
 
 
 def hypervolume_2d(points: Iterable[tuple[float, float]]) -> float:
@@ -156,8 +160,9 @@ def hypervolume_history(study: optuna.Study) -> pd.DataFrame:
     trials = sorted(trials, key=lambda t: (t.datetime_complete or _EPOCH, t.number))
     rows: list[dict[str, Any]] = []
     staircase: list[tuple[float, float]] = []
+    relative = relative_size(study)
     for trial in trials:
-        size = relative_size(study, trial)
+        size = relative(trial)
         if size > 0 and math.isfinite(size):
             point = (-math.log10(size), float(trial.values[0]))
             # Only the points on the last staircase can matter to the next one.
@@ -174,12 +179,17 @@ def _covered(p: tuple[float, float], points: list[tuple[float, float]]) -> bool:
 
 
 def states_over_time(study: optuna.Study) -> pd.DataFrame:
-    """Cumulative trial counts by state over time (a running trial counts from its start).
+    """Cumulative trial counts by state over time (a running trial counts from its start;
+    Optuna's PRUNED is labelled ``stopped``).
 
     Columns: ``time``, ``state``, ``count``.
     """
     events = sorted(
-        (t.datetime_complete or t.datetime_start or _EPOCH, t.state.name.lower(), t.number)
+        (
+            t.datetime_complete or t.datetime_start or _EPOCH,
+            STATE_LABELS.get(t.state, t.state.name.lower()),
+            t.number,
+        )
         for t in study.get_trials(deepcopy=False)
     )
     counts: dict[str, int] = {}

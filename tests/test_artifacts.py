@@ -163,3 +163,15 @@ def test_keep_all_keeps_every_upload(tmp_path: Path) -> None:
     assert weights.load(study.trials[0])["weight"].shape == (2, 3)
     with pytest.raises(StorageError, match="does not exist"):
         FrontWeights.find(study, tmp_path / "nowhere")
+
+
+def test_infeasible_trials_dominate_nothing() -> None:
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    infeasible = optuna.trial.create_trial(values=[0.9, 10.0], system_attrs={"constraints": [1.0]})
+    study.add_trial(infeasible)
+    assert study.best_trials == []  # Optuna's front leaves it out, and so does the upload rule
+    assert not dominated(study, (0.5, 100.0))
+    study.add_trial(
+        optuna.trial.create_trial(values=[0.9, 10.0], system_attrs={"constraints": [0.0]})
+    )
+    assert dominated(study, (0.5, 100.0))
