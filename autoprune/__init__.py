@@ -1,6 +1,7 @@
 """autoprune: search pruning policies of a PyTorch model with Optuna."""
 
 from autoprune._version import __version__
+from autoprune.artifacts import ArtifactSpec
 from autoprune.criteria import CRITERIA, Criterion, get_criterion, register_criterion
 from autoprune.dashboard import write_report
 from autoprune.errors import AutopruneError, SpecError, StorageError, TaskError, TrialFailed
@@ -14,6 +15,7 @@ from autoprune.space import SearchSpace, suggest_policy
 from autoprune.task import Task, accuracy
 
 __all__ = [
+    "ArtifactSpec",
     "CRITERIA",
     "AutopruneError",
     "Criterion",

@@ -191,12 +191,16 @@ class FrontWeights:
         """Store the trial's weights if ``values`` are on the current front (objective hook)."""
         if dominated(trial.study, values):
             return
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "weights.pt"
-            save_weights(result.model.state_dict(), path)
-            artifact_id = upload_artifact(
-                artifact_store=self.store, file_path=str(path), study_or_trial=trial
-            )
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "weights.pt"
+                save_weights(result.model.state_dict(), path)
+                artifact_id = upload_artifact(
+                    artifact_store=self.store, file_path=str(path), study_or_trial=trial
+                )
+        except OSError as e:  # a full disk must not stop the search: export can replay
+            logger.warning("could not store the weights of trial %d: %s", trial.number, e)
+            return
         trial.set_user_attr(ARTIFACT_ID_ATTR, artifact_id)
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:

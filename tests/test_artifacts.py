@@ -175,3 +175,21 @@ def test_infeasible_trials_dominate_nothing() -> None:
         optuna.trial.create_trial(values=[0.9, 10.0], system_attrs={"constraints": [0.0]})
     )
     assert dominated(study, (0.5, 100.0))
+
+
+def test_a_failed_upload_does_not_stop_the_search(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    weights = FrontWeights(tmp_path / "store")
+    weights.directory.rmdir()  # the store's directory vanished: every write fails
+    result = PruneResult(nn.Linear(3, 2), Policy({"": 0.5}), {}, {}, {}, {})
+
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        weights.upload(trial, result, (0.5, 1.0))
+        return 0.5, 1.0
+
+    study.optimize(objective, n_trials=1, callbacks=[weights])
+    assert study.trials[0].state == TrialState.COMPLETE
+    assert ARTIFACT_ID_ATTR not in study.trials[0].user_attrs
+    assert "could not store the weights of trial 0" in caplog.text
