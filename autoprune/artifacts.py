@@ -217,6 +217,9 @@ class FrontWeights:
                 logger.debug("removed the weights of trial %d (off the front)", other.number)
             except ArtifactNotFound:
                 pass  # removed by an earlier run or another worker
+            except OSError as e:  # tried again after the next trial that reaches the front
+                logger.warning("could not remove the weights of trial %d: %s", other.number, e)
+                continue
             self._removed.add(artifact_id)
 
     def load(self, trial: FrozenTrial) -> dict[str, Tensor] | None:

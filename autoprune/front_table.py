@@ -74,7 +74,10 @@ class FrontTable:
         """Rewrite the study's rows if ``trial`` completed on the front (study callback)."""
         if trial.state != TrialState.COMPLETE or dominated(study, trial.values):
             return  # a failed, stopped or dominated trial leaves the front as it was
-        self.write(study)
+        try:
+            self.write(study)
+        except sa.exc.SQLAlchemyError as e:  # a copy for dashboards must not stop the search
+            logger.warning("could not write the %s table: %s", self.table.name, e)
 
     def write(self, study: optuna.Study) -> int:
         """Replace ``study``'s rows by its current front in one transaction; return the count."""

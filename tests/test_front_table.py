@@ -149,3 +149,12 @@ def test_postgresql() -> None:
     finally:
         table.table.drop(engine, checkfirst=True)
         engine.dispose()
+
+
+def test_a_failed_write_does_not_stop_the_search(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    study = hand_made(None, "s", VALUES[:1])
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'gone' / 'x.db'}")  # no such directory
+    FrontTable(engine)(study, study.trials[0])
+    assert "could not write the autoprune_front table" in caplog.text
