@@ -19,7 +19,7 @@ from autoprune import __version__
 from autoprune.artifacts import ARTIFACT_ID_ATTR, resolve_dir
 from autoprune.dashboard import watch_report, write_report
 from autoprune.errors import AutopruneError, SpecError
-from autoprune.export import export, pick
+from autoprune.export import export, pick, record_task_ref
 from autoprune.report import pareto_front
 from autoprune.search import STUDY_ATTR, load_study, open_study, optimize
 from autoprune.spec import load_spec, parse_duration
@@ -75,6 +75,7 @@ def _search(args: argparse.Namespace) -> int:
         artifacts=spec.artifacts,
     )
     weights_dir = resolve_dir(storage, spec.artifacts)
+    record_task_ref(study, spec.task)  # so that `autoprune export` can rebuild the model
     dense = study.user_attrs[STUDY_ATTR]["dense"]
     print(
         f"dense {task.name}: val accuracy {dense['accuracy']:.4f}, test accuracy "

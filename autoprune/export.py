@@ -46,6 +46,9 @@ from autoprune.trial_metrics import (
 logger = logging.getLogger(__name__)
 
 FILES = ("model.pt", "policy.json", "metrics.json", "export.json")
+# Study user attr: the task reference (built-in name or package.module:function) it was
+# searched with, when the task's own name is not one.
+TASK_REF_ATTR = "autoprune_task_ref"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +155,18 @@ _CHOOSERS: dict[str, Callable[[Front, str, float], FrozenTrial]] = {
 }
 
 
+def record_task_ref(study: optuna.Study, ref: str) -> None:
+    """Remember the reference that builds ``study``'s task, for exports (no-op if the task's
+    name is that reference)."""
+    if ref != study.user_attrs[STUDY_ATTR]["task"] and study.user_attrs.get(TASK_REF_ATTR) != ref:
+        study.set_user_attr(TASK_REF_ATTR, ref)
+
+
+def default_task_ref(study: optuna.Study) -> str:
+    """The recorded task reference of ``study``, else its task's name (right for built-ins)."""
+    return study.user_attrs.get(TASK_REF_ATTR) or study.user_attrs[STUDY_ATTR]["task"]
+
+
 def study_task(study: optuna.Study, task_ref: str | None = None) -> Task:
     """The task a study searched, rebuilt from its reference with the study's recipe.
 
@@ -160,7 +175,7 @@ def study_task(study: optuna.Study, task_ref: str | None = None) -> Task:
             does not build a task.
     """
     setup = study.user_attrs[STUDY_ATTR]
-    task = load_task(task_ref or setup["task"], seed=setup["seed"])
+    task = load_task(task_ref or default_task_ref(study), seed=setup["seed"])
     recipe = setup["finetune"]
     return dataclasses.replace(
         task,
@@ -185,7 +200,7 @@ def export(
     Args:
         task: The study's task (default: rebuilt from ``task_ref``).
         task_ref: The task reference stored in the export, which :func:`load` rebuilds the
-            architecture from (default: the task name stored in the study, e.g. a built-in).
+            architecture from (default: :func:`default_task_ref`).
         artifact_dir: Where the study's weights are (default: where the study recorded them,
             else next to its SQLite file).
 
@@ -199,7 +214,7 @@ def export(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SpecError(f"output directory {str(out)!r} exists and is not empty")
     setup = study.user_attrs[STUDY_ATTR]
-    task_ref = task_ref or setup["task"]
+    task_ref = task_ref or default_task_ref(study)
     task = task or study_task(study, task_ref)
     weights = FrontWeights.find(study, artifact_dir)
     state = weights.load(trial) if weights is not None else None

@@ -17,7 +17,16 @@ import autoprune
 from autoprune import Task, search
 from autoprune.artifacts import ARTIFACT_ID_ATTR, load_weights
 from autoprune.errors import SpecError
-from autoprune.export import FILES, export, load, macs, pick
+from autoprune.export import (
+    FILES,
+    TASK_REF_ATTR,
+    default_task_ref,
+    export,
+    load,
+    macs,
+    pick,
+    record_task_ref,
+)
 from autoprune.train import evaluate
 
 REF = "conftest:make_task"  # tests/ is on sys.path: this rebuilds the tiny task
@@ -142,3 +151,16 @@ def test_cli_pick_and_export(searched: dict[str, Any], tmp_path: Path, capsys) -
     code, out, _ = run(capsys, *argv, "--storage", storage)
     assert code == 0 and f"exported trial {knee.number} from its stored weights" in out
     assert (out_dir / "model.pt").exists()
+    code, _, err = run(capsys, "export", "0", "--out", str(tmp_path / "m2"), "--storage", storage)
+    assert code == 2 and err.startswith("autoprune: error: unknown task 'tiny'")
+    assert not (tmp_path / "m2").exists()
+
+
+def test_a_recorded_task_reference_is_the_default(searched: dict[str, Any]) -> None:
+    study = searched["study"]
+    assert default_task_ref(study) == "tiny"  # the task's name
+    record_task_ref(study, REF)
+    try:
+        assert default_task_ref(study) == REF
+    finally:
+        study.set_user_attr(TASK_REF_ATTR, None)
