@@ -118,7 +118,8 @@ def errors(events: list[dict[str, Any]]) -> list[str]:
     for event in events:
         params = event.get("params", {})
         if event.get("method") == "Runtime.exceptionThrown":
-            found.append(json.dumps(params["exceptionDetails"])[:300])
+            details = params["exceptionDetails"]
+            found.append(details.get("exception", {}).get("description") or details["text"])
         elif event.get("method") == "Runtime.consoleAPICalled" and params["type"] == "error":
             found.append(json.dumps(params["args"])[:300])
         elif event.get("method") == "Log.entryAdded" and params["entry"]["level"] == "error":
@@ -192,3 +193,27 @@ def test_report_renders_and_clicks_in_chromium(browser: Browser, tmp_path: Path)
     (tmp_path / "report.png").write_bytes(base64.b64decode(shot))
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert errors(browser.events) == []
+
+
+def test_empty_report_has_no_errors(browser: Browser, tmp_path: Path) -> None:
+    empty = optuna.create_study(directions=["maximize", "minimize"], study_name="empty")
+    page = write_report(empty, tmp_path / "empty.html")
+    browser.send("Page.navigate", url=page.as_uri())
+    browser.wait_for("Page.loadEventFired", timeout=60)
+    assert browser.evaluate("document.querySelectorAll('svg.main-svg').length") >= 12
+    assert browser.evaluate("document.getElementById('detail-title').textContent") == (
+        "click a point"
+    )
+    assert errors(browser.events) == []
+
+
+def test_errors_are_caught(browser: Browser, tmp_path: Path) -> None:
+    """The check above can fail: an exception and a console error are both seen."""
+    page = tmp_path / "bad.html"
+    page.write_text(
+        "<script>console.error('bad')</script><script>throw new Error('boom')</script>"
+    )
+    browser.send("Page.navigate", url=page.as_uri())
+    browser.wait_for("Page.loadEventFired", timeout=60)
+    found = errors(browser.events)
+    assert len(found) == 2 and "bad" in found[0] and "boom" in found[1]
