@@ -222,6 +222,17 @@ class FrontWeights:
                 continue
             self._removed.add(artifact_id)
 
+    def has(self, trial: FrozenTrial) -> bool:
+        """Whether ``trial``'s weights are in the store."""
+        artifact_id = trial.user_attrs.get(ARTIFACT_ID_ATTR)
+        if artifact_id is None:
+            return False
+        try:
+            self.store.open_reader(artifact_id).close()
+        except ArtifactNotFound:
+            return False
+        return True
+
     def load(self, trial: FrozenTrial) -> dict[str, Tensor] | None:
         """The stored state dict of ``trial``, or None if it has none (any more)."""
         artifact_id = trial.user_attrs.get(ARTIFACT_ID_ATTR)

@@ -16,7 +16,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
 from autoprune import __version__
-from autoprune.artifacts import ARTIFACT_ID_ATTR, resolve_dir
+from autoprune.artifacts import FrontWeights, resolve_dir
 from autoprune.dashboard import watch_report, write_report
 from autoprune.errors import AutopruneError, SpecError
 from autoprune.export import export, pick, record_task_ref
@@ -149,10 +149,12 @@ def _pick(args: argparse.Namespace) -> int:
     metrics = trial_metrics(trial, metric_names(study), total_params=study_total_params(study))
     policy = trial.user_attrs.get("policy", {})
     numbers = ", ".join(f"{k} {v:.6g}" for k, v in metrics.items())
-    stored = "weights stored" if ARTIFACT_ID_ATTR in trial.user_attrs else "no stored weights"
+    weights = FrontWeights.find(study)
+    stored = weights is not None and weights.has(trial)
+    stored_text = "weights stored" if stored else "no stored weights (export replays it)"
     print(
         f"trial {trial.number}: {numbers}; criterion {policy.get('criterion')}, scope "
-        f"{policy.get('scope')}, rule {policy.get('rule')}; {stored}"
+        f"{policy.get('scope')}, rule {policy.get('rule')}; {stored_text}"
     )
     return 0
 
@@ -164,11 +166,15 @@ def _export(args: argparse.Namespace) -> int:
     how = "its stored weights" if done.source == "artifact" else "a replay (no stored weights)"
     print(
         f"exported trial {done.trial} from {how} to {done.directory}: val accuracy "
-        f"{m['accuracy']:.4f}, test accuracy {m['test_accuracy'] or math.nan:.4f}, "
+        f"{m['accuracy']:.4f}, test accuracy {_number(m['test_accuracy'])}, "
         f"{m['nonzero_params']} "
         f"nonzero weights, {m['bytes']} bytes (dense {m['dense_bytes']}), {m['macs']} MACs"
     )
     return 0
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def _relative(path: Path) -> str:

@@ -161,6 +161,9 @@ def test_keep_all_keeps_every_upload(tmp_path: Path) -> None:
     weights = FrontWeights.find(study, tmp_path / "store")
     assert weights is not None
     assert weights.load(study.trials[0])["weight"].shape == (2, 3)
+    assert weights.has(study.trials[0])
+    next((tmp_path / "store").iterdir()).unlink()
+    assert [weights.has(t) for t in study.trials].count(False) == 1
     with pytest.raises(StorageError, match="does not exist"):
         FrontWeights.find(study, tmp_path / "nowhere")
 
