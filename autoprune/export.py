@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from autoprune._version import __version__
 from autoprune.artifacts import FrontWeights, load_weights, save_weights
-from autoprune.errors import SpecError, StorageError
+from autoprune.errors import SpecError, StorageError, TaskError
 from autoprune.masks import count_nonzero
 from autoprune.search import STUDY_ATTR, materialize
 from autoprune.task import Task
@@ -216,15 +216,7 @@ def export(
     setup = study.user_attrs[STUDY_ATTR]
     task_ref = task_ref or default_task_ref(study)
     task = task or study_task(study, task_ref)
-    weights = FrontWeights.find(study, artifact_dir)
-    state = weights.load(trial) if weights is not None else None
-    if state is not None:
-        model, source = copy.deepcopy(task.model), "artifact"
-        model.load_state_dict(state)
-    else:
-        logger.warning("trial %d has no stored weights: replaying it", trial.number)
-        model, source = materialize(task, trial), "replay"
-    model.eval()
+    model, source = _trial_model(study, trial, task, task_ref, artifact_dir)
     metrics = _measure(model, task, setup["layers"])
     recorded = trial_metrics(trial, metric_names(study), total_params=study_total_params(study))
     if metrics["accuracy"] != recorded[ACCURACY]:
@@ -247,6 +239,32 @@ def export(
     }
     _write(out, model, trial.user_attrs["policy"], metrics, manifest)
     return Exported(out, trial.number, source, metrics)
+
+
+def _trial_model(
+    study: optuna.Study,
+    trial: FrozenTrial,
+    task: Task,
+    task_ref: str,
+    artifact_dir: str | Path | None,
+) -> tuple[nn.Module, str]:
+    """The trial's model (eval mode) from its stored weights, else replayed; and which."""
+    weights = FrontWeights.find(study, artifact_dir)
+    state = weights.load(trial) if weights is not None else None
+    if state is None:
+        logger.warning("trial %d has no stored weights: replaying it", trial.number)
+        return materialize(task, trial).eval(), "replay"
+    return _with_weights(task.model, state, f"task {task_ref!r}"), "artifact"
+
+
+def _with_weights(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> nn.Module:
+    model = copy.deepcopy(model)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # another architecture: say so in one line
+        first = str(e).strip().splitlines()[0]
+        raise TaskError(f"the stored weights do not fit the model of {what}: {first}") from e
+    return model.eval()
 
 
 def _completed_trial(study: optuna.Study, number: int) -> FrozenTrial:
@@ -322,8 +340,7 @@ def load(directory: str | Path, *, task: Task | None = None) -> nn.Module:
         manifest = json.loads((directory / "export.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise StorageError(f"{str(directory)!r} is not an autoprune export: {e}") from None
+    what = "the given task" if task is not None else f"task {manifest['task']!r}"
     if task is None:
         task = load_task(manifest["task"], seed=manifest["seed"])
-    model = copy.deepcopy(task.model)
-    model.load_state_dict(load_weights(directory / "model.pt"))
-    return model.eval()
+    return _with_weights(task.model, load_weights(directory / "model.pt"), what)

@@ -12,11 +12,12 @@ import optuna
 import pytest
 from test_cli import run
 from test_report import VALUES, hand_made_trial
+from torch import nn
 
 import autoprune
 from autoprune import Task, search
 from autoprune.artifacts import ARTIFACT_ID_ATTR, load_weights
-from autoprune.errors import SpecError
+from autoprune.errors import SpecError, TaskError
 from autoprune.export import (
     FILES,
     TASK_REF_ATTR,
@@ -106,6 +107,9 @@ def test_export_and_load_reproduce_the_trial(searched: dict[str, Any], tmp_path:
     assert not model.training
     state = load_weights(done.directory / "model.pt")
     assert all(state[k].equal(v) for k, v in model.state_dict().items())
+    other = Task(model=nn.Linear(3, 2), train=task.train, val=task.val)
+    with pytest.raises(TaskError, match="do not fit the model of the given task: Error"):
+        load(done.directory, task=other)
 
 
 def test_export_without_weights_replays(
