@@ -117,7 +117,7 @@ class _Stop:
         self.in_trial = False
 
     def handle(self, signum: int, frame: FrameType | None) -> None:
-        self.signal = signal.Signals(signum).name
+        self.signal = self.signal or signal.Signals(signum).name  # Ctrl-C, then forwarded TERM
         if self.in_trial and not _in_storage_call(frame):
             self.in_trial = False  # one exception per trial
             raise Interrupted(f"interrupted by {self.signal}; queued for retry")
