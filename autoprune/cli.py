@@ -22,7 +22,7 @@ from autoprune import __version__
 from autoprune.errors import AutopruneError, SpecError
 from autoprune.parallel import run_workers
 from autoprune.report import pareto_front, write_report
-from autoprune.search import STUDY_ATTR, _open_storage, load_study, open_study
+from autoprune.search import STUDY_ATTR, load_study, open_study
 from autoprune.spec import load_spec, parse_duration
 from autoprune.status import StudyStatus, study_status
 from autoprune.storages import GRACE_FACTOR, HEARTBEAT
@@ -94,10 +94,11 @@ def _search(args: argparse.Namespace) -> int:
     study = open_study(
         task,
         space=spec.space,
-        storage=_open_storage(spec.storage, for_writing=True, heartbeat=args.heartbeat),
+        storage=spec.storage,
         study_name=spec.name,
         seed=spec.seed,
         spec=spec.to_dict(),
+        heartbeat=args.heartbeat,
     )
     dense = study.user_attrs[STUDY_ATTR]["dense"]
     print(

@@ -109,6 +109,7 @@ def open_study(
     seed: int,
     sampler: optuna.samplers.BaseSampler | None = None,
     spec: dict[str, Any] | None = None,
+    heartbeat: int | None = storages.HEARTBEAT,
 ) -> optuna.Study:
     """Create the study, or load it if it exists and was made with the same setup.
 
@@ -119,6 +120,8 @@ def open_study(
         spec: The run's study spec (:meth:`autoprune.spec.StudySpec.to_dict`), stored with
             the study together with this autoprune version, so that workers can join it
             without a file (see :mod:`autoprune.worker`); each run stores its own.
+        heartbeat: Seconds between heartbeats of running trials, for an RDB URL (None: no
+            heartbeats); see :mod:`autoprune.storages`.
 
     Raises:
         TaskError: If the model has no prunable layer left by the space's globs, or the data
@@ -142,7 +145,7 @@ def open_study(
         "seed": seed,
         "model": model_fingerprint(task.model),
     }
-    storage = _open_storage(storage, for_writing=True)
+    storage = _open_storage(storage, for_writing=True, heartbeat=heartbeat)
     existing = _load_existing(storage, study_name)
     if existing is not None:
         _check_same_setup(existing, setup, study_name)

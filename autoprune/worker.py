@@ -44,7 +44,6 @@ from autoprune.objective import Objective
 from autoprune.search import (
     STUDY_ATTR,
     Callback,
-    _open_storage,
     default_sampler,
     load_study,
     open_study,
@@ -362,10 +361,11 @@ def join_study(
         study = open_study(
             task,
             space=spec.space,
-            storage=_open_storage(storage, for_writing=True, heartbeat=heartbeat),
+            storage=storage,
             study_name=name,
             seed=spec.seed,
             sampler=sampler,
+            heartbeat=heartbeat,
         )
     except StorageError as e:
         raise StorageError(f"this worker differs from the study: {e}") from None

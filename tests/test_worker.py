@@ -331,3 +331,32 @@ def test_a_worker_that_differs_is_refused(
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert len(optuna.load_study(study_name="r", storage=url).trials) == 0
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed")
+def test_recover_orphans_fails_and_retries_trials_of_dead_local_workers(
+    tiny_task: Task, tmp_path: Path
+) -> None:
+    from autoprune.worker import recover_orphans
+
+    study = in_process_study(tiny_task, tmp_path, 5)
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # its pid is free now
+    host = socket.gethostname()
+    tags = [f"{host}:{dead.pid}", f"{host}:{os.getpid()}", "elsewhere:1", f"{host}:999999"]
+    for tag in tags:
+        study.ask().set_user_attr(WORKER_ATTR, tag)
+    # A parent told which worker died recovers that worker's trial only.
+    assert recover_orphans(study, pids=[999999]) == [3]
+    # Without pids: every local worker whose process is gone; this one lives, "elsewhere"
+    # may (it is not ours to judge).
+    assert recover_orphans(study) == [0]
+    trials = study.get_trials(deepcopy=False)
+    assert [t.state for t in trials[:4]] == [
+        TrialState.FAIL,
+        TrialState.RUNNING,
+        TrialState.RUNNING,
+        TrialState.FAIL,
+    ]
+    assert trials[0].user_attrs["fail_reason"] == f"worker {tags[0]} died during the trial"
+    assert {retry_of(trials, 0).state, retry_of(trials, 3).state} == {TrialState.WAITING}
