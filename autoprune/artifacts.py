@@ -28,12 +28,14 @@ import sqlalchemy
 import torch
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.artifacts.exceptions import ArtifactNotFound
+from optuna.storages.journal import JournalFileBackend
 from optuna.study import StudyDirection, _constrained_optimization
 from optuna.trial import FrozenTrial, TrialState
 from torch import Tensor
 
 from autoprune.errors import SpecError, StorageError
 from autoprune.objective import PruneResult
+from autoprune.storages import JOURNAL_PREFIX, is_journal, journal_path
 
 logger = logging.getLogger(__name__)
 
@@ -83,24 +85,19 @@ class ArtifactSpec:
 def resolve_dir(storage: str | None, spec: ArtifactSpec) -> Path | None:
     """The artifact directory for a study in ``storage`` (a URL), or None if none is kept.
 
-    Raises:
-        SpecError: If weights are to be kept, ``spec.dir`` is not given and the storage is not
-            a SQLite file (a server database has no "next to it").
+    By default the directory lies next to a SQLite or journal file. A server database
+    (PostgreSQL, ...) has no "next to it": its studies keep weights only in a ``spec.dir``
+    that the user names (a shared file system, for workers on many machines); without one,
+    ``autoprune export`` replays the trial instead.
     """
     if spec.keep == "none":
         return None
     if spec.dir is not None:
         return Path(spec.dir).expanduser().resolve()
-    database = sqlite_file(storage)
+    database = sqlite_file(storage) or _journal_file(storage)
     if database is not None:
         return database.with_name(database.stem + ".artifacts").resolve()
-    if storage is None:  # an in-memory study: nothing outlives the process
-        return None
-    url = sqlalchemy.engine.make_url(storage).render_as_string(hide_password=True)
-    raise SpecError(
-        f"storage {url!r} is not a SQLite file: give [artifacts] dir (where front-trial "
-        'weights go), or keep = "none"'
-    )
+    return None  # in memory, or a server database without a named directory
 
 
 def sqlite_file(storage: str | None) -> Path | None:
@@ -123,9 +120,19 @@ def rdb_storage(study: optuna.Study) -> optuna.storages.RDBStorage | None:
 
 
 def storage_url(study: optuna.Study) -> str | None:
-    """The database URL of ``study``'s storage; None if it is not a database."""
+    """The database URL of ``study``'s storage, ``journal:PATH`` for a journal file; None if
+    it is neither (e.g. in memory)."""
     storage = rdb_storage(study)
-    return None if storage is None else str(storage.url)
+    if storage is not None:
+        return str(storage.url)
+    backend = getattr(getattr(study, "_storage", None), "_backend", None)
+    if isinstance(backend, JournalFileBackend):
+        return JOURNAL_PREFIX + str(Path(backend._file_path).resolve())
+    return None
+
+
+def _journal_file(storage: str | None) -> Path | None:
+    return journal_path(storage) if storage is not None and is_journal(storage) else None
 
 
 def dominated(study: optuna.Study, values: Sequence[float]) -> bool:

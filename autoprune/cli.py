@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import optuna
 import pandas as pd
-from optuna.trial import FrozenTrial, TrialState
+import torch
+from optuna.trial import FrozenTrial
 from tqdm import tqdm
 
 from autoprune import __version__
@@ -20,61 +23,88 @@ from autoprune.artifacts import FrontWeights, resolve_dir
 from autoprune.dashboard import watch_report, write_report
 from autoprune.errors import AutopruneError, SpecError
 from autoprune.export import export, pick, record_task_ref
+from autoprune.parallel import run_workers
 from autoprune.report import pareto_front
-from autoprune.search import STUDY_ATTR, load_study, open_study, optimize
+from autoprune.search import STUDY_ATTR, load_study, open_study
 from autoprune.spec import load_spec, parse_duration
+from autoprune.status import StudyStatus, study_status
+from autoprune.storages import GRACE_FACTOR, HEARTBEAT
 from autoprune.tasks import load_task
 from autoprune.trial_metrics import metric_names, study_total_params, trial_metrics
+from autoprune.worker import join_study, run_worker
 
 DEFAULT_STORAGE = "sqlite:///autoprune.db"
 
 
 class _Progress:
-    """An Optuna callback drawing a tqdm bar: trials done/total, s/trial, ETA, front size."""
+    """Draws the whole study's progress on a tqdm bar, across all its workers: trials done
+    of the target, ETA, and complete / failed / stopped, front size and hypervolume.
 
-    # study.best_trials copies every trial, so a long study recounts its front at most this
+    Called as an Optuna callback after each trial, or with :meth:`refresh` by a parent that
+    watches worker processes.
+    """
+
+    # The front and hypervolume copy every trial, so a long study recounts them at most this
     # often (seconds) instead of after every trial.
-    FRONT_EVERY = 2.0
+    EVERY = 2.0
 
-    def __init__(self, total: int | None, *, disable: bool = False):
+    def __init__(self, total: int | None, *, initial: int = 0, disable: bool = False):
         self.bar = tqdm(
             total=total,
+            initial=initial,
             unit="trial",
             disable=disable,
             dynamic_ncols=True,
             bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} "
             "[{elapsed}<{remaining}, {rate_inv_fmt}{postfix}]",
         )
-        self.front, self.failed = 0, 0
         self._counted = -math.inf
 
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self.bar.update(1)
+    def __call__(self, study: optuna.Study, trial: FrozenTrial | None = None) -> None:
+        self.refresh(study)
+
+    def refresh(self, study: optuna.Study, *, force: bool = False) -> None:
+        """Recount the study (at most every ``EVERY`` seconds unless ``force``)."""
         now = time.monotonic()
-        if now - self._counted >= self.FRONT_EVERY or self.bar.n == self.bar.total:
-            self.front = len(study.best_trials)
-            self._counted = now
-        self.failed += trial.state == TrialState.FAIL
-        self.bar.set_postfix(front=self.front, failed=self.failed)
+        if self.bar.disable or (not force and now - self._counted < self.EVERY):
+            return
+        self._counted = now
+        status = study_status(study)
+        self.bar.update(max(0, status.done - self.bar.n))
+        hv = "-" if status.hypervolume is None else f"{status.hypervolume:.3f}"
+        states = status.states
+        self.bar.set_postfix_str(
+            f"complete={states['complete']}, failed={states['failed']}, "
+            f"stopped={states['stopped']}, front={status.front_size}, hv={hv}"
+        )
+
+    def close(self, study: optuna.Study) -> None:
+        self.refresh(study, force=True)
+        self.bar.close()
 
 
 def _search(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
-    trials = args.trials if args.trials is not None else spec.trials
-    timeout = parse_duration(args.timeout) if args.timeout is not None else spec.timeout
-    storage = args.storage or spec.storage
-    study_name = args.study_name or spec.name
+    spec = dataclasses.replace(
+        spec,
+        trials=args.trials or spec.trials,
+        timeout=parse_duration(args.timeout) if args.timeout is not None else spec.timeout,
+        storage=args.storage or spec.storage,
+        study_name=args.study_name or spec.name,
+    )
     task = spec.finetune.apply(load_task(spec.task, seed=spec.seed))
-    # Opened (and the task checked) before the bar is drawn: bad input gives one line.
+    # Opened (and the task checked) before the bar is drawn: bad input gives one line. The
+    # study exists before any worker starts.
     study = open_study(
         task,
         space=spec.space,
-        storage=storage,
-        study_name=study_name,
+        storage=spec.storage,
+        study_name=spec.name,
         seed=spec.seed,
-        artifacts=spec.artifacts,
+        spec=spec.to_dict(),
+        heartbeat=args.heartbeat,
     )
-    weights_dir = resolve_dir(storage, spec.artifacts)
+    weights_dir = resolve_dir(spec.storage, spec.artifacts)
     record_task_ref(study, spec.task)  # so that `autoprune export` can rebuild the model
     dense = study.user_attrs[STUDY_ATTR]["dense"]
     print(
@@ -83,25 +113,70 @@ def _search(args: argparse.Namespace) -> int:
         f"{int(dense['nonzero_params'])} prunable weights",
         flush=True,
     )
-    progress = _Progress(trials, disable=args.quiet)
+    progress = _Progress(spec.trials, initial=study_status(study).done, disable=args.quiet)
+    codes = [0]
     try:
-        optimize(
+        if args.workers == 1:
+            summary = run_worker(
+                study,
+                task,
+                target=spec.trials,
+                timeout=spec.timeout,
+                callbacks=[progress],
+                artifacts=spec.artifacts,
+            )
+            lines = [str(summary)]
+        else:
+            lines, codes = run_workers(
+                study,
+                spec.storage,
+                args.workers,
+                target=spec.trials,
+                timeout=spec.timeout,
+                heartbeat=args.heartbeat,
+                on_poll=progress.refresh,
+            )
+    finally:
+        progress.close(study)
+    print("\n".join(lines))
+    _print_counts(study)
+    print(_front_text(pareto_front(study)))
+    out = write_report(study, args.report or f"{spec.name}.html")
+    print(f"study {spec.name!r} in {spec.storage}")
+    if weights_dir is not None:
+        print(f"front weights: {_relative(weights_dir)}")
+    print(f"report: {out.resolve()}")
+    if any(codes):
+        print(f"autoprune: {sum(c != 0 for c in codes)} workers ended abnormally", file=sys.stderr)
+    return 1 if any(codes) else 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    study, spec, task = join_study(args.storage, args.study_name, heartbeat=args.heartbeat)
+    target = args.trials or spec.trials
+    timeout = parse_duration(args.timeout) if args.timeout is not None else None
+    progress = _Progress(target, initial=study_status(study).done, disable=args.quiet)
+    try:
+        summary = run_worker(
             study,
             task,
-            n_trials=trials,
+            target=target,
             timeout=timeout,
             callbacks=[progress],
             artifacts=spec.artifacts,
         )
     finally:
-        progress.bar.close()
+        progress.close(study)
+    print(summary, flush=True)
     _print_counts(study)
-    print(_front_text(pareto_front(study)))
-    out = write_report(study, args.report or f"{study_name}.html")
-    print(f"study {study_name!r} in {storage}")
-    if weights_dir is not None:
-        print(f"front weights: {_relative(weights_dir)}")
-    print(f"report: {out.resolve()}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    status = study_status(load_study(args.storage, args.study_name))
+    print(_status_text(status))
     return 0
 
 
@@ -190,6 +265,37 @@ def _print_counts(study: optuna.Study) -> None:
     print(f"study {study.study_name!r}: {len(states)} trials ({counts})")
 
 
+def _status_text(status: StudyStatus) -> str:
+    states = ", ".join(f"{n} {word}" for word, n in status.states.items())
+    target = f" of a target of {status.target}" if status.target else ""
+    lines = [f"study {status.name!r}: {status.counted} trials{target} ({states})"]
+    pace = status.trials_per_hour
+    lines.append(
+        "pace: "
+        + (
+            "no trial finished in the last hour"
+            if pace is None
+            else f"{pace:.1f} trials/hour over the last hour"
+        )
+    )
+    hv = "" if status.hypervolume is None else f", hypervolume {status.hypervolume:.4f}"
+    lines.append(f"Pareto front: {status.front_size} trials{hv}")
+    for level, best in status.best_at_sparsity.items():
+        text = "no trial" if best is None else f"{best[0]:.4f} (trial {best[1]})"
+        lines.append(f"best val accuracy at sparsity >= {level:.0%}: {text}")
+    lines.append(f"workers seen in the last 15 minutes: {len(status.workers)}")
+    lines += [
+        f"  {w.worker}: {w.trials} trials, {w.running} running, "
+        f"last seen {w.last_seen_s:.0f} s ago"
+        for w in status.workers
+    ]
+    for number, worker, seconds in status.long_running:
+        lines.append(
+            f"trial {number} has run suspiciously long: {seconds / 60:.1f} min on {worker}"
+        )
+    return "\n".join(lines)
+
+
 def _front_text(front: pd.DataFrame) -> str:
     if front.empty:
         return "the Pareto front is empty (no trial has completed)"
@@ -208,11 +314,29 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("spec", help="study spec, e.g. studies/digits_cnn.toml")
     p.add_argument("--storage", help=f"database URL (default: the spec's, else {DEFAULT_STORAGE})")
     p.add_argument("--study-name", help="study name (default: the spec's)")
-    p.add_argument("--trials", type=_positive_int, help="trials to add in this run")
-    p.add_argument("--timeout", help="stop starting trials after this long: 90, 30m, 8h")
+    p.add_argument(
+        "--trials", type=_positive_int, help="trials the study holds in the end (its target)"
+    )
+    p.add_argument("--timeout", help="this run starts no trial after this long: 90, 30m, 8h")
+    p.add_argument(
+        "--workers", type=_positive_int, default=1, help="worker processes (default: 1)"
+    )
     p.add_argument("--report", help="HTML report path (default: STUDY_NAME.html)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _heartbeat_and_quiet(p)
     p.set_defaults(run=_search)
+
+    p = sub.add_parser("worker", help="join a study that `autoprune search` started")
+    p.add_argument("--storage", required=True, help="the study's database URL or journal:PATH")
+    p.add_argument("--study-name", help="needed when the storage holds several studies")
+    p.add_argument("--trials", type=_positive_int, help="target (default: the study's)")
+    p.add_argument("--timeout", help="this worker starts no trial after this long")
+    p.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's)")
+    _heartbeat_and_quiet(p)
+    p.set_defaults(run=_worker)
+
+    p = sub.add_parser("status", help="trials by state, pace, front, workers, stuck trials")
+    _study_arguments(p)
+    p.set_defaults(run=_status)
 
     for name, helptext in (
         ("front", "print or export the Pareto front"),
@@ -279,6 +403,17 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _heartbeat_and_quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--heartbeat",
+        type=_positive_int,
+        default=HEARTBEAT,
+        help=f"seconds between heartbeats of a running trial (RDB storages; default: "
+        f"{HEARTBEAT}); one silent for {GRACE_FACTOR}x as long is failed and retried",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -293,6 +428,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial would drown the bar
+    # Heartbeats, retries and metric names are "experimental" in Optuna since 2.x.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     try:
         return args.run(args)
     except AutopruneError as e:

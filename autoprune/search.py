@@ -7,7 +7,6 @@ import logging
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -15,8 +14,9 @@ import sqlalchemy
 from optuna.trial import FrozenTrial
 from torch import nn
 
+from autoprune import storages
 from autoprune._version import __version__
-from autoprune.artifacts import ArtifactSpec, FrontWeights, resolve_dir
+from autoprune.artifacts import ArtifactSpec, FrontWeights
 from autoprune.errors import StorageError, TaskError, TrialFailed
 from autoprune.front_table import FrontTable
 from autoprune.masks import count_nonzero, prunable_layers
@@ -70,8 +70,6 @@ def search(
             does not fit the model.
         StorageError: If the storage cannot be opened, or the named study was created with a
             different task, search space or seed.
-        SpecError: If weights are to be kept in a server database's study and
-            ``artifacts.dir`` is not given.
     """
     space = space or SearchSpace()
     artifacts = artifacts or ArtifactSpec()
@@ -83,7 +81,6 @@ def search(
         study_name=study_name,
         seed=seed,
         sampler=sampler,
-        artifacts=artifacts,
     )
     optimize(
         study,
@@ -113,6 +110,26 @@ def optimize(
     database storage gets the ``autoprune_front`` table after each trial (``front_table``).
     """
     _check_budget(n_trials, timeout)
+    objective, ours = study_objective(study, task, artifacts=artifacts, front_table=front_table)
+    study.optimize(
+        objective,
+        n_trials=n_trials,
+        timeout=timeout,
+        catch=(TrialFailed,),
+        callbacks=[*ours, *callbacks],
+    )
+
+
+def study_objective(
+    study: optuna.Study,
+    task: Task,
+    *,
+    artifacts: ArtifactSpec | None = None,
+    front_table: bool = True,
+) -> tuple[Objective, list[Callback]]:
+    """The objective of an opened study (its stored space, layers and seed), and the callbacks
+    that keep its side products current: front weights and the ``autoprune_front`` table.
+    The callbacks go before the user's, who may read what they write."""
     setup = study.user_attrs[STUDY_ATTR]
     space = SearchSpace.from_dict(setup["space"])
     weights = FrontWeights.for_study(study, artifacts or ArtifactSpec())
@@ -126,14 +143,7 @@ def optimize(
     )
     if table is not None:
         table.write(study)  # a resumed study's table is current before its first new trial
-    ours = [c for c in (weights, table) if c is not None]  # before the user's: they may read it
-    study.optimize(
-        objective,
-        n_trials=n_trials,
-        timeout=timeout,
-        catch=(TrialFailed,),
-        callbacks=[*ours, *callbacks],
-    )
+    return objective, [c for c in (weights, table) if c is not None]
 
 
 def _check_budget(n_trials: int | None, timeout: float | None) -> None:
@@ -149,20 +159,26 @@ def open_study(
     study_name: str | None,
     seed: int,
     sampler: optuna.samplers.BaseSampler | None = None,
-    artifacts: ArtifactSpec | None = None,
+    spec: dict[str, Any] | None = None,
+    heartbeat: int | None = storages.HEARTBEAT,
 ) -> optuna.Study:
     """Create the study, or load it if it exists and was made with the same setup.
 
     Everything about the task is checked before the storage is touched, so bad input leaves
     no half-written study behind.
 
+    Args:
+        spec: The run's study spec (:meth:`autoprune.spec.StudySpec.to_dict`), stored with
+            the study together with this autoprune version, so that workers can join it
+            without a file (see :mod:`autoprune.worker`); each run stores its own.
+        heartbeat: Seconds between heartbeats of running trials, for an RDB URL (None: no
+            heartbeats); see :mod:`autoprune.storages`.
+
     Raises:
         TaskError: If the model has no prunable layer left by the space's globs, or the data
             does not fit the model.
         StorageError: If the storage cannot be opened, or the named study was created with a
             different task, fine-tuning recipe, search space or seed.
-        SpecError: If ``artifacts`` keeps weights of a study in a server database and names
-            no directory for them.
     """
     layers = prunable_layers(task.model, space.include, space.exclude)
     task.check()
@@ -180,24 +196,15 @@ def open_study(
         "seed": seed,
         "model": model_fingerprint(task.model),
     }
-    storage = _open_storage(storage, for_writing=True)
-    if artifacts is not None:
-        resolve_dir(getattr(storage, "url", None), artifacts)
+    storage = _open_storage(storage, for_writing=True, heartbeat=heartbeat)
     existing = _load_existing(storage, study_name)
     if existing is not None:
         _check_same_setup(existing, setup, study_name)
     n_before = len(existing.trials) if existing is not None else 0
     dense = dense_metrics(task, layers) if existing is None else None
     if sampler is None:
-        with warnings.catch_warnings():  # `group` is experimental, and needed for our space
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            sampler = optuna.samplers.TPESampler(
-                # A resumed run must not replay the first run's random draws.
-                seed=seed + n_before,
-                multivariate=True,
-                group=True,
-                n_startup_trials=10,
-            )
+        # A resumed run must not replay the first run's random draws.
+        sampler = default_sampler(seed + n_before)
     with _storage_errors(storage):
         study = optuna.create_study(
             storage=storage,
@@ -211,7 +218,20 @@ def open_study(
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(list(METRIC_NAMES))
         study.set_user_attr(STUDY_ATTR, {**setup, "dense": dense})
+    if spec is not None:  # the version and spec of the latest run, which workers must match
+        stored = study.user_attrs[STUDY_ATTR]
+        study.set_user_attr(STUDY_ATTR, {**stored, "version": __version__, "spec": spec})
     return study
+
+
+def default_sampler(seed: int) -> optuna.samplers.BaseSampler:
+    """The seeded multivariate TPE sampler of every study (constant liar, Optuna's default,
+    keeps parallel workers from proposing the policies that others are running)."""
+    with warnings.catch_warnings():  # `group` is experimental, and needed for our space
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(
+            seed=seed, multivariate=True, group=True, n_startup_trials=10, constant_liar=True
+        )
 
 
 def dense_metrics(task: Task, layers: list[str]) -> dict[str, float]:
@@ -291,16 +311,22 @@ def load_study(storage: str, study_name: str | None) -> optuna.Study:
     return study
 
 
-def _open_storage(storage: Any, *, for_writing: bool = False) -> Any:
+def _open_storage(
+    storage: Any, *, for_writing: bool = False, heartbeat: int | None = storages.HEARTBEAT
+) -> Any:
     """A URL becomes a storage object, opened once for all that follows.
 
-    A SQLite file opened for writing is switched to write-ahead logging (see
-    :func:`_sqlite_pragmas`); read-only commands leave the file as they find it.
+    ``journal:PATH`` opens a journal file (see :mod:`autoprune.storages`). An RDB opened for
+    writing (running trials) gets heartbeats every ``heartbeat`` seconds, and a SQLite file
+    is switched to write-ahead logging (see :func:`_sqlite_pragmas`); read-only commands
+    leave the file as they find it.
     """
     if not isinstance(storage, str):
         return storage
     with _storage_errors(storage):
-        opened = optuna.storages.RDBStorage(storage)
+        if storages.is_journal(storage):
+            return storages.open_journal(storage)
+        opened = storages.open_rdb(storage, heartbeat=heartbeat if for_writing else None)
     if for_writing and opened.engine.name == "sqlite":
         sqlalchemy.event.listen(opened.engine, "connect", _sqlite_pragmas)
         opened.engine.dispose()  # reconnect, so that every pooled connection gets the pragmas
@@ -346,13 +372,7 @@ def _check_same_setup(study: optuna.Study, setup: dict[str, Any], name: str | No
 
 
 def _missing_sqlite_file(storage: Any) -> bool:
-    if not isinstance(storage, str) or not storage.startswith("sqlite:"):
-        return False
-    try:
-        database = sqlalchemy.engine.make_url(storage).database
-    except Exception:  # a malformed URL: let Optuna say what is wrong with it
-        return False
-    return database not in (None, "", ":memory:") and not Path(database).exists()
+    return storages.missing_file(storage)
 
 
 @contextmanager

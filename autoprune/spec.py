@@ -83,6 +83,26 @@ class StudySpec:
         """The study name: ``study_name``, or the task reference."""
         return self.study_name or self.task
 
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as TOML-shaped plain data: ``spec_from_dict(spec.to_dict()) == spec``.
+
+        Generic over the fields, so that a new key is stored with the study as it is added:
+        a field with ``to_dict`` is asked for it, another dataclass becomes a table, and
+        None (an unset optional key; TOML has no null) is left out.
+        """
+        return _plain(self)
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "to_dict") and not isinstance(value, StudySpec):
+        return value.to_dict()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = ((f.name, getattr(value, f.name)) for f in dataclasses.fields(value))
+        return {name: _plain(v) for name, v in fields if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
 
 def parse_duration(text: str | float | int) -> float:
     """Seconds in ``90``, ``"90s"``, ``"30m"``, ``"8h"`` or ``"1d"``.

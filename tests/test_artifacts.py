@@ -85,8 +85,8 @@ def test_artifact_spec_and_directories(tmp_path: Path) -> None:
     assert resolve_dir(f"sqlite:///{db}", ArtifactSpec(dir=str(tmp_path / "w"))) == tmp_path / "w"
     assert resolve_dir(f"sqlite:///{db}", ArtifactSpec(keep="none")) is None
     assert resolve_dir(None, ArtifactSpec()) is None  # in memory
-    with pytest.raises(SpecError, match=r"postgresql://u:\*\*\*@h/db.*\[artifacts\] dir"):
-        resolve_dir("postgresql://u:secret@h/db", ArtifactSpec())
+    assert resolve_dir(f"journal:{tmp_path / 'j.log'}", ArtifactSpec()) == tmp_path / "j.artifacts"
+    assert resolve_dir("postgresql://u:secret@h/db", ArtifactSpec()) is None  # no "next to it"
     assert resolve_dir("postgresql://h/db", ArtifactSpec(dir="w")) == Path("w").resolve()
     with pytest.raises(SpecError, match="keep must be one of front, all, none, got 'some'"):
         ArtifactSpec(keep="some")

@@ -68,16 +68,17 @@ def files_besides_sqlite_logs(directory: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Two runs of ``autoprune search`` on the same spec in one directory (6 + 6 trials)."""
+    """Two runs of ``autoprune search`` on the same spec in one directory: the spec's 6
+    trials, then ``--trials 12`` (the study's total: 6 more)."""
     directory = tmp_path_factory.mktemp("cli")
     (directory / "spec.toml").write_text(SPEC, encoding="utf-8")
     runs = []
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(directory)
-        for _ in range(2):
+        for more in ([], ["--trials", "12"]):
             out, err = io.StringIO(), io.StringIO()  # module fixtures cannot use capsys
             with redirect_stdout(out), redirect_stderr(err), fresh_logging():
-                code = main(["search", "spec.toml", "-q"])
+                code = main(["search", "spec.toml", "-q", *more])
             study = optuna.load_study(study_name="digits-cnn", storage="sqlite:///autoprune.db")
             trials = snapshot(study)
             runs.append(
@@ -97,7 +98,7 @@ def test_search_end_to_end(searched: dict[str, Any]) -> None:
     for run_ in (first, second):  # -q: no progress bar; log lines (the dense model) only
         assert "%|" not in run_["err"] and "error" not in run_["err"]
     assert [state for _, state, _, _ in first["trials"]] == [TrialState.COMPLETE] * 6
-    # The second run resumes: 6 more trials, the first 6 untouched.
+    # The second run resumes up to the total of 12: 6 more trials, the first 6 untouched.
     assert [number for number, *_ in second["trials"]] == list(range(12))
     assert second["trials"][:6] == first["trials"]
     assert all(state == TrialState.COMPLETE for _, state, _, _ in second["trials"])

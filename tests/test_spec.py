@@ -9,7 +9,7 @@ import pytest
 
 from autoprune.errors import SpecError
 from autoprune.space import SearchSpace
-from autoprune.spec import Finetune, StudySpec, load_spec, parse_duration
+from autoprune.spec import Finetune, StudySpec, load_spec, parse_duration, spec_from_dict
 
 STUDIES = Path(__file__).resolve().parent.parent / "studies"
 
@@ -218,3 +218,21 @@ def test_finetune_apply_overrides_only_given_fields(tiny_task) -> None:
     task = Finetune(epochs=0, lr=0.5).apply(tiny_task)
     assert (task.finetune_epochs, task.lr, task.batch_size) == (0, 0.5, tiny_task.batch_size)
     assert Finetune().apply(tiny_task) == tiny_task
+
+
+@pytest.mark.parametrize("name", ["digits_cnn.toml", "digits_mlp.toml"])
+def test_to_dict_round_trips_and_is_plain_data(name: str) -> None:
+    import json
+
+    spec = load_spec(STUDIES / name)
+    data = spec.to_dict()
+    assert json.loads(json.dumps(data)) == data  # storable as a study user attr
+    assert spec_from_dict(data) == spec
+    assert None not in data.values() and None not in data["finetune"].values()
+
+
+def test_to_dict_of_defaults_leaves_unset_keys_out() -> None:
+    data = StudySpec().to_dict()
+    assert "timeout" not in data and "study_name" not in data
+    assert data["finetune"] == {}
+    assert spec_from_dict(data) == StudySpec()

@@ -1,0 +1,119 @@
+"""N worker processes on one machine sharing one study (``autoprune search --workers N``).
+
+The study is created (and the dense model trained) once, by the caller, before any worker
+starts: workers that create a new SQLite database together race on its tables. Each worker
+is a separate ``python -m autoprune worker`` process that joins the study by name, with
+``cores // N`` torch threads. The parent watches: it fails and retries at once the trial of
+a worker that dies (see :func:`autoprune.worker.recover_orphans`), forwards SIGINT/SIGTERM to
+the workers and waits for them, and draws the study's progress.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+
+from autoprune.worker import SIGNALS, recover_orphans
+
+logger = logging.getLogger(__name__)
+
+
+def cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def threads_per_worker(workers: int) -> int:
+    """Torch threads for each of ``workers`` processes: the cores split between them."""
+    return max(1, cores() // workers)
+
+
+def worker_command(
+    storage: str,
+    study_name: str,
+    *,
+    target: int,
+    timeout: float | None,
+    threads: int,
+    heartbeat: int,
+) -> list[str]:
+    """The command line of one worker process."""
+    command = [sys.executable, "-m", "autoprune", "worker", "--storage", storage]
+    command += ["--study-name", study_name, "--trials", str(target), "--threads", str(threads)]
+    command += ["--heartbeat", str(heartbeat), "--quiet"]
+    if timeout is not None:
+        command += ["--timeout", f"{max(timeout, 1.0):.3f}"]
+    return command
+
+
+def run_workers(
+    study: optuna.Study,
+    storage: str,
+    workers: int,
+    *,
+    target: int,
+    timeout: float | None = None,
+    heartbeat: int,
+    on_poll: Callable[[optuna.Study], None] = lambda study: None,
+    poll: float = 1.0,
+) -> tuple[list[str], list[int]]:
+    """Run ``workers`` worker processes on ``study`` until all have ended.
+
+    Returns each worker's summary line (or how it ended, if it printed none) and exit codes.
+    """
+    command = worker_command(
+        storage,
+        study.study_name,
+        target=target,
+        timeout=timeout,
+        threads=threads_per_worker(workers),
+        heartbeat=heartbeat,
+    )
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(workers)]
+    logger.info("started %d workers (pids %s)", workers, ", ".join(str(p.pid) for p in procs))
+    forwarded: dict[str, bool] = {"sent": False}
+
+    def forward(signum: int, _frame: Any) -> None:
+        if not forwarded["sent"]:  # a terminal's Ctrl-C reaches the workers by itself too
+            forwarded["sent"] = True
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+
+    previous = {s: signal.signal(s, forward) for s in SIGNALS}
+    try:
+        ended: set[int] = set()
+        while len(ended) < len(procs):
+            time.sleep(poll)
+            for proc in procs:
+                if proc.pid not in ended and proc.poll() is not None:
+                    ended.add(proc.pid)
+                    if proc.returncode != 0:  # killed: its trial must not stay RUNNING
+                        recover_orphans(study, pids=[proc.pid])
+            on_poll(study)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    lines = []
+    for proc in procs:
+        out = (proc.stdout.read() if proc.stdout else "").strip().splitlines()
+        summary = next((line for line in out if line.startswith("worker ")), None)
+        lines.append(summary or f"worker pid {proc.pid}: ended with {_how(proc.returncode)}")
+    return lines, [proc.returncode for proc in procs]
+
+
+def _how(returncode: int) -> str:
+    if returncode < 0:
+        return f"signal {signal.Signals(-returncode).name}"
+    return f"exit code {returncode}"

@@ -1,0 +1,374 @@
+"""A worker: runs trials of a shared study until the study holds its target number of trials.
+
+Many workers (processes, machines) may run one study at once. The budget is the study's:
+a worker starts trials while fewer than ``target`` trials count (see :func:`counted`), so
+that resumes and workers together reach the target exactly. What can go wrong is handled so
+that no completed trial is lost and no trial stays RUNNING:
+
+- A trial that raises or hits a NaN loss fails alone (``fail_reason`` in its user attrs).
+- SIGINT/SIGTERM fail the running trial at once (``fail_reason`` says so), queue its policy
+  to be retried, and end the worker normally. A signal that lands while the trial writes to
+  the storage lets it finish instead, so no write is cut in half.
+- A worker killed outright leaves its trial RUNNING: with RDB heartbeats another worker fails
+  it once it is stale and retries it; a worker on the same machine sees at once that the
+  trial's process is gone (:func:`recover_orphans`).
+- Before it ends, a worker waits for the trials still running that can be resolved (alive
+  here, or heartbeat-watched), so that the last worker of a study leaves none RUNNING.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import time
+import warnings
+import zlib
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from types import FrameType
+from typing import Any
+
+import optuna
+from optuna.storages import fail_stale_trials
+from optuna.storages._heartbeat import is_heartbeat_enabled
+from optuna.trial import FrozenTrial, TrialState
+
+from autoprune._version import __version__
+from autoprune.artifacts import ArtifactSpec
+from autoprune.errors import SpecError, StorageError, TrialFailed
+from autoprune.objective import Objective
+from autoprune.search import (
+    STUDY_ATTR,
+    Callback,
+    default_sampler,
+    load_study,
+    open_study,
+    study_objective,
+)
+from autoprune.spec import StudySpec, spec_from_dict
+from autoprune.storages import HEARTBEAT, retried_numbers, retry_callback
+from autoprune.task import Task
+from autoprune.tasks import load_task
+
+logger = logging.getLogger(__name__)
+
+WORKER_ATTR = "worker"  # trial user attr: "host:pid" of the worker that ran it
+SURPLUS_ATTR = "surplus"  # trial user attr: started after the target was met; not counted
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# Trial states in the words the user reads (PRUNED: stopped early as hopeless).
+STATE_WORDS = {
+    TrialState.COMPLETE: "complete",
+    TrialState.FAIL: "failed",
+    TrialState.PRUNED: "stopped",
+    TrialState.RUNNING: "running",
+    TrialState.WAITING: "waiting",
+}
+# Modules whose calls a signal must not cut in half (the trial finishes instead).
+_STORAGE_MODULES = ("optuna.storages", "sqlalchemy", "psycopg", "sqlite3")
+
+
+class Interrupted(TrialFailed):
+    """The worker got SIGINT or SIGTERM during a trial; the trial fails and is retried."""
+
+
+def worker_id() -> str:
+    """``host:pid`` of this process, as recorded in the trials it runs."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def counted(trials: Iterable[FrozenTrial]) -> list[FrozenTrial]:
+    """The trials that count toward a study's target: every trial (waiting, running or
+    finished) except failed ones that were retried (the retry counts) and surplus ones."""
+    trials = list(trials)
+    retried = retried_numbers(trials)
+    return [t for t in trials if t.number not in retried and not t.user_attrs.get(SURPLUS_ATTR)]
+
+
+@dataclasses.dataclass
+class WorkerSummary:
+    """What one worker did: its trials by final state, and the signal that stopped it."""
+
+    worker: str
+    states: Counter[str] = dataclasses.field(default_factory=Counter)
+    signal: str | None = None
+    retried: list[int] = dataclasses.field(default_factory=list)
+
+    def __str__(self) -> str:
+        n = sum(self.states.values())
+        states = ", ".join(f"{k} {v}" for k, v in sorted(self.states.items())) or "none"
+        text = f"worker {self.worker}: {n} trials ({states})"
+        if self.signal:
+            text += f"; stopped by {self.signal}"
+        if self.retried:
+            text += f"; trial {', '.join(map(str, self.retried))} queued for retry"
+        return text
+
+
+class _Stop:
+    """Signal state shared by the handler, the objective and the loop."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self.in_trial = False
+
+    def handle(self, signum: int, frame: FrameType | None) -> None:
+        self.signal = self.signal or signal.Signals(signum).name  # Ctrl-C, then forwarded TERM
+        if self.in_trial and not _in_storage_call(frame):
+            self.in_trial = False  # one exception per trial
+            raise Interrupted(f"interrupted by {self.signal}; queued for retry")
+
+
+def _in_storage_call(frame: FrameType | None) -> bool:
+    while frame is not None:
+        if str(frame.f_globals.get("__name__", "")).startswith(_STORAGE_MODULES):
+            return True
+        frame = frame.f_back
+    return False
+
+
+class _WorkerObjective:
+    """The study's objective, tagged with the worker, refused past the target, interruptible."""
+
+    def __init__(self, objective: Objective, target: int, stop: _Stop, me: str):
+        self.objective, self.target, self.stop, self.me = objective, target, stop, me
+
+    def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
+        trial.set_user_attr(WORKER_ATTR, self.me)
+        before = [
+            t for t in counted(trial.study.get_trials(deepcopy=False)) if t.number < trial.number
+        ]
+        if len(before) >= self.target:  # another worker started the last trial first
+            trial.set_user_attr(SURPLUS_ATTR, True)
+            reason = f"surplus: the study already held its target of {self.target} trials"
+            trial.set_user_attr("fail_reason", reason)
+            raise TrialFailed(reason)
+        try:
+            if self.stop.signal:
+                raise Interrupted(f"interrupted by {self.stop.signal}; queued for retry")
+            self.stop.in_trial = True
+            try:
+                return self.objective(trial)
+            finally:
+                self.stop.in_trial = False
+        except Interrupted as e:
+            trial.set_user_attr("fail_reason", str(e))
+            raise
+
+
+def run_worker(
+    study: optuna.Study,
+    task: Task,
+    *,
+    target: int,
+    timeout: float | None = None,
+    callbacks: Iterable[Callback] = (),
+    poll: float = 1.0,
+    artifacts: ArtifactSpec | None = None,
+    front_table: bool = True,
+) -> WorkerSummary:
+    """Run trials of ``study`` (opened by :func:`autoprune.search.open_study`) until it holds
+    ``target`` counted trials, ``timeout`` seconds pass (no trial starts after), or SIGINT or
+    SIGTERM arrive (see the module docstring). Front weights and the ``autoprune_front``
+    table are kept as :func:`autoprune.search.optimize` keeps them. Returns what this
+    worker did."""
+    if target < 1:
+        raise ValueError(f"target must be >= 1, got {target}")
+    inner, ours = study_objective(study, task, artifacts=artifacts, front_table=front_table)
+    stop, summary = _Stop(), WorkerSummary(worker_id())
+    objective = _WorkerObjective(inner, target, stop, summary.worker)
+    deadline = None if timeout is None else time.monotonic() + timeout
+
+    def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+        summary.states[STATE_WORDS[trial.state]] += 1
+        if str(trial.user_attrs.get("fail_reason", "")).startswith("interrupted"):
+            _retry(study, trial)
+            summary.retried.append(trial.number)
+        if stop.signal or len(counted(study.get_trials(deepcopy=False))) >= target:
+            study.stop()
+
+    with _handling(stop), _quiet_interrupts():
+        recover_orphans(study)
+        while not stop.signal and _has_work(study, target, deadline, stop, poll):
+            remaining = None if deadline is None else deadline - time.monotonic()
+            try:
+                study.optimize(
+                    objective,
+                    timeout=remaining,
+                    catch=(TrialFailed,),
+                    callbacks=[*ours, *callbacks, after_trial],
+                )
+            except optuna.exceptions.UpdateFinishedTrialError as e:
+                # Our trial went stale (a heartbeat came too late) and another worker failed
+                # and retried it: its result is dropped, the retry will run it again.
+                logger.warning("%s; its retry runs it again", e)
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+    summary.signal = stop.signal
+    return summary
+
+
+def _has_work(
+    study: optuna.Study, target: int, deadline: float | None, stop: _Stop, poll: float
+) -> bool:
+    """Whether a trial should start: waiting trials, or fewer than ``target`` counted. Else
+    waits while trials run that may yet fail and be retried (alive on this machine, or
+    watched by heartbeats), so that none is left RUNNING."""
+    heartbeat = is_heartbeat_enabled(study._storage)
+    while True:
+        trials = study.get_trials(deepcopy=False)
+        if any(t.state == TrialState.WAITING for t in trials):
+            return True
+        if len(counted(trials)) < target:
+            return True
+        running = [t for t in trials if t.state == TrialState.RUNNING]
+        if not heartbeat:
+            running = [t for t in running if _host_pid(t) is not None]
+        if not running or stop.signal or (deadline is not None and time.monotonic() >= deadline):
+            return False
+        time.sleep(poll)
+        if heartbeat:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                fail_stale_trials(study)
+        recover_orphans(study)
+
+
+def recover_orphans(study: optuna.Study, pids: Iterable[int] | None = None) -> list[int]:
+    """Fail and retry the RUNNING trials of workers on this machine whose process is gone
+    (or, given ``pids``, of those processes). Returns the failed trials' numbers."""
+    gone = None if pids is None else set(pids)
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        pid = _host_pid(trial)
+        if pid is None or (pid not in gone if gone is not None else _alive(pid)):
+            continue
+        reason = f"worker {trial.user_attrs[WORKER_ATTR]} died during the trial"
+        if _fail(study, trial, reason):
+            _retry(study, study.get_trials(deepcopy=False)[trial.number])
+            failed.append(trial.number)
+            logger.warning("trial %d: %s; queued for retry", trial.number, reason)
+    return failed
+
+
+def _host_pid(trial: FrozenTrial) -> int | None:
+    """The pid of the trial's worker, if that worker runs on this machine."""
+    host, _, pid = str(trial.user_attrs.get(WORKER_ATTR, "")).rpartition(":")
+    return int(pid) if host == socket.gethostname() and pid.isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _fail(study: optuna.Study, trial: FrozenTrial, reason: str) -> bool:
+    """Fail a RUNNING trial from outside its worker; False if it finished meanwhile."""
+    # Optuna's own fail_stale_trials does it this way: the state change is atomic in the
+    # storage, so of two workers that try, one succeeds.
+    storage, trial_id = study._storage, trial._trial_id
+    try:
+        storage.set_trial_user_attr(trial_id, "fail_reason", reason)
+        return storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+
+
+def _retry(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Queue ``trial``'s params again with Optuna's retry callback (which records the retry
+    history that :func:`counted` reads); the retry does not inherit the failure's reason."""
+    clean = copy.deepcopy(trial)
+    clean.user_attrs = {k: v for k, v in trial.user_attrs.items() if k != "fail_reason"}
+    retry_callback()(study, clean)
+
+
+class _NoInterruptTraceback(logging.Filter):
+    """Optuna logs a failed trial with its traceback; an interrupted one needs no traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], Interrupted):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+@contextmanager
+def _quiet_interrupts() -> Iterator[None]:
+    # On the handlers: a logger's own filters do not see its children's records.
+    handlers, quiet = logging.getLogger("optuna").handlers[:], _NoInterruptTraceback()
+    for handler in handlers:
+        handler.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(quiet)
+
+
+@contextmanager
+def _handling(stop: _Stop) -> Iterator[None]:
+    """SIGINT and SIGTERM go to ``stop`` (in the main thread; elsewhere signals are left be)."""
+    try:
+        previous: dict[int, Any] = {s: signal.signal(s, stop.handle) for s in SIGNALS}
+    except ValueError:  # not the main thread
+        previous = {}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def join_study(
+    storage: str, study_name: str | None, *, heartbeat: int | None = HEARTBEAT
+) -> tuple[optuna.Study, StudySpec, Task]:
+    """Open a study that ``autoprune search`` made, as a worker that brings no spec file: the
+    spec stored with the study names the task, space, seed and fine-tune recipe.
+
+    Raises:
+        StorageError: If the storage holds no such study, the study holds no spec, it is run
+            by another autoprune version, or this machine builds a different task (dense
+            weights, layers, recipe) than the study's.
+        TaskError: If the study's task does not import or build here.
+    """
+    found = load_study(storage, study_name)
+    name, stored = found.study_name, found.user_attrs[STUDY_ATTR]
+    if "spec" not in stored:
+        raise StorageError(
+            f"study {name!r} holds no spec to join (it was made by autoprune "
+            f"{stored.get('version')}); run `autoprune search SPEC` on it once first"
+        )
+    if stored.get("version") != __version__:
+        raise StorageError(
+            f"study {name!r} is run by autoprune {stored.get('version')}, this worker is "
+            f"autoprune {__version__}; install the same version on every machine"
+        )
+    try:
+        spec = spec_from_dict(stored["spec"])
+    except SpecError as e:
+        raise StorageError(f"study {name!r} holds a spec this worker cannot read: {e}") from None
+    task = spec.finetune.apply(load_task(spec.task, seed=spec.seed))
+    # Each worker samples from its own seed: workers started together must not all draw the
+    # same first policies.
+    sampler = default_sampler(zlib.crc32(f"{spec.seed}:{worker_id()}".encode()))
+    try:
+        study = open_study(
+            task,
+            space=spec.space,
+            storage=storage,
+            study_name=name,
+            seed=spec.seed,
+            sampler=sampler,
+            heartbeat=heartbeat,
+        )
+    except StorageError as e:
+        raise StorageError(f"this worker differs from the study: {e}") from None
+    return study, spec, task

@@ -1,0 +1,362 @@
+"""Workers in real processes on real databases: budgets, kills, signals, resumes.
+
+The worker processes import ``worker_tasks`` (this directory) by task reference. Trials of
+``worker_tasks:tiny`` take milliseconds; those of ``worker_tasks:slow`` about two seconds,
+so that a test can hit a worker in mid-trial.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import FrozenTrial, TrialState
+
+from autoprune.cli import main
+from autoprune.errors import TrialFailed
+from autoprune.search import STUDY_ATTR, _open_storage, open_study
+from autoprune.space import SearchSpace
+from autoprune.spec import spec_from_dict
+from autoprune.task import Task
+from autoprune.tasks import load_task
+from autoprune.worker import SURPLUS_ATTR, WORKER_ATTR, counted, run_worker
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+# A narrow space: the sampler's cost, not the model's, is what 100 tiny trials pay for.
+SPEC = """\
+task = "worker_tasks:{task}"
+trials = {trials}
+
+[space]
+criteria = ["magnitude", "random"]
+scopes = ["layer"]
+rules = ["ratio"]
+
+[finetune]
+epochs = 1
+"""
+
+
+def env() -> dict[str, str]:
+    """The environment of worker processes: this checkout and the test tasks importable."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)])}
+
+
+def autoprune(*args: str, cwd: Path) -> subprocess.Popen[str]:
+    command = [sys.executable, "-m", "autoprune", *args]
+    return subprocess.Popen(
+        command, cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def create_study(storage: str, name: str, *, task: str, trials: int) -> optuna.Study:
+    """Create the study as ``autoprune search`` does, without running a trial."""
+    spec = spec_from_dict({"task": f"worker_tasks:{task}", "trials": trials})
+    spec = spec_from_dict({**spec.to_dict(), "storage": storage, "study_name": name})
+    loaded = spec.finetune.apply(load_task(spec.task))
+    return open_study(
+        loaded,
+        space=spec.space,
+        storage=storage,
+        study_name=name,
+        seed=spec.seed,
+        spec=spec.to_dict(),
+    )
+
+
+def trials_of(storage: str, name: str) -> list[FrozenTrial]:
+    """The study's trials; none while the study does not exist yet."""
+    opened = _open_storage(storage)
+    if name not in optuna.get_all_study_names(opened):
+        return []
+    return optuna.load_study(study_name=name, storage=opened).get_trials(deepcopy=False)
+
+
+def wait_for(condition: Callable[[], object], seconds: float, what: str) -> object:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {seconds} s waiting for {what}")
+
+
+def running_of(storage: str, name: str, pid: int, at_least: float) -> FrozenTrial | None:
+    """A trial that worker ``pid`` has been running for ``at_least`` seconds."""
+    tag = f"{socket.gethostname()}:{pid}"
+    for t in trials_of(storage, name):
+        mine = t.state == TrialState.RUNNING and t.user_attrs.get(WORKER_ATTR) == tag
+        if mine and t.datetime_start and time.time() - t.datetime_start.timestamp() >= at_least:
+            return t
+    return None
+
+
+def retry_of(trials: list[FrozenTrial], number: int) -> FrozenTrial:
+    (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == number]
+    return retry
+
+
+def pg_available() -> bool:
+    try:
+        return subprocess.run(["pg_isready", "-h", "127.0.0.1"], timeout=5).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.fixture(params=["sqlite", "journal", "postgresql"])
+def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """(URL, study name) of a fresh study on each kind of storage; PostgreSQL's is removed
+    afterwards, so reruns start clean."""
+    name = f"test-{uuid.uuid4().hex[:10]}"
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'w.db'}", name
+    elif request.param == "journal":
+        yield f"journal:{tmp_path / 'w.log'}", name
+    else:
+        if not pg_available():
+            pytest.skip("no PostgreSQL answers `pg_isready -h 127.0.0.1`")
+        try:
+            yield PG_URL, name
+        finally:
+            if name in optuna.get_all_study_names(PG_URL):
+                optuna.delete_study(study_name=name, storage=PG_URL)
+
+
+def test_four_workers_run_exactly_the_target(
+    storage: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url, name = storage
+    (tmp_path / "spec.toml").write_text(SPEC.format(task="tiny", trials=100), encoding="utf-8")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path)  # the workers' working directory too
+        mp.setenv("PYTHONPATH", env()["PYTHONPATH"])
+        code = main(
+            ["search", "spec.toml", "--workers", "4", "-q", "--storage", url]
+            + ["--study-name", name, "--report", str(tmp_path / "r.html")]
+        )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    trials = trials_of(url, name)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 100 == len(counted(trials))
+    assert [t.number for t in trials] == list(range(len(trials)))  # unique, none lost
+    # Any other trial is a surplus one, started in a race for the last slot and not run.
+    assert all(t.user_attrs.get(SURPLUS_ATTR) for t in trials if t not in complete)
+    workers = {t.user_attrs[WORKER_ATTR] for t in trials}
+    assert len(workers) == 4
+    assert out.count("worker ") >= 4 and "complete" in out
+
+
+def test_a_killed_worker_s_trial_fails_and_is_retried(tmp_path: Path) -> None:
+    url, name = f"sqlite:///{tmp_path / 'k.db'}", "kill"
+    create_study(url, name, task="slow", trials=3)
+    args = ["worker", "--storage", url, "--study-name", name, "--heartbeat", "1", "-q"]
+    victim, survivor = autoprune(*args, cwd=tmp_path), autoprune(*args, cwd=tmp_path)
+    try:
+        hit = wait_for(lambda: running_of(url, name, victim.pid, 0.3), 90, "a running trial")
+        assert isinstance(hit, FrozenTrial)
+        before = {t.number: t.values for t in trials_of(url, name) if t.values is not None}
+        victim.kill()
+        victim.wait()
+        out, err = survivor.communicate(timeout=120)
+    finally:
+        for proc in (victim, survivor):
+            proc.kill()
+    assert survivor.returncode == 0, err
+    trials = trials_of(url, name)
+    assert trials[hit.number].state == TrialState.FAIL
+    retry = retry_of(trials, hit.number)
+    assert retry.state == TrialState.COMPLETE and retry.params == hit.params
+    assert all(trials[n].values == values for n, values in before.items())  # all kept
+    assert [t.state for t in counted(trials)] == [TrialState.COMPLETE] * 3
+    assert "3 complete" in out
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed")
+def test_stale_heartbeat_is_failed_and_retried(tiny_task: Task, tmp_path: Path) -> None:
+    """A trial of a worker lost on another machine: one heartbeat, then silence for longer
+    than the grace period (3 heartbeats of 1 s). The next worker fails and retries it."""
+    storage = _open_storage(f"sqlite:///{tmp_path / 'h.db'}", for_writing=True, heartbeat=1)
+    study = open_study(tiny_task, space=SearchSpace(), storage=storage, study_name="h", seed=0)
+    lost = study.ask()
+    lost.set_user_attr(WORKER_ATTR, "elsewhere:1")  # not this machine: no pid to look at
+    storage.record_heartbeat(lost._trial_id)
+    time.sleep(3.5)
+    summary = run_worker(study, tiny_task, target=3)
+    trials = study.get_trials(deepcopy=False)
+    assert trials[0].state == TrialState.FAIL
+    assert retry_of(trials, 0).state == TrialState.COMPLETE
+    assert [t.state for t in counted(trials)] == [TrialState.COMPLETE] * 3
+    assert summary.states == {"complete": 3}
+
+
+def test_sigterm_fails_the_running_trial_and_exits_cleanly(tmp_path: Path) -> None:
+    url, name = f"sqlite:///{tmp_path / 't.db'}", "term"
+    create_study(url, name, task="slow", trials=5)
+    worker = autoprune("worker", "--storage", url, "--study-name", name, "-q", cwd=tmp_path)
+    try:
+        hit = wait_for(lambda: running_of(url, name, worker.pid, 0.3), 90, "a running trial")
+        assert isinstance(hit, FrozenTrial)
+        worker.send_signal(signal.SIGTERM)
+        out, err = worker.communicate(timeout=30)
+    finally:
+        worker.kill()
+    assert worker.returncode == 0, err
+    assert "stopped by SIGTERM" in out and f"trial {hit.number} queued for retry" in out
+    assert "Traceback" not in err
+    trials = trials_of(url, name)
+    failed = trials[hit.number]
+    assert failed.state == TrialState.FAIL
+    assert failed.user_attrs["fail_reason"].startswith("interrupted by SIGTERM")
+    retry = retry_of(trials, hit.number)
+    assert retry.state == TrialState.WAITING and "fail_reason" not in retry.user_attrs
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+
+
+def test_resume_after_a_crash_on_a_journal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A journal has no heartbeats: the resume on the same machine sees the dead pid."""
+    url = f"journal:{tmp_path / 'j.log'}"
+    (tmp_path / "spec.toml").write_text(SPEC.format(task="slow", trials=4), encoding="utf-8")
+    args = ["search", "spec.toml", "-q", "--storage", url, "--study-name", "j"]
+    first = autoprune(*args, cwd=tmp_path)
+    try:
+        done = lambda: sum(t.state == TrialState.COMPLETE for t in trials_of(url, "j")) >= 2  # noqa: E731
+        wait_for(done, 90, "two complete trials")
+        hit = wait_for(lambda: running_of(url, "j", first.pid, 0.2), 30, "a running trial")
+        assert isinstance(hit, FrozenTrial)
+        first.kill()
+        first.wait()
+    finally:
+        first.kill()
+    before = {t.number: t.values for t in trials_of(url, "j") if t.values is not None}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path)
+        mp.setenv("PYTHONPATH", env()["PYTHONPATH"])
+        assert main([*args, "--report", str(tmp_path / "r.html")]) == 0
+    trials = trials_of(url, "j")
+    assert trials[hit.number].state == TrialState.FAIL
+    assert "died during the trial" in trials[hit.number].user_attrs["fail_reason"]
+    assert retry_of(trials, hit.number).state == TrialState.COMPLETE
+    assert all(trials[n].values == values for n, values in before.items())
+    # The budget counted the completed trials: 4 in all, not 4 more.
+    assert [t.state for t in counted(trials)] == [TrialState.COMPLETE] * 4
+    assert STUDY_ATTR in optuna.load_study(study_name="j", storage=_open_storage(url)).user_attrs
+    capsys.readouterr()
+
+
+def in_process_study(task: Task, tmp_path: Path, target: int) -> optuna.Study:
+    return open_study(
+        task,
+        space=SearchSpace(),
+        storage=f"sqlite:///{tmp_path / 'p.db'}",
+        study_name="p",
+        seed=0,
+        spec={"task": "tiny", "trials": target},
+    )
+
+
+def test_the_target_is_the_study_s_total(tiny_task: Task, tmp_path: Path) -> None:
+    study = in_process_study(tiny_task, tmp_path, 3)
+    assert run_worker(study, tiny_task, target=3).states == {"complete": 3}
+    assert run_worker(study, tiny_task, target=3).states == {}  # a resume at the target
+    assert run_worker(study, tiny_task, target=5).states == {"complete": 2}
+    assert [t.number for t in study.trials] == list(range(5))
+
+
+def test_counted_leaves_out_retried_and_surplus_trials() -> None:
+    make = optuna.trial.create_trial
+    trials = [
+        make(state=TrialState.COMPLETE, values=[0.9, 10.0]),
+        make(state=TrialState.FAIL),  # lost, then retried by 2
+        make(state=TrialState.WAITING, system_attrs={"failed_trial": 1, "retry_history": [1]}),
+        make(state=TrialState.FAIL, user_attrs={"fail_reason": "nan loss"}),  # counts
+        make(state=TrialState.FAIL, user_attrs={SURPLUS_ATTR: True}),
+    ]
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.add_trials(trials)
+    assert [t.number for t in counted(study.trials)] == [0, 2, 3]
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed")
+def test_a_trial_past_the_target_is_surplus_and_not_run(tiny_task: Task, tmp_path) -> None:
+    from autoprune.objective import Objective
+    from autoprune.worker import _Stop, _WorkerObjective
+
+    study = in_process_study(tiny_task, tmp_path, 1)
+    setup = study.user_attrs[STUDY_ATTR]
+    objective = Objective(tiny_task, SearchSpace(), setup["layers"])
+    wrapped = _WorkerObjective(objective, 1, _Stop(), "here:1")
+    study.ask()  # another worker's trial 0 takes the one slot
+    late = study.ask()
+    with pytest.raises(TrialFailed, match="surplus: the study already held its target of 1"):
+        wrapped(late)
+    attrs = study.trials[late.number].user_attrs
+    assert attrs[SURPLUS_ATTR] is True and "policy" not in attrs
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"version": "0.0.1"}, "is run by autoprune 0.0.1, this worker is autoprune"),
+        (
+            {"model": "0" * 16},
+            "this worker differs from the study: study 'r' was created with "
+            "dense model weights (fingerprint) '0000000000000000'",
+        ),
+        ({"spec": None}, "study 'r' holds no spec to join"),
+    ],
+)
+def test_a_worker_that_differs_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], change: dict, message: str
+) -> None:
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    study = create_study(url, "r", task="tiny", trials=2)
+    setup = {**study.user_attrs[STUDY_ATTR], **change}
+    study.set_user_attr(STUDY_ATTR, {k: v for k, v in setup.items() if v is not None})
+    code = main(["worker", "--storage", url, "--study-name", "r", "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert len(optuna.load_study(study_name="r", storage=url).trials) == 0
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed")
+def test_recover_orphans_fails_and_retries_trials_of_dead_local_workers(
+    tiny_task: Task, tmp_path: Path
+) -> None:
+    from autoprune.worker import recover_orphans
+
+    study = in_process_study(tiny_task, tmp_path, 5)
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # its pid is free now
+    host = socket.gethostname()
+    tags = [f"{host}:{dead.pid}", f"{host}:{os.getpid()}", "elsewhere:1", f"{host}:999999"]
+    for tag in tags:
+        study.ask().set_user_attr(WORKER_ATTR, tag)
+    # A parent told which worker died recovers that worker's trial only.
+    assert recover_orphans(study, pids=[999999]) == [3]
+    # Without pids: every local worker whose process is gone; this one lives, "elsewhere"
+    # may (it is not ours to judge).
+    assert recover_orphans(study) == [0]
+    trials = study.get_trials(deepcopy=False)
+    assert [t.state for t in trials[:4]] == [
+        TrialState.FAIL,
+        TrialState.RUNNING,
+        TrialState.RUNNING,
+        TrialState.FAIL,
+    ]
+    assert trials[0].user_attrs["fail_reason"] == f"worker {tags[0]} died during the trial"
+    assert {retry_of(trials, 0).state, retry_of(trials, 3).state} == {TrialState.WAITING}
