@@ -63,7 +63,13 @@ def _search(args: argparse.Namespace) -> int:
     task = spec.finetune.apply(load_task(spec.task, seed=spec.seed))
     # Opened (and the task checked) before the bar is drawn: bad input gives one line.
     study = open_study(
-        task, space=spec.space, storage=storage, study_name=study_name, seed=spec.seed
+        task,
+        space=spec.space,
+        storage=storage,
+        study_name=study_name,
+        seed=spec.seed,
+        objectives=spec.objectives,
+        latency=spec.latency,
     )
     dense = study.user_attrs[STUDY_ATTR]["dense"]
     print(

@@ -15,9 +15,11 @@ import plotly.colors
 import plotly.graph_objects as go
 from optuna.trial import FrozenTrial, TrialState
 
+from autoprune.measure import DEFAULT_OBJECTIVES
 from autoprune.search import STUDY_ATTR
 
-# Stable column order of the front table; per-layer sparsities follow as "sparsity:<layer>".
+# Stable column order of the front table (a study's size objectives stand where
+# "nonzero_params" is); per-layer sparsities follow as "sparsity:<layer>".
 COLUMNS = [
     "trial",
     "accuracy",
@@ -30,39 +32,63 @@ COLUMNS = [
     "rule",
     "alpha",
 ]
+# Size objectives that count things, shown as integers.
+_COUNTS = ("nonzero_params", "bytes", "macs")
+_AXIS_TITLES = {
+    "nonzero_params": "nonzero prunable weights (log)",
+    "bytes": "bytes of the exported model (log)",
+    "macs": "multiply-adds per input (log)",
+    "latency_ms": "latency, ms per batch (log)",
+}
+
+
+def objective_names(study: optuna.Study) -> list[str]:
+    """The study's objective names in order: "accuracy", then its size objectives."""
+    return list(study.metric_names or DEFAULT_OBJECTIVES)
+
+
+def _columns(names: list[str]) -> list[str]:
+    i = COLUMNS.index("nonzero_params")
+    return [*COLUMNS[:i], *names[1:], *COLUMNS[i + 1 :]]
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
     """One row per complete trial, front and dominated alike; ``on_front`` marks the front."""
+    names = objective_names(study)
     front = {t.number for t in study.best_trials}
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    rows = [_row(t, t.number in front) for t in trials]
-    frame = pd.DataFrame(rows, columns=[*COLUMNS, "on_front"] if not rows else None)
-    return frame.sort_values("nonzero_params", kind="stable").reset_index(drop=True)
+    rows = [_row(t, t.number in front, names) for t in trials]
+    frame = pd.DataFrame(rows, columns=[*_columns(names), "on_front"] if not rows else None)
+    return frame.sort_values(names[1], kind="stable").reset_index(drop=True)
 
 
 def pareto_front(study: optuna.Study) -> pd.DataFrame:
     """The Pareto front (``study.best_trials``), one row per trial, smallest model first.
 
-    Columns: ``trial``, ``accuracy`` (validation), ``test_accuracy``, ``nonzero_params``,
-    ``density``, ``sparsity``, ``criterion``, ``scope``, ``rule``, ``alpha``, then
-    ``sparsity:<layer>`` (achieved) for every pruned layer.
+    Columns: ``trial``, ``accuracy`` (validation), ``test_accuracy``, the study's size
+    objectives (``nonzero_params`` by default), ``density``, ``sparsity``, ``criterion``,
+    ``scope``, ``rule``, ``alpha``, then ``sparsity:<layer>`` (achieved) for every pruned layer.
+    Structured trials add ``granularity`` and ``removed_blocks``.
     """
-    rows = [_row(t, True) for t in study.best_trials]
+    names = objective_names(study)
+    rows = [_row(t, True, names) for t in study.best_trials]
     if not rows:
-        return pd.DataFrame(columns=COLUMNS)
+        return pd.DataFrame(columns=_columns(names))
     frame = pd.DataFrame(rows).drop(columns="on_front")
-    return frame.sort_values(["nonzero_params", "trial"]).reset_index(drop=True)
+    return frame.sort_values([names[1], "trial"]).reset_index(drop=True)
 
 
-def _row(trial: FrozenTrial, on_front: bool) -> dict[str, object]:
+def _row(trial: FrozenTrial, on_front: bool, names: list[str]) -> dict[str, object]:
     attrs, policy = trial.user_attrs, trial.user_attrs.get("policy", {})
-    accuracy, nonzero = trial.values
+    values = dict(zip(names, trial.values, strict=True))
     row: dict[str, object] = {
         "trial": trial.number,
-        "accuracy": accuracy,
+        "accuracy": values["accuracy"],
         "test_accuracy": attrs.get("test_accuracy", float("nan")),
-        "nonzero_params": int(nonzero),
+    }
+    for name in names[1:]:
+        row[name] = int(values[name]) if name in _COUNTS else values[name]
+    row |= {
         "density": attrs.get("density", float("nan")),
         "sparsity": 1.0 - attrs.get("density", float("nan")),
         "criterion": policy.get("criterion"),
@@ -70,14 +96,19 @@ def _row(trial: FrozenTrial, on_front: bool) -> dict[str, object]:
         "rule": policy.get("rule"),
         "alpha": policy.get("alpha") if policy.get("rule") == "mean" else float("nan"),
     }
+    if "granularity" in policy:
+        row["granularity"] = policy["granularity"]
+        row["removed_blocks"] = ", ".join(policy.get("removed_blocks", ()))
     for layer, value in attrs.get("layer_sparsity", {}).items():
         row[f"sparsity:{layer}"] = value
     row["on_front"] = on_front
     return row
 
 
-def pareto_figure(frame: pd.DataFrame, *, title: str = "") -> go.Figure:
-    """Validation accuracy against nonzero weights; dominated trials faded.
+def pareto_figure(
+    frame: pd.DataFrame, *, title: str = "", size: str = "nonzero_params"
+) -> go.Figure:
+    """Validation accuracy against the size objective ``size``; dominated trials faded.
 
     Args:
         frame: :func:`trials_frame` output.
@@ -87,7 +118,7 @@ def pareto_figure(frame: pd.DataFrame, *, title: str = "") -> go.Figure:
         part = frame[frame["on_front"] == on_front]
         fig.add_trace(
             go.Scatter(
-                x=part["nonzero_params"],
+                x=part[size],
                 y=part["accuracy"],
                 mode="markers+lines" if on_front else "markers",
                 name=name,
@@ -100,7 +131,7 @@ def pareto_figure(frame: pd.DataFrame, *, title: str = "") -> go.Figure:
         )
     fig.update_layout(
         title=title or "Pareto front",
-        xaxis_title="nonzero prunable weights (log)",
+        xaxis_title=_AXIS_TITLES.get(size, f"{size} (log)"),
         yaxis_title="validation accuracy",
         xaxis_type="log",
         hovermode="closest",
@@ -113,7 +144,8 @@ def _hover(row: pd.Series) -> str:
         f"trial {row['trial']}",
         f"val accuracy {row['accuracy']:.4f}",
         f"test accuracy {row['test_accuracy']:.4f}",
-        f"nonzero {row['nonzero_params']} (density {row['density']:.3f})",
+        *[f"{name} {row[name]:.6g}" for name in _AXIS_TITLES if name in row],
+        f"density {row['density']:.3f}",
         f"criterion {row['criterion']}, scope {row['scope']}, rule {row['rule']}",
     ]
     if row["rule"] == "mean":
@@ -163,7 +195,11 @@ def write_report(study: optuna.Study, path: str | Path) -> Path:
     setup = study.user_attrs.get(STUDY_ATTR, {})
     frame = trials_frame(study)
     figures = [
-        pareto_figure(frame, title=f"Pareto front of study {study.study_name!r}"),
+        pareto_figure(
+            frame,
+            title=f"Pareto front of study {study.study_name!r}",
+            size=objective_names(study)[1],
+        ),
         loss_curves_figure(study),
     ]
     parts = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -15,10 +15,12 @@ import sqlalchemy
 from optuna.trial import FrozenTrial
 from torch import nn
 
+from autoprune import measure, structured
 from autoprune._version import __version__
+from autoprune.criteria import get_criterion
 from autoprune.errors import StorageError, TaskError, TrialFailed
 from autoprune.masks import count_nonzero, prunable_layers
-from autoprune.objective import DIRECTIONS, METRIC_NAMES, Objective, prune_and_finetune
+from autoprune.objective import METRIC_NAMES, Objective, PruneResult, prune_and_finetune
 from autoprune.policy import Policy
 from autoprune.space import SearchSpace
 from autoprune.task import Task
@@ -29,6 +31,8 @@ logger = logging.getLogger(__name__)
 # Key of the study user attr holding what the study was created with.
 STUDY_ATTR = "autoprune"
 Callback = Callable[[optuna.Study, FrozenTrial], None]
+# Setup keys newer than the first studies, as those studies were made: they still resume.
+_SETUP_DEFAULTS: dict[str, Any] = {"objectives": list(METRIC_NAMES)}
 
 
 def search(
@@ -42,11 +46,14 @@ def search(
     space: SearchSpace | None = None,
     sampler: optuna.samplers.BaseSampler | None = None,
     callbacks: Iterable[Callback] = (),
+    objectives: Sequence[str] = METRIC_NAMES,
+    latency: measure.Latency | None = None,
 ) -> optuna.Study:
     """Search pruning policies of ``task.model``; return the (new or resumed) Optuna study.
 
-    Objectives: maximise validation accuracy, minimise nonzero prunable weights. The Pareto
-    front is ``study.best_trials``; :func:`autoprune.pareto_front` tabulates it.
+    Objectives: maximise validation accuracy, minimise the size objectives named in
+    ``objectives`` (nonzero prunable weights by default). The Pareto front is
+    ``study.best_trials``; :func:`autoprune.pareto_front` tabulates it.
 
     Args:
         n_trials: Trials to run in this call (None: until ``timeout``).
@@ -57,8 +64,11 @@ def search(
         space: The search space; :class:`SearchSpace` defaults if None.
         sampler: Overrides the default seeded multivariate TPE sampler.
         callbacks: Called as ``callback(study, trial)`` after each trial.
+        objectives: ``"accuracy"``, then one or two of :data:`autoprune.measure.OBJECTIVES`.
+        latency: How ``latency_ms`` is measured (batch size, threads, repeats).
 
     Raises:
+        SpecError: On bad objectives, or unstructured pruning with an objective blind to it.
         TaskError: If the model has no prunable layer left by the space's globs, or the data
             does not fit the model.
         StorageError: If the storage cannot be opened, or the named study was created with a
@@ -67,7 +77,14 @@ def search(
     space = space or SearchSpace()
     _check_budget(n_trials, timeout)
     study = open_study(
-        task, space=space, storage=storage, study_name=study_name, seed=seed, sampler=sampler
+        task,
+        space=space,
+        storage=storage,
+        study_name=study_name,
+        seed=seed,
+        sampler=sampler,
+        objectives=objectives,
+        latency=latency,
     )
     optimize(study, task, n_trials=n_trials, timeout=timeout, callbacks=callbacks)
     return study
@@ -85,7 +102,17 @@ def optimize(
     _check_budget(n_trials, timeout)
     setup = study.user_attrs[STUDY_ATTR]
     space = SearchSpace.from_dict(setup["space"])
-    objective = Objective(task, space, setup["layers"], seed=setup["seed"])
+    latency = setup.get("latency")
+    objective = Objective(
+        task,
+        space,
+        setup["layers"],
+        seed=setup["seed"],
+        objectives=setup.get("objectives", METRIC_NAMES),
+        latency=measure.Latency.from_dict(latency) if latency else None,
+        groups=setup.get("groups", ()),
+        blocks=setup.get("blocks", ()),
+    )
     study.optimize(
         objective,
         n_trials=n_trials,
@@ -108,6 +135,8 @@ def open_study(
     study_name: str | None,
     seed: int,
     sampler: optuna.samplers.BaseSampler | None = None,
+    objectives: Sequence[str] = METRIC_NAMES,
+    latency: measure.Latency | None = None,
 ) -> optuna.Study:
     """Create the study, or load it if it exists and was made with the same setup.
 
@@ -115,14 +144,17 @@ def open_study(
     no half-written study behind.
 
     Raises:
+        SpecError: On bad objectives, or unstructured pruning with an objective blind to it.
         TaskError: If the model has no prunable layer left by the space's globs, or the data
             does not fit the model.
         StorageError: If the storage cannot be opened, or the named study was created with a
             different task, fine-tuning recipe, search space or seed.
     """
+    objectives = list(measure.check_objectives(objectives))
+    measure.check_granularities(objectives, space.granularities)
     layers = prunable_layers(task.model, space.include, space.exclude)
     task.check()
-    setup = {
+    setup: dict[str, Any] = {
         "version": __version__,
         "task": task.name,
         "finetune": {
@@ -135,13 +167,22 @@ def open_study(
         "space": space.to_dict(),
         "seed": seed,
         "model": model_fingerprint(task.model),
+        "objectives": objectives,
+        **_structured_setup(task, space),
     }
+    if "latency_ms" in objectives:
+        setup["latency"] = (latency or measure.Latency()).to_dict()
     storage = _open_storage(storage, for_writing=True)
     existing = _load_existing(storage, study_name)
     if existing is not None:
         _check_same_setup(existing, setup, study_name)
     n_before = len(existing.trials) if existing is not None else 0
-    dense = dense_metrics(task, layers) if existing is None else None
+    dense = None
+    if existing is None:
+        context = measure.Context(
+            structured.example_input(task.val)[:1], tuple(layers), latency or measure.Latency()
+        )
+        dense = dense_metrics(task, layers, objectives=objectives, context=context)
     if sampler is None:
         with warnings.catch_warnings():  # `group` is experimental, and needed for our space
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -157,25 +198,64 @@ def open_study(
             storage=storage,
             study_name=study_name,
             sampler=sampler,
-            directions=DIRECTIONS,
+            directions=measure.directions(objectives),
             load_if_exists=True,
         )
     if existing is None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names(list(METRIC_NAMES))
+            study.set_metric_names(objectives)
         study.set_user_attr(STUDY_ATTR, {**setup, "dense": dense})
     return study
 
 
-def dense_metrics(task: Task, layers: list[str]) -> dict[str, float]:
-    """Validation (and test) accuracy, nonzero and total prunable weights of the dense model."""
+def dense_metrics(
+    task: Task,
+    layers: list[str],
+    *,
+    objectives: Sequence[str] = (),
+    context: measure.Context | None = None,
+) -> dict[str, float]:
+    """Validation (and test) accuracy, nonzero and total prunable weights of the dense model,
+    and its size ``objectives`` measured in ``context``."""
     metrics = {"accuracy": evaluate(task.model, task, "val")[0]}
     if task.test is not None:
         metrics["test_accuracy"] = evaluate(task.model, task, "test")[0]
     nonzero, total = count_nonzero(task.model, layers)
     metrics["nonzero_params"], metrics["total_params"] = float(nonzero), float(total)
+    if context is not None:
+        metrics.update(measure.measure(task.model, objectives, context))
     return metrics
+
+
+def _structured_setup(task: Task, space: SearchSpace) -> dict[str, Any]:
+    """The channel groups and removable blocks a structured study searches (none otherwise).
+
+    Raises:
+        TaskError: If no channel group is left by the globs, a block cannot be removed, or a
+            BatchNorm criterion meets a group without BatchNorm.
+    """
+    if "structured" not in space.granularities:
+        return {}
+    example = structured.example_input(task.val)
+    groups = structured.channel_groups(task.model, example, space.include, space.exclude)
+    if not groups:
+        raise TaskError(
+            f"include {list(space.include)} / exclude {list(space.exclude)} leave no channel "
+            "group to prune (the output layer's channels are never removed)"
+        )
+    for name in space.channel_criteria:
+        if get_criterion(name).channel_source == "batchnorm":
+            for group in groups:
+                if not group.batchnorms:
+                    raise TaskError(
+                        f"channel criterion {name!r} needs a BatchNorm, and channel group "
+                        f"{group.name!r} has none"
+                    )
+    blocks = structured.removable_blocks(task.model, example, space.blocks)
+    if space.blocks and not blocks:
+        raise TaskError(f"blocks {list(space.blocks)} match no module with parameters")
+    return {"groups": [g.name for g in groups], "blocks": blocks}
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -192,6 +272,15 @@ def materialize(task: Task, trial: FrozenTrial) -> nn.Module:
 
     The replay is seeded and deterministic: the model reproduces the trial's recorded
     metrics exactly (given the same task, on the same kind of machine).
+
+    Raises:
+        TaskError: If ``trial`` holds no autoprune policy or its layers are not in the model.
+    """
+    return replay(task, trial).model
+
+
+def replay(task: Task, trial: FrozenTrial) -> PruneResult:
+    """Like :func:`materialize`, with all that the replay measured (and its structured plan).
 
     Raises:
         TaskError: If ``trial`` holds no autoprune policy or its layers are not in the model.
@@ -214,7 +303,7 @@ def materialize(task: Task, trial: FrozenTrial) -> nn.Module:
             result.metrics["accuracy"],
             trial.values[0],
         )
-    return result.model
+    return result
 
 
 def load_study(storage: str, study_name: str | None) -> optuna.Study:
@@ -286,7 +375,7 @@ def _check_same_setup(study: optuna.Study, setup: dict[str, Any], name: str | No
     if stored is None:
         raise StorageError(f"study {name!r} exists but was not made by autoprune")
     for key in [k for k in setup if k != "version"]:  # what a study was made with
-        if stored.get(key) != setup[key]:
+        if stored.get(key, _SETUP_DEFAULTS.get(key)) != setup[key]:
             label = "dense model weights (fingerprint)" if key == "model" else key
             hint = (
                 "resume with the model the study was made with, or use another study name"

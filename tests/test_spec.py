@@ -83,8 +83,8 @@ def test_integer_lr_becomes_float(tmp_path: Path) -> None:
     [
         (
             "trails = 5\n",
-            "unknown key 'trails' (known: finetune, seed, space, storage, study_name, task, "
-            "timeout, trials)",
+            "unknown key 'trails' (known: finetune, latency, objectives, seed, space, storage, "
+            "study_name, task, timeout, trials)",
         ),
         (
             "[finetune]\nepoch = 1\n",
@@ -129,7 +129,7 @@ def test_rejections_name_key_and_value(tmp_path: Path, text: str, expected: str)
         ("[space]\nalpha = [0.0, 1.0]\n", "alpha", "[0.0, 1.0]"),
         ('[space]\nscopes = ["layer", "local"]\n', "unknown scope", "'local'"),
         ('[space]\nrules = ["median"]\n', "unknown rule", "'median'"),
-        ('[space]\ncriteria = ["magnitude", "l2"]\n', "unknown criterion", "'l2'"),
+        ('[space]\ncriteria = ["magnitude", "l0"]\n', "unknown criterion", "'l0'"),
         ('[space]\ncriteria = "magnitude"\n', "criteria", "'magnitude'"),
         ("[space]\ncriteria = []\n", "criteria", "()"),
         ('[space]\ninclude = "features.*"\n', "include", "'features.*'"),
@@ -146,9 +146,9 @@ def test_space_rejections_name_key_and_value(
 
 def test_unknown_criterion(tmp_path: Path) -> None:
     # The list of known criteria grows with registrations, so only its head is fixed here.
-    path = write_spec(tmp_path, '[space]\ncriteria = ["magnitude", "l2"]\n')
+    path = write_spec(tmp_path, '[space]\ncriteria = ["magnitude", "l0"]\n')
     message = spec_error(path)
-    assert message.startswith(f"{path}: [space] unknown criterion 'l2' (known: ")
+    assert message.startswith(f"{path}: [space] unknown criterion 'l0' (known: ")
     assert "magnitude" in message and "taylor" in message
 
 
