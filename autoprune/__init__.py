@@ -3,6 +3,7 @@
 from autoprune._version import __version__
 from autoprune.criteria import CRITERIA, Criterion, get_criterion, register_criterion
 from autoprune.errors import AutopruneError, SpecError, StorageError, TaskError, TrialFailed
+from autoprune.export import export_model, export_trial, load_model
 from autoprune.masks import apply_masks, compute_masks, fold_masks, prunable_layers
 from autoprune.objective import PruneResult, prune_and_finetune
 from autoprune.policy import Policy
@@ -27,8 +28,11 @@ __all__ = [
     "accuracy",
     "apply_masks",
     "compute_masks",
+    "export_model",
+    "export_trial",
     "fold_masks",
     "get_criterion",
+    "load_model",
     "load_study",
     "materialize",
     "pareto_front",

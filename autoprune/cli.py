@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from autoprune import __version__
 from autoprune.errors import AutopruneError, SpecError
+from autoprune.export import export_trial
 from autoprune.report import pareto_front, write_report
 from autoprune.search import STUDY_ATTR, load_study, open_study, optimize
 from autoprune.spec import load_spec, parse_duration
@@ -75,7 +76,12 @@ def _search(args: argparse.Namespace) -> int:
     print(
         f"dense {task.name}: val accuracy {dense['accuracy']:.4f}, test accuracy "
         f"{dense.get('test_accuracy', float('nan')):.4f}, "
-        f"{int(dense['nonzero_params'])} prunable weights",
+        f"{int(dense['nonzero_params'])} prunable weights"
+        + "".join(
+            f", {name} {dense[name]:.6g}"
+            for name in (study.metric_names or [])[1:]
+            if name != "nonzero_params" and name in dense
+        ),
         flush=True,
     )
     progress = _Progress(trials, disable=args.quiet)
@@ -111,6 +117,18 @@ def _report(args: argparse.Namespace) -> int:
     study = load_study(args.storage, args.study_name)
     out = write_report(study, args.out or f"{study.study_name}.html")
     print(f"report: {Path(out).resolve()}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec)
+    study = load_study(args.storage or spec.storage, args.study_name or spec.name)
+    trials = [t for t in study.get_trials(deepcopy=False) if t.number == args.trial]
+    if not trials or trials[0].state != TrialState.COMPLETE:
+        raise SpecError(f"study {study.study_name!r} has no complete trial {args.trial}")
+    task = spec.finetune.apply(load_task(spec.task, seed=spec.seed))
+    out = export_trial(task, trials[0], args.out or f"{study.study_name}-trial{args.trial}.pt")
+    print(f"trial {args.trial} (val accuracy {trials[0].values[0]:.4f}) exported to {out}")
     return 0
 
 
@@ -160,6 +178,13 @@ def _parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--out", help="HTML path (default: STUDY_NAME.html)")
             p.set_defaults(run=_report)
+    p = sub.add_parser("export", help="export a trial's pruned model (load: autoprune.load_model)")
+    p.add_argument("spec", help="the study's spec (task, storage, study name)")
+    p.add_argument("--trial", type=int, required=True, help="trial number")
+    p.add_argument("--storage", help="database URL (default: the spec's)")
+    p.add_argument("--study-name", help="study name (default: the spec's)")
+    p.add_argument("--out", help="file to write (default: STUDY_NAME-trialN.pt)")
+    p.set_defaults(run=_export)
     return parser
 
 

@@ -27,8 +27,11 @@ from torch import Tensor, nn
 from autoprune.errors import TaskError
 
 if TYPE_CHECKING:
+    from optuna.trial import FrozenTrial
+
     from autoprune.policy import Policy
     from autoprune.structured import Plan
+    from autoprune.task import Task
 
 FORMAT = "autoprune-export/1"
 _MASK, _VALUES, _SHAPE = "::mask", "::values", "::shape"
@@ -127,3 +130,19 @@ def load_model(path: str | Path, base: nn.Module) -> nn.Module:
     except RuntimeError as e:
         raise TaskError(f"exported model {str(path)!r} does not fit the base model: {e}") from e
     return model.eval()
+
+
+def export_trial(task: Task, trial: FrozenTrial, path: str | Path) -> Path:
+    """Replay a finished trial (see :func:`autoprune.search.materialize`) and export its model.
+
+    Raises:
+        TaskError: If ``trial`` holds no autoprune policy or does not fit the task's model.
+    """
+    from autoprune.search import replay
+    from autoprune.structured import example_input
+
+    result = replay(task, trial)
+    example = example_input(task.val)
+    return export_model(
+        result.model, path, policy=result.policy, example=example, plan=result.plan
+    )

@@ -69,7 +69,8 @@ class SearchSpace:
                 if value not in known:
                     if known is CRITERIA:
                         get_criterion(value)  # raises with the list of known criteria
-                    raise SpecError(f"unknown {field[:-1]} {value!r} (known: {', '.join(known)})")
+                    what = "granularity" if field == "granularities" else field[:-1]
+                    raise SpecError(f"unknown {what} {value!r} (known: {', '.join(known)})")
                 if field == "criteria":
                     get_criterion(value, "unstructured")
                 elif field == "channel_criteria":
@@ -107,6 +108,8 @@ class SearchSpace:
         if isinstance(self.blocks, str) or not all(isinstance(g, str) for g in self.blocks):
             raise SpecError(f"blocks must be a list of glob strings, got {self.blocks!r}")
         object.__setattr__(self, "blocks", tuple(self.blocks))
+        if "structured" not in self.granularities and (self.blocks or round_to != 1):
+            raise SpecError("round_to and blocks need 'structured' in granularities")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data; settings of structured pruning only where they differ from the

@@ -145,8 +145,10 @@ def channel_groups(
 
 
 def removable_blocks(model: nn.Module, example: Tensor, globs: Sequence[str]) -> list[str]:
-    """Module paths matching ``globs`` that can be replaced by the identity: modules with
-    parameters whose output has their input's shape (residual blocks without projection).
+    """Module paths matching ``globs`` that can be replaced by the identity: containers of a
+    Linear/Conv layer whose output has their input's shape (residual blocks without
+    projection). A glob may match more (``*`` spans dots): single layers and what lies inside
+    a matched block are left out.
 
     Raises:
         TaskError: If a matched module changes the shape of what flows through it.
@@ -159,7 +161,8 @@ def removable_blocks(model: nn.Module, example: Tensor, globs: Sequence[str]) ->
         for name, m in modules.items()
         if name
         and any(fnmatch.fnmatchcase(name, g) for g in globs)
-        and next(m.parameters(), None) is not None
+        and any(True for _ in m.children())
+        and any(isinstance(layer, PRUNABLE_TYPES) for layer in m.modules())
     ]
     # A glob like "stages.*" also matches the layers inside a block: the block is what goes.
     chosen = [n for n in chosen if not any(n.startswith(f"{other}.") for other in chosen)]

@@ -317,3 +317,47 @@ def test_console_script_help() -> None:
     assert result.stdout.startswith("usage: autoprune")
     for command in ("search", "front", "report"):
         assert command in result.stdout
+
+
+RESNET_SPEC = """\
+task = "digits-resnet"
+trials = 2
+objectives = ["accuracy", "macs"]
+
+[space]
+granularities = ["structured"]
+channel_criteria = ["bn_scale", "l1"]
+channel_sparsity = [0.3, 0.6]
+blocks = ["stages.*.1"]
+
+[finetune]
+epochs = 1
+"""
+
+
+def test_structured_search_and_export_of_digits_resnet(workdir: Path, capsys) -> None:
+    """The built-in ResNet through the CLI: a MACs study, its front, report and an export
+    that reloads to the recorded accuracy."""
+    import torch
+
+    from autoprune.export import load_model
+    from autoprune.train import evaluate
+
+    (workdir / "r.toml").write_text(RESNET_SPEC, encoding="utf-8")
+    code, out, err = run(capsys, "search", "r.toml", "-q")
+    assert code == 0, err
+    assert "dense digits-resnet: val accuracy" in out and " macs " in out.replace("\n", " ")
+    study = optuna.load_study(study_name="digits-resnet", storage="sqlite:///autoprune.db")
+    assert study.metric_names == ["accuracy", "macs"]
+    trial = study.best_trials[0]
+    code, out, err = run(capsys, "export", "r.toml", "--trial", str(trial.number), "--out", "m.pt")
+    assert code == 0, err
+    assert f"trial {trial.number}" in out and (workdir / "m.pt").exists()
+    task = load_task("digits-resnet")
+    model = load_model(workdir / "m.pt", task.model)
+    assert evaluate(model, task, "val")[0] == trial.values[0]
+    dense = sum(p.numel() for p in task.model.parameters())
+    assert sum(p.numel() for p in model.parameters()) < dense
+    assert torch.load(workdir / "m.pt", weights_only=True)["format"] == "autoprune-export/1"
+    code, out, err = run(capsys, "export", "r.toml", "--trial", "99")
+    assert code == 2 and "has no complete trial 99" in err

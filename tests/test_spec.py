@@ -218,3 +218,35 @@ def test_finetune_apply_overrides_only_given_fields(tiny_task) -> None:
     task = Finetune(epochs=0, lr=0.5).apply(tiny_task)
     assert (task.finetune_epochs, task.lr, task.batch_size) == (0, 0.5, tiny_task.batch_size)
     assert Finetune().apply(tiny_task) == tiny_task
+
+
+def test_digits_resnet_spec_parses() -> None:
+    from autoprune.measure import Latency
+
+    spec = load_spec(STUDIES / "digits_resnet.toml")
+    assert spec.task == "digits-resnet"
+    assert spec.objectives == ("accuracy", "macs", "latency_ms")
+    assert spec.latency == Latency(batch_size=64, threads=1, repeats=20, warmup=3)
+    assert spec.space.granularities == ("structured",)
+    assert spec.space.round_to == 4 and spec.space.blocks == ("stages.*.1",)
+    assert "bn_scale" in spec.space.channel_criteria
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('objectives = ["macs"]\n', "objectives must be a list starting with 'accuracy'"),
+        ('objectives = ["accuracy", "flops"]\n', "unknown objective 'flops'"),
+        (
+            'objectives = ["accuracy", "latency_ms"]\n',
+            "objective 'latency_ms' is blind to unstructured zeros",
+        ),
+        ("[latency]\nthreads = 0\n", "[latency] latency threads must be an integer >= 1, got 0"),
+        ("[latency]\nbatch = 8\n", "[latency] unknown latency key 'batch'"),
+        ('[space]\ngranularities = ["channel"]\n', "unknown granularity 'channel'"),
+        ('[space]\nchannel_criteria = ["magnitude"]\n', "'magnitude' cannot score structured"),
+        ("[space]\nround_to = 8\n", "round_to and blocks need 'structured' in granularities"),
+    ],
+)
+def test_structured_and_objective_rejections(tmp_path: Path, text: str, expected: str) -> None:
+    assert expected in spec_error(write_spec(tmp_path, text))
