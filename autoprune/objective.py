@@ -80,7 +80,8 @@ def prune_and_finetune(
         test_accuracy = evaluate(model, task, "test")[0] if task.test is not None else None
         context = measure.Context(structured.example_input(task.val)[:1], tuple(layers))
         nonzero = measure.nonzero_params(model, context)
-        total = measure.nonzero_params(task.model, context)  # the dense model has no zeros
+        dense = dict(task.model.named_modules())
+        total = sum(dense[name].weight.numel() for name in layers)
         sparsity = _layer_sparsity(model, task.model, layers)
     metrics = {
         "accuracy": accuracy,
