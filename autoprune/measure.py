@@ -166,8 +166,8 @@ def bytes_(model: nn.Module, context: Context) -> float:
 @register_objective("macs", sees_zeros=False)
 def macs(model: nn.Module, context: Context) -> float:
     """Multiply-accumulates of one forward pass of one input (``torch.utils.flop_counter``)."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        _eval(model)(context.example)
+    with _eval_mode([model]), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(context.example)
     return counter.get_total_flops() / 2
 
 
@@ -184,10 +184,10 @@ def compare_latency(
     A, B, ...) so that a load change on the machine affects them alike."""
     batch = example[:1].expand(settings.batch_size, *example.shape[1:]).contiguous()
     times: list[list[float]] = [[] for _ in models]
-    with _threads(settings.threads), torch.inference_mode():
+    with _eval_mode(models), _threads(settings.threads), torch.inference_mode():
         for model in models:
             for _ in range(settings.warmup):
-                _eval(model)(batch)
+                model(batch)
         for _ in range(settings.repeats):
             for i, model in enumerate(models):
                 start = time.perf_counter()
@@ -196,8 +196,17 @@ def compare_latency(
     return [1000 * statistics.median(t) for t in times]
 
 
-def _eval(model: nn.Module) -> nn.Module:
-    return model.eval()
+@contextmanager
+def _eval_mode(models: Sequence[nn.Module]) -> Iterator[None]:
+    """Models in eval mode (BatchNorm uses its running statistics), their modes restored."""
+    modes = [model.training for model in models]
+    try:
+        for model in models:
+            model.eval()
+        yield
+    finally:
+        for model, mode in zip(models, modes, strict=True):
+            model.train(mode)
 
 
 @contextmanager

@@ -173,10 +173,12 @@ def removable_blocks(model: nn.Module, example: Tensor, globs: Sequence[str]) ->
         )
         for name in chosen
     ]
+    was_training = model.training
     try:
         with torch.no_grad():
             model.eval()(example)
     finally:
+        model.train(was_training)
         for hook in hooks:
             hook.remove()
     for name in chosen:

@@ -53,9 +53,11 @@ def test_objective_contract(name: str) -> None:
     objective = OBJECTIVES[name]
     dense = wide_mlp()
     state = {k: v.clone() for k, v in dense.state_dict().items()}
-    value = objective.measure(dense, context())
+    value = objective.measure(dense.train(), context())
     assert isinstance(value, float) and value > 0 and value == value
     assert all(torch.equal(state[k], v) for k, v in dense.state_dict().items())
+    assert dense.training  # measured in eval mode, the mode restored
+    dense.eval()
 
     pruned = structured_copy(dense, 0.9)
     assert objective.measure(pruned, context()) < 0.5 * value
