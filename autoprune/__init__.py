@@ -7,6 +7,7 @@ from autoprune.dashboard import write_report
 from autoprune.errors import AutopruneError, SpecError, StorageError, TaskError, TrialFailed
 from autoprune.export import export, load, pick
 from autoprune.masks import apply_masks, compute_masks, fold_masks, prunable_layers
+from autoprune.model_file import export_model, export_trial, load_model
 from autoprune.objective import PruneResult, prune_and_finetune
 from autoprune.policy import Policy
 from autoprune.report import pareto_front
@@ -32,9 +33,12 @@ __all__ = [
     "apply_masks",
     "compute_masks",
     "export",
+    "export_model",
+    "export_trial",
     "fold_masks",
     "get_criterion",
     "load",
+    "load_model",
     "load_study",
     "materialize",
     "pareto_front",

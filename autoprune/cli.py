@@ -103,6 +103,8 @@ def _search(args: argparse.Namespace) -> int:
         seed=spec.seed,
         spec=spec.to_dict(),
         heartbeat=args.heartbeat,
+        objectives=spec.objectives,
+        latency=spec.latency,
     )
     weights_dir = resolve_dir(spec.storage, spec.artifacts)
     record_task_ref(study, spec.task)  # so that `autoprune export` can rebuild the model
@@ -110,7 +112,12 @@ def _search(args: argparse.Namespace) -> int:
     print(
         f"dense {task.name}: val accuracy {dense['accuracy']:.4f}, test accuracy "
         f"{dense.get('test_accuracy', float('nan')):.4f}, "
-        f"{int(dense['nonzero_params'])} prunable weights",
+        f"{int(dense['nonzero_params'])} prunable weights"
+        + "".join(
+            f", {name} {dense[name]:.6g}"
+            for name in (study.metric_names or [])[1:]
+            if name != "nonzero_params" and name in dense
+        ),
         flush=True,
     )
     progress = _Progress(spec.trials, initial=study_status(study).done, disable=args.quiet)

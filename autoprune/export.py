@@ -27,11 +27,12 @@ from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from autoprune import structured
 from autoprune._version import __version__
 from autoprune.artifacts import FrontWeights, load_weights, save_weights
 from autoprune.errors import SpecError, StorageError, TaskError
 from autoprune.masks import count_nonzero
-from autoprune.search import STUDY_ATTR, materialize
+from autoprune.search import STUDY_ATTR, materialize, replay
 from autoprune.task import Task
 from autoprune.tasks import load_task
 from autoprune.train import evaluate
@@ -216,7 +217,7 @@ def export(
     setup = study.user_attrs[STUDY_ATTR]
     task_ref = task_ref or default_task_ref(study)
     task = task or study_task(study, task_ref)
-    model, source = _trial_model(study, trial, task, task_ref, artifact_dir)
+    model, source, plan = _trial_model(study, trial, task, task_ref, artifact_dir)
     metrics = _measure(model, task, setup["layers"])
     recorded = trial_metrics(trial, metric_names(study), total_params=study_total_params(study))
     if metrics["accuracy"] != recorded[ACCURACY]:
@@ -237,6 +238,9 @@ def export(
         "trial": trial.number,
         "source": source,
     }
+    if plan is not None:  # the smaller architecture, rebuilt by :func:`load` from the dense one
+        example = structured.example_input(task.val)
+        manifest |= {"plan": plan.to_dict(), "input_shape": [1, *example.shape[1:]]}
     _write(out, model, trial.user_attrs["policy"], metrics, manifest)
     return Exported(out, trial.number, source, metrics)
 
@@ -247,14 +251,19 @@ def _trial_model(
     task: Task,
     task_ref: str,
     artifact_dir: str | Path | None,
-) -> tuple[nn.Module, str]:
-    """The trial's model (eval mode) from its stored weights, else replayed; and which."""
+) -> tuple[nn.Module, str, structured.Plan | None]:
+    """The trial's model (eval mode) from its stored weights, else replayed; which of the
+    two; and the structured plan that shrank its architecture, if any."""
+    if trial.user_attrs["policy"].get("granularity") == "structured":
+        # A smaller architecture: the replay also gives the plan that rebuilds it.
+        result = replay(task, trial)
+        return result.model.eval(), "replay", result.plan
     weights = FrontWeights.find(study, artifact_dir)
     state = weights.load(trial) if weights is not None else None
     if state is None:
         logger.warning("trial %d has no stored weights: replaying it", trial.number)
-        return materialize(task, trial).eval(), "replay"
-    return _with_weights(task.model, state, f"task {task_ref!r}"), "artifact"
+        return materialize(task, trial).eval(), "replay", None
+    return _with_weights(task.model, state, f"task {task_ref!r}"), "artifact", None
 
 
 def _with_weights(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> nn.Module:
@@ -278,7 +287,10 @@ def _completed_trial(study: optuna.Study, number: int) -> FrozenTrial:
 
 
 def _measure(model: nn.Module, task: Task, layers: list[str]) -> dict[str, Any]:
-    nonzero, total = count_nonzero(model, layers)
+    # A structured policy may have removed whole blocks: their layers count as zeros.
+    present = set(dict(model.named_modules()))
+    nonzero = count_nonzero(model, [name for name in layers if name in present])[0]
+    total = count_nonzero(task.model, layers)[1]
     params = list(model.parameters())
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
@@ -343,4 +355,9 @@ def load(directory: str | Path, *, task: Task | None = None) -> nn.Module:
     what = "the given task" if task is not None else f"task {manifest['task']!r}"
     if task is None:
         task = load_task(manifest["task"], seed=manifest["seed"])
-    return _with_weights(task.model, load_weights(directory / "model.pt"), what)
+    model = task.model
+    if "plan" in manifest:
+        model = copy.deepcopy(model)
+        example = torch.zeros(manifest["input_shape"])
+        structured.apply_plan(model, structured.Plan.from_dict(manifest["plan"]), example)
+    return _with_weights(model, load_weights(directory / "model.pt"), what)

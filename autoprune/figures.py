@@ -11,7 +11,12 @@ import plotly.colors
 import plotly.graph_objects as go
 
 PALETTE = plotly.colors.qualitative.Plotly
-_SIZE_TITLES = {"nonzero_params": "nonzero prunable weights", "bytes": "bytes", "macs": "MACs"}
+_SIZE_TITLES = {
+    "nonzero_params": "nonzero prunable weights",
+    "bytes": "bytes of the exported model",
+    "macs": "multiply-adds per input",
+    "latency_ms": "latency (ms)",
+}
 
 
 def pareto_figure(

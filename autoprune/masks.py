@@ -58,7 +58,8 @@ def score(
     model: nn.Module, policy: Policy, grads: Mapping[str, Tensor] | None = None
 ) -> dict[str, Tensor]:
     """Scores of the policy's criterion for each of the policy's layers (no gradient kept)."""
-    criterion = get_criterion(policy.criterion)
+    criterion = get_criterion(policy.criterion, "unstructured")
+    assert criterion.score is not None
     if not criterion.needs_grad:
         grads = None
     elif grads is None:
@@ -66,8 +67,9 @@ def score(
     # In sorted order: the random criterion's draws must not depend on the order the layers
     # are listed in, since policies that compare equal must prune alike.
     with torch.no_grad():
+        score_fn = criterion.score
         return {
-            name: criterion.score(w.detach(), grads[name] if grads is not None else None)
+            name: score_fn(w.detach(), grads[name] if grads is not None else None)
             for name, w in weights(model, sorted(policy.sparsity)).items()
         }
 

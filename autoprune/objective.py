@@ -13,24 +13,18 @@ import optuna
 import torch
 from torch import Tensor, nn
 
+from autoprune import measure, structured
 from autoprune.criteria import calibration_gradients, get_criterion
 from autoprune.errors import TrialFailed
-from autoprune.masks import (
-    apply_masks,
-    compute_masks,
-    count_nonzero,
-    fold_masks,
-    layer_sparsity,
-    score,
-)
+from autoprune.masks import apply_masks, compute_masks, fold_masks, prunable_layers, score
 from autoprune.policy import Policy
 from autoprune.space import SearchSpace, suggest_policy
 from autoprune.task import Task
 from autoprune.train import evaluate, fit
 
-# The study's objectives, in order; their names are stored in the study for dashboards.
-METRIC_NAMES = ("accuracy", "nonzero_params")
-DIRECTIONS: list[Literal["maximize", "minimize"]] = ["maximize", "minimize"]
+# The default objectives, in order; a study stores its own (``study.metric_names``).
+METRIC_NAMES = measure.DEFAULT_OBJECTIVES
+DIRECTIONS: list[Literal["maximize", "minimize"]] = measure.directions(METRIC_NAMES)
 # Called with (trial, result, values) once a trial's numbers are in, e.g. to store its weights.
 ResultHook = Callable[[optuna.Trial, "PruneResult", Sequence[float]], object]
 
@@ -45,10 +39,16 @@ class PruneResult:
     layer_sparsity: dict[str, float]
     history: dict[str, list[list[float]]]
     timings: dict[str, float]
+    plan: structured.Plan | None = None  # what a structured policy removed
 
 
 def prune_and_finetune(
-    task: Task, policy: Policy, *, seed: int, grads: Mapping[str, Tensor] | None = None
+    task: Task,
+    policy: Policy,
+    *,
+    seed: int,
+    grads: Mapping[str, Tensor] | None = None,
+    count: Sequence[str] | None = None,
 ) -> PruneResult:
     """Prune a copy of ``task.model`` by ``policy``, fine-tune it with the masks held, measure.
 
@@ -57,20 +57,22 @@ def prune_and_finetune(
     Args:
         grads: Calibration gradients of the dense model, if already computed (they are
             the same for every trial of a task); computed here when the criterion needs them.
+        count: The layers whose weights ``nonzero_params`` and ``density`` count; by default
+            the policy's layers (unstructured) or every Linear/Conv layer (structured).
 
     Raises:
         TrialFailed: If fine-tuning hits a non-finite loss.
     """
     timings: dict[str, float] = {}
     model = copy.deepcopy(task.model)
-    layers = list(policy.sparsity)
-    with _timed(timings, "scoring"):
-        if get_criterion(policy.criterion).needs_grad and grads is None:
-            grads = calibration_gradients(model, task, layers)
-        torch.manual_seed(seed)  # the random criterion draws from here
-        scores = score(model, policy, grads)
-    with _timed(timings, "masking"):
-        apply_masks(model, compute_masks(policy, scores))
+    plan = None
+    if policy.granularity == "structured":
+        with _timed(timings, "pruning"):
+            plan = structured.prune_task_model(model, task, policy, seed=seed, grads=grads)
+        layers = list(count) if count is not None else prunable_layers(task.model)
+    else:
+        _apply_unstructured(model, task, policy, seed, grads, timings)
+        layers = list(count) if count is not None else list(policy.sparsity)
     with _timed(timings, "finetuning"):
         torch.manual_seed(seed)
         history = fit(model, task, epochs=task.finetune_epochs, seed=seed)
@@ -78,7 +80,11 @@ def prune_and_finetune(
     with _timed(timings, "evaluation"):
         accuracy, val_loss = evaluate(model, task, "val")
         test_accuracy = evaluate(model, task, "test")[0] if task.test is not None else None
-        nonzero, total = count_nonzero(model, layers)
+        context = measure.Context(structured.example_input(task.val)[:1], tuple(layers))
+        nonzero = measure.nonzero_params(model, context)
+        dense = dict(task.model.named_modules())
+        total = sum(dense[name].weight.numel() for name in layers)
+        sparsity = _layer_sparsity(model, task.model, layers)
     metrics = {
         "accuracy": accuracy,
         "val_loss": val_loss,
@@ -89,13 +95,43 @@ def prune_and_finetune(
     }
     if test_accuracy is not None:
         metrics["test_accuracy"] = test_accuracy
-    return PruneResult(model, policy, metrics, layer_sparsity(model, layers), history, timings)
+    return PruneResult(model, policy, metrics, sparsity, history, timings, plan)
+
+
+def _apply_unstructured(
+    model: nn.Module,
+    task: Task,
+    policy: Policy,
+    seed: int,
+    grads: Mapping[str, Tensor] | None,
+    timings: dict[str, float],
+) -> None:
+    with _timed(timings, "scoring"):
+        if get_criterion(policy.criterion).needs_grad and grads is None:
+            grads = calibration_gradients(model, task, list(policy.sparsity))
+        torch.manual_seed(seed)  # the random criterion draws from here
+        scores = score(model, policy, grads)
+    with _timed(timings, "masking"):
+        apply_masks(model, compute_masks(policy, scores))
+
+
+def _layer_sparsity(model: nn.Module, dense: nn.Module, layers: Sequence[str]) -> dict[str, float]:
+    """Fraction of each layer's dense weights that are gone: zeroed, or removed (structured)."""
+    modules, dense_modules = dict(model.named_modules()), dict(dense.named_modules())
+    sparsity = {}
+    for name in layers:
+        module = modules.get(name)
+        weight = getattr(module, "weight", None)
+        kept = int(torch.count_nonzero(weight)) if isinstance(weight, Tensor) else 0
+        sparsity[name] = 1.0 - kept / dense_modules[name].weight.numel()
+    return sparsity
 
 
 class Objective:
-    """The Optuna objective: ``objective(trial) -> (val accuracy, nonzero prunable params)``.
+    """The Optuna objective: ``objective(trial) -> (val accuracy, size, [size])``.
 
-    Everything a trial produces besides its two values is kept in its user attrs: the policy,
+    The size objectives are named in ``objectives`` (see :mod:`autoprune.measure`).
+    Everything a trial produces besides its values is kept in its user attrs: the policy,
     its seed, test accuracy, density, per-layer sparsity, loss curves and a time split.
     ``on_result(trial, result, values)``, if given, is called before the values are returned
     (it is how the weights of front trials are stored).
@@ -108,37 +144,51 @@ class Objective:
         layers: Sequence[str],
         *,
         seed: int = 0,
+        objectives: Sequence[str] = METRIC_NAMES,
+        latency: measure.Latency | None = None,
+        groups: Sequence[str] = (),
+        blocks: Sequence[str] = (),
         on_result: ResultHook | None = None,
     ):
         self.task, self.space, self.layers, self.seed = task, space, list(layers), seed
+        self.objectives = measure.check_objectives(objectives)
+        self.groups, self.blocks = list(groups), list(blocks)
+        example = structured.example_input(task.val)[:1]
+        self.context = measure.Context(example, tuple(layers), latency or measure.Latency())
         self.on_result = on_result
         self._grads: dict[str, Tensor] | None = None
 
-    def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
-        policy = suggest_policy(trial, self.space, self.layers)
+    def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
+        policy = suggest_policy(trial, self.space, self.layers, self.groups, self.blocks)
         seed = trial_seed(self.seed, trial.number)
         trial.set_user_attr("policy", policy.to_dict())
         trial.set_user_attr("seed", seed)
         try:
             result = prune_and_finetune(
-                self.task, policy, seed=seed, grads=self._grads_for(policy)
+                self.task, policy, seed=seed, grads=self._grads_for(policy), count=self.layers
             )
         except TrialFailed as e:
             trial.set_user_attr("fail_reason", str(e))
             raise
         for key, value in _user_attrs(result).items():
             trial.set_user_attr(key, value)
-        values = result.metrics["accuracy"], result.metrics["nonzero_params"]
+        measured = {
+            **result.metrics,
+            **measure.measure(result.model, self.objectives, self.context),
+        }
+        values = tuple(measured[name] for name in self.objectives)
         if self.on_result is not None:
             self.on_result(trial, result, values)
         return values
 
     def _grads_for(self, policy: Policy) -> dict[str, Tensor] | None:
-        # The dense model's gradients are the same for every trial: compute them once.
+        # The dense model's gradients are the same for every trial: compute them once, for
+        # every layer (a channel group may reach beyond the searched layers).
         if not get_criterion(policy.criterion).needs_grad:
             return None
         if self._grads is None:
-            self._grads = calibration_gradients(self.task.model, self.task, self.layers)
+            layers = sorted(set(prunable_layers(self.task.model)) | set(self.layers))
+            self._grads = calibration_gradients(self.task.model, self.task, layers)
         return self._grads
 
 

@@ -8,7 +8,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from autoprune.criteria import get_criterion
+from autoprune.criteria import GRANULARITIES, get_criterion
 from autoprune.errors import SpecError
 
 SCOPES = ("layer", "global")
@@ -30,9 +30,19 @@ class Policy:
         rule: ``"ratio"``: prune exactly the lowest-scoring fraction. ``"mean"``: the article's
             rule, prune the weights whose score is below ``alpha * mean(S)``.
         alpha: Multiplier of the mean threshold (``mean`` rule only).
+        granularity: ``"unstructured"``: zero single weights (masks). ``"structured"``:
+            remove whole output channels/neurons, so the model gets smaller and faster. Then
+            ``sparsity`` is keyed by channel group (the first layer of a set of layers whose
+            output channels are coupled, see :mod:`autoprune.structured`) and is the fraction
+            of the group's channels removed, and ``criterion`` must score channels.
+        round_to: Structured only: kept channel counts are rounded to a multiple of this.
+        removed_blocks: Structured only: module paths of residual blocks removed as a whole
+            (replaced by the identity path).
 
     Raises:
-        SpecError: On an unknown criterion, scope or rule, or a sparsity outside [0, 1).
+        SpecError: On an unknown criterion, scope, rule or granularity, a criterion that cannot
+            score the granularity, a sparsity outside [0, 1), or structured-only settings on
+            an unstructured policy.
     """
 
     sparsity: Mapping[str, float]
@@ -40,9 +50,17 @@ class Policy:
     scope: str = "layer"
     rule: str = "ratio"
     alpha: float = 1.0
+    granularity: str = "unstructured"
+    round_to: int = 1
+    removed_blocks: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        get_criterion(self.criterion)
+        if self.granularity not in GRANULARITIES:
+            raise SpecError(
+                f"unknown granularity {self.granularity!r} (known: {', '.join(GRANULARITIES)})"
+            )
+        get_criterion(self.criterion, self.granularity)
+        self._check_structured_settings()
         if self.scope not in SCOPES:
             raise SpecError(f"unknown scope {self.scope!r} (known: {', '.join(SCOPES)})")
         if self.rule not in RULES:
@@ -58,15 +76,31 @@ class Policy:
         # A private copy, so that changing the caller's dict cannot change the policy.
         object.__setattr__(self, "sparsity", {k: float(v) for k, v in self.sparsity.items()})
 
+    def _check_structured_settings(self) -> None:
+        round_to = self.round_to
+        if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+            raise SpecError(f"round_to must be an integer >= 1, got {round_to!r}")
+        blocks = self.removed_blocks
+        if isinstance(blocks, str) or not all(isinstance(b, str) for b in blocks):
+            raise SpecError(f"removed_blocks must be a list of module paths, got {blocks!r}")
+        object.__setattr__(self, "removed_blocks", tuple(sorted(blocks)))
+        if self.granularity == "unstructured" and (round_to != 1 or blocks):
+            raise SpecError("round_to and removed_blocks need granularity 'structured'")
+
     def to_dict(self) -> dict[str, Any]:
         """Plain data (for JSON, trial user attrs and tables)."""
-        return {
+        data: dict[str, Any] = {
             "sparsity": dict(self.sparsity),
             "criterion": self.criterion,
             "scope": self.scope,
             "rule": self.rule,
             "alpha": self.alpha,
         }
+        if self.granularity != "unstructured":  # unstructured dicts stay as they always were
+            data["granularity"] = self.granularity
+            data["round_to"] = self.round_to
+            data["removed_blocks"] = list(self.removed_blocks)
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -76,6 +110,8 @@ class Policy:
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise SpecError(f"unknown policy key {sorted(unknown)[0]!r}")
+        if "removed_blocks" in data and isinstance(data["removed_blocks"], list):
+            data = {**data, "removed_blocks": tuple(data["removed_blocks"])}
         return cls(**data)
 
     @classmethod

@@ -81,18 +81,20 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
 
 
 def pareto_front(study: optuna.Study) -> pd.DataFrame:
-    """The Pareto front (``study.best_trials``), one row per trial, smallest model first.
+    """The Pareto front (``study.best_trials``), one row per trial, smallest model first
+    (by the study's first size objective).
 
     Columns: ``trial``, ``accuracy`` (validation), ``test_accuracy``, ``nonzero_params``,
-    ``density``, ``sparsity``, ``criterion``, ``scope``, ``rule``, ``alpha``, then
-    ``sparsity:<layer>`` (achieved) for every pruned layer.
+    ``density``, ``sparsity``, ``criterion``, ``scope``, ``rule``, ``alpha``, the study's
+    other size objectives, then ``sparsity:<layer>`` (achieved) for every pruned layer.
     """
     names, total = metric_names(study), study_total_params(study)
     rows = [_row(t, True, names, total) for t in study.best_trials]
     if not rows:
         return pd.DataFrame(columns=COLUMNS)
     frame = pd.DataFrame(rows).drop(columns="on_front")
-    return frame.sort_values(["nonzero_params", "trial"]).reset_index(drop=True)
+    size = names[1] if len(names) > 1 and names[1] in frame else "nonzero_params"
+    return frame.sort_values([size, "trial"]).reset_index(drop=True)
 
 
 def _row(

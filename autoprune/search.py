@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -14,13 +14,14 @@ import sqlalchemy
 from optuna.trial import FrozenTrial
 from torch import nn
 
-from autoprune import storages
+from autoprune import measure, storages, structured
 from autoprune._version import __version__
 from autoprune.artifacts import ArtifactSpec, FrontWeights
+from autoprune.criteria import get_criterion
 from autoprune.errors import StorageError, TaskError, TrialFailed
 from autoprune.front_table import FrontTable
 from autoprune.masks import count_nonzero, prunable_layers
-from autoprune.objective import DIRECTIONS, METRIC_NAMES, Objective, prune_and_finetune
+from autoprune.objective import METRIC_NAMES, Objective, PruneResult, prune_and_finetune
 from autoprune.policy import Policy
 from autoprune.space import SearchSpace
 from autoprune.task import Task
@@ -31,6 +32,8 @@ logger = logging.getLogger(__name__)
 # Key of the study user attr holding what the study was created with.
 STUDY_ATTR = "autoprune"
 Callback = Callable[[optuna.Study, FrozenTrial], None]
+# Setup keys newer than the first studies, as those studies were made: they still resume.
+_SETUP_DEFAULTS: dict[str, Any] = {"objectives": list(METRIC_NAMES)}
 
 
 def search(
@@ -46,11 +49,14 @@ def search(
     callbacks: Iterable[Callback] = (),
     artifacts: ArtifactSpec | None = None,
     front_table: bool = True,
+    objectives: Sequence[str] = METRIC_NAMES,
+    latency: measure.Latency | None = None,
 ) -> optuna.Study:
     """Search pruning policies of ``task.model``; return the (new or resumed) Optuna study.
 
-    Objectives: maximise validation accuracy, minimise nonzero prunable weights. The Pareto
-    front is ``study.best_trials``; :func:`autoprune.pareto_front` tabulates it.
+    Objectives: maximise validation accuracy, minimise the size objectives named in
+    ``objectives`` (nonzero prunable weights by default). The Pareto front is
+    ``study.best_trials``; :func:`autoprune.pareto_front` tabulates it.
 
     Args:
         n_trials: Trials to run in this call (None: until ``timeout``).
@@ -64,8 +70,11 @@ def search(
         artifacts: Where the weights of front trials are kept (see
             :class:`autoprune.artifacts.ArtifactSpec`; default: next to a SQLite file).
         front_table: Keep the ``autoprune_front`` table of a database storage up to date.
+        objectives: ``"accuracy"``, then one or two of :data:`autoprune.measure.OBJECTIVES`.
+        latency: How ``latency_ms`` is measured (batch size, threads, repeats).
 
     Raises:
+        SpecError: On bad objectives, or unstructured pruning with an objective blind to it.
         TaskError: If the model has no prunable layer left by the space's globs, or the data
             does not fit the model.
         StorageError: If the storage cannot be opened, or the named study was created with a
@@ -81,6 +90,8 @@ def search(
         study_name=study_name,
         seed=seed,
         sampler=sampler,
+        objectives=objectives,
+        latency=latency,
     )
     optimize(
         study,
@@ -132,6 +143,7 @@ def study_objective(
     The callbacks go before the user's, who may read what they write."""
     setup = study.user_attrs[STUDY_ATTR]
     space = SearchSpace.from_dict(setup["space"])
+    latency = setup.get("latency")
     weights = FrontWeights.for_study(study, artifacts or ArtifactSpec())
     table = FrontTable.for_study(study) if front_table else None
     objective = Objective(
@@ -139,6 +151,10 @@ def study_objective(
         space,
         setup["layers"],
         seed=setup["seed"],
+        objectives=setup.get("objectives", METRIC_NAMES),
+        latency=measure.Latency.from_dict(latency) if latency else None,
+        groups=setup.get("groups", ()),
+        blocks=setup.get("blocks", ()),
         on_result=weights.upload if weights is not None else None,
     )
     if table is not None:
@@ -161,6 +177,8 @@ def open_study(
     sampler: optuna.samplers.BaseSampler | None = None,
     spec: dict[str, Any] | None = None,
     heartbeat: int | None = storages.HEARTBEAT,
+    objectives: Sequence[str] = METRIC_NAMES,
+    latency: measure.Latency | None = None,
 ) -> optuna.Study:
     """Create the study, or load it if it exists and was made with the same setup.
 
@@ -175,14 +193,17 @@ def open_study(
             heartbeats); see :mod:`autoprune.storages`.
 
     Raises:
+        SpecError: On bad objectives, or unstructured pruning with an objective blind to it.
         TaskError: If the model has no prunable layer left by the space's globs, or the data
             does not fit the model.
         StorageError: If the storage cannot be opened, or the named study was created with a
             different task, fine-tuning recipe, search space or seed.
     """
+    objectives = list(measure.check_objectives(objectives))
+    measure.check_granularities(objectives, space.granularities)
     layers = prunable_layers(task.model, space.include, space.exclude)
     task.check()
-    setup = {
+    setup: dict[str, Any] = {
         "version": __version__,
         "task": task.name,
         "finetune": {
@@ -195,13 +216,22 @@ def open_study(
         "space": space.to_dict(),
         "seed": seed,
         "model": model_fingerprint(task.model),
+        "objectives": objectives,
+        **_structured_setup(task, space),
     }
+    if "latency_ms" in objectives:
+        setup["latency"] = (latency or measure.Latency()).to_dict()
     storage = _open_storage(storage, for_writing=True, heartbeat=heartbeat)
     existing = _load_existing(storage, study_name)
     if existing is not None:
         _check_same_setup(existing, setup, study_name)
     n_before = len(existing.trials) if existing is not None else 0
-    dense = dense_metrics(task, layers) if existing is None else None
+    dense = None
+    if existing is None:
+        context = measure.Context(
+            structured.example_input(task.val)[:1], tuple(layers), latency or measure.Latency()
+        )
+        dense = dense_metrics(task, layers, objectives=objectives, context=context)
     if sampler is None:
         # A resumed run must not replay the first run's random draws.
         sampler = default_sampler(seed + n_before)
@@ -210,13 +240,13 @@ def open_study(
             storage=storage,
             study_name=study_name,
             sampler=sampler,
-            directions=DIRECTIONS,
+            directions=measure.directions(objectives),
             load_if_exists=True,
         )
     if existing is None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names(list(METRIC_NAMES))
+            study.set_metric_names(objectives)
         study.set_user_attr(STUDY_ATTR, {**setup, "dense": dense})
     if spec is not None:  # the version and spec of the latest run, which workers must match
         stored = study.user_attrs[STUDY_ATTR]
@@ -234,14 +264,53 @@ def default_sampler(seed: int) -> optuna.samplers.BaseSampler:
         )
 
 
-def dense_metrics(task: Task, layers: list[str]) -> dict[str, float]:
-    """Validation (and test) accuracy, nonzero and total prunable weights of the dense model."""
+def dense_metrics(
+    task: Task,
+    layers: list[str],
+    *,
+    objectives: Sequence[str] = (),
+    context: measure.Context | None = None,
+) -> dict[str, float]:
+    """Validation (and test) accuracy, nonzero and total prunable weights of the dense model,
+    and its size ``objectives`` measured in ``context``."""
     metrics = {"accuracy": evaluate(task.model, task, "val")[0]}
     if task.test is not None:
         metrics["test_accuracy"] = evaluate(task.model, task, "test")[0]
     nonzero, total = count_nonzero(task.model, layers)
     metrics["nonzero_params"], metrics["total_params"] = float(nonzero), float(total)
+    if context is not None:
+        metrics.update(measure.measure(task.model, objectives, context))
     return metrics
+
+
+def _structured_setup(task: Task, space: SearchSpace) -> dict[str, Any]:
+    """The channel groups and removable blocks a structured study searches (none otherwise).
+
+    Raises:
+        TaskError: If no channel group is left by the globs, a block cannot be removed, or a
+            BatchNorm criterion meets a group without BatchNorm.
+    """
+    if "structured" not in space.granularities:
+        return {}
+    example = structured.example_input(task.val)
+    groups = structured.channel_groups(task.model, example, space.include, space.exclude)
+    if not groups:
+        raise TaskError(
+            f"include {list(space.include)} / exclude {list(space.exclude)} leave no channel "
+            "group to prune (the output layer's channels are never removed)"
+        )
+    for name in space.channel_criteria:
+        if get_criterion(name).channel_source == "batchnorm":
+            for group in groups:
+                if not group.batchnorms:
+                    raise TaskError(
+                        f"channel criterion {name!r} needs a BatchNorm, and channel group "
+                        f"{group.name!r} has none"
+                    )
+    blocks = structured.removable_blocks(task.model, example, space.blocks)
+    if space.blocks and not blocks:
+        raise TaskError(f"blocks {list(space.blocks)} match no module with parameters")
+    return {"groups": [g.name for g in groups], "blocks": blocks}
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -258,6 +327,15 @@ def materialize(task: Task, trial: FrozenTrial) -> nn.Module:
 
     The replay is seeded and deterministic: the model reproduces the trial's recorded
     metrics exactly (given the same task, on the same kind of machine).
+
+    Raises:
+        TaskError: If ``trial`` holds no autoprune policy or its layers are not in the model.
+    """
+    return replay(task, trial).model
+
+
+def replay(task: Task, trial: FrozenTrial) -> PruneResult:
+    """Like :func:`materialize`, with all that the replay measured (and its structured plan).
 
     Raises:
         TaskError: If ``trial`` holds no autoprune policy or its layers are not in the model.
@@ -280,7 +358,7 @@ def materialize(task: Task, trial: FrozenTrial) -> nn.Module:
             result.metrics["accuracy"],
             trial.values[0],
         )
-    return result.model
+    return result
 
 
 def load_study(storage: str, study_name: str | None) -> optuna.Study:
@@ -358,7 +436,7 @@ def _check_same_setup(study: optuna.Study, setup: dict[str, Any], name: str | No
     if stored is None:
         raise StorageError(f"study {name!r} exists but was not made by autoprune")
     for key in [k for k in setup if k != "version"]:  # what a study was made with
-        if stored.get(key) != setup[key]:
+        if stored.get(key, _SETUP_DEFAULTS.get(key)) != setup[key]:
             label = "dense model weights (fingerprint)" if key == "model" else key
             hint = (
                 "resume with the model the study was made with, or use another study name"

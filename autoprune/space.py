@@ -9,7 +9,7 @@ from typing import Any
 
 import optuna
 
-from autoprune.criteria import CRITERIA, get_criterion
+from autoprune.criteria import CRITERIA, GRANULARITIES, get_criterion
 from autoprune.errors import SpecError
 from autoprune.policy import RULES, SCOPES, Policy
 
@@ -26,7 +26,16 @@ class SearchSpace:
             ``mean`` rule, ``high`` caps each layer's sparsity.
         alpha: ``(low, high)`` bounds of the ``mean`` rule's multiplier (searched on a log scale).
         include: Globs over layer names (module paths) of the layers that may be pruned.
+            Structured pruning names a channel group by its first layer: the same globs pick
+            the groups.
         exclude: Globs of layers never pruned, applied after ``include``.
+        granularities: Any of ``"unstructured"`` (weights zeroed), ``"structured"`` (output
+            channels and neurons removed); both searches them within one study.
+        channel_criteria: Criteria of structured trials (they must score channels).
+        channel_sparsity: ``(low, high)`` bounds of the fraction of a channel group removed.
+        round_to: Structured: kept channel counts are multiples of this.
+        blocks: Globs of residual blocks (module paths) that structured trials may remove as a
+            whole; each matched block is a searched yes/no.
 
     Raises:
         SpecError: Naming the first bad argument and its value.
@@ -39,18 +48,35 @@ class SearchSpace:
     alpha: tuple[float, float] = (0.25, 4.0)
     include: Sequence[str] = ("*",)
     exclude: Sequence[str] = ()
+    granularities: Sequence[str] = ("unstructured",)
+    channel_criteria: Sequence[str] = ("l1", "l2", "fpgm", "taylor", "random")
+    channel_sparsity: tuple[float, float] = (0.0, 0.9)
+    round_to: int = 1
+    blocks: Sequence[str] = ()
 
     def __post_init__(self) -> None:
-        for field, known in (("criteria", CRITERIA), ("scopes", SCOPES), ("rules", RULES)):
+        for field, known in (
+            ("criteria", CRITERIA),
+            ("scopes", SCOPES),
+            ("rules", RULES),
+            ("granularities", GRANULARITIES),
+            ("channel_criteria", CRITERIA),
+        ):
             values = getattr(self, field)
             if isinstance(values, str) or not values:
                 raise SpecError(f"{field} must be a non-empty list, got {values!r}")
             for value in values:
                 if value not in known:
-                    if field == "criteria":
+                    if known is CRITERIA:
                         get_criterion(value)  # raises with the list of known criteria
-                    raise SpecError(f"unknown {field[:-1]} {value!r} (known: {', '.join(known)})")
+                    what = "granularity" if field == "granularities" else field[:-1]
+                    raise SpecError(f"unknown {what} {value!r} (known: {', '.join(known)})")
+                if field == "criteria":
+                    get_criterion(value, "unstructured")
+                elif field == "channel_criteria":
+                    get_criterion(value, "structured")
             object.__setattr__(self, field, tuple(values))
+        self._check_structured()
         low, high = _bounds("sparsity", self.sparsity)
         if not 0.0 <= low <= high < 1.0:
             raise SpecError(
@@ -69,8 +95,32 @@ class SearchSpace:
                 raise SpecError(f"{field} must be a list of glob strings, got {globs!r}")
             object.__setattr__(self, field, tuple(globs))
 
+    def _check_structured(self) -> None:
+        low, high = _bounds("channel_sparsity", self.channel_sparsity)
+        if not 0.0 <= low <= high < 1.0:
+            raise SpecError(
+                f"channel_sparsity bounds must satisfy 0 <= low <= high < 1, got {[low, high]}"
+            )
+        object.__setattr__(self, "channel_sparsity", (low, high))
+        round_to = self.round_to
+        if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+            raise SpecError(f"round_to must be an integer >= 1, got {round_to!r}")
+        if isinstance(self.blocks, str) or not all(isinstance(g, str) for g in self.blocks):
+            raise SpecError(f"blocks must be a list of glob strings, got {self.blocks!r}")
+        object.__setattr__(self, "blocks", tuple(self.blocks))
+        if "structured" not in self.granularities and (self.blocks or round_to != 1):
+            raise SpecError("round_to and blocks need 'structured' in granularities")
+
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: list(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        """Plain data; settings of structured pruning only where they differ from the
+        defaults, so that studies made before they existed compare equal and resume."""
+        data: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in _STRUCTURED_FIELDS and value == f.default:
+                continue
+            data[f.name] = value if isinstance(value, int) else list(value)
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SearchSpace:
@@ -80,30 +130,68 @@ class SearchSpace:
                 raise SpecError(
                     f"unknown search-space key {key!r} (known: {', '.join(sorted(names))})"
                 )
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        kwargs: dict[str, Any] = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in data.items()
+        }
+        return cls(**kwargs)
+
+
+_STRUCTURED_FIELDS = (
+    "granularities",
+    "channel_criteria",
+    "channel_sparsity",
+    "round_to",
+    "blocks",
+)
 
 
 def suggest_policy(
-    trial: optuna.trial.BaseTrial, space: SearchSpace, layers: Sequence[str]
+    trial: optuna.trial.BaseTrial,
+    space: SearchSpace,
+    layers: Sequence[str],
+    groups: Sequence[str] = (),
+    blocks: Sequence[str] = (),
 ) -> Policy:
-    """Draw a policy for ``layers`` from ``trial``.
+    """Draw a policy for ``layers`` (unstructured) or channel ``groups`` (structured, see
+    :func:`autoprune.structured.channel_groups`) from ``trial``; structured trials may remove
+    any of the residual ``blocks``.
 
     Works on a live ``Trial`` (sampling) and on a ``FrozenTrial`` (replaying its params), so
     any finished trial's policy can be rebuilt from ``trial.params``.
     """
-    criterion = trial.suggest_categorical("criterion", space.criteria)
+    granularity = space.granularities[0]
+    if len(space.granularities) > 1:
+        granularity = trial.suggest_categorical("granularity", space.granularities)
+    structured = granularity == "structured"
+    if structured:
+        criterion = trial.suggest_categorical("channel_criterion", space.channel_criteria)
+    else:
+        criterion = trial.suggest_categorical("criterion", space.criteria)
     scope = trial.suggest_categorical("scope", space.scopes)
     rule = trial.suggest_categorical("rule", space.rules)
-    low, high = space.sparsity
+    prefix, names = ("channels", groups) if structured else ("sparsity", layers)
+    low, high = space.channel_sparsity if structured else space.sparsity
     alpha = 1.0
     if rule == "mean":
         alpha = trial.suggest_float("alpha", *space.alpha, log=True)
-        sparsity = dict.fromkeys(layers, high)
+        sparsity = dict.fromkeys(names, high)
     elif scope == "global":
-        sparsity = dict.fromkeys(layers, trial.suggest_float("sparsity", low, high))
+        sparsity = dict.fromkeys(names, trial.suggest_float(prefix, low, high))
     else:
-        sparsity = {name: trial.suggest_float(f"sparsity:{name}", low, high) for name in layers}
-    return Policy(sparsity=sparsity, criterion=criterion, scope=scope, rule=rule, alpha=alpha)
+        sparsity = {name: trial.suggest_float(f"{prefix}:{name}", low, high) for name in names}
+    if not structured:
+        return Policy(sparsity=sparsity, criterion=criterion, scope=scope, rule=rule, alpha=alpha)
+    removed = tuple(b for b in blocks if trial.suggest_categorical(f"remove:{b}", (False, True)))
+    return Policy(
+        sparsity=sparsity,
+        criterion=criterion,
+        scope=scope,
+        rule=rule,
+        alpha=alpha,
+        granularity=granularity,
+        round_to=space.round_to,
+        removed_blocks=removed,
+    )
 
 
 def _bounds(name: str, value: Any) -> tuple[float, float]:

@@ -7,6 +7,8 @@ storage = "sqlite:///autoprune.db"
 trials = 40
 timeout = "10m"                  # optional: seconds, or a number with s, m, h or d
 seed = 0
+objectives = ["accuracy", "nonzero_params"]  # then one or two of: nonzero_params, bytes,
+                                 # macs, latency_ms (macs/latency_ms: structured only)
 
 [space]                          # see autoprune.SearchSpace
 criteria = ["magnitude", "random", "sensitivity", "taylor"]
@@ -16,6 +18,17 @@ sparsity = [0.0, 0.98]
 alpha = [0.25, 4.0]
 include = ["*"]
 exclude = []
+granularities = ["unstructured"] # and/or "structured" (channels and neurons removed)
+channel_criteria = ["l1", "l2", "fpgm", "taylor", "random"]  # also "bn_scale"
+channel_sparsity = [0.0, 0.9]
+round_to = 1
+blocks = []                      # globs of residual blocks a trial may remove
+
+[latency]                        # how latency_ms is measured
+batch_size = 64
+threads = 1
+repeats = 20
+warmup = 3
 
 [finetune]                       # overrides the task's own recipe
 epochs = 2
@@ -39,6 +52,7 @@ from typing import Any
 
 from autoprune.artifacts import ArtifactSpec
 from autoprune.errors import SpecError
+from autoprune.measure import DEFAULT_OBJECTIVES, Latency, check_granularities, check_objectives
 from autoprune.space import SearchSpace
 from autoprune.task import Task
 
@@ -77,6 +91,8 @@ class StudySpec:
     space: SearchSpace = dataclasses.field(default_factory=SearchSpace)
     finetune: Finetune = dataclasses.field(default_factory=Finetune)
     artifacts: ArtifactSpec = dataclasses.field(default_factory=ArtifactSpec)
+    objectives: tuple[str, ...] = DEFAULT_OBJECTIVES
+    latency: Latency = dataclasses.field(default_factory=Latency)
 
     @property
     def name(self) -> str:
@@ -181,7 +197,17 @@ def spec_from_dict(data: dict[str, Any]) -> StudySpec:
             kwargs["artifacts"] = ArtifactSpec.from_dict(table)
         except SpecError as e:
             raise SpecError(f"[artifacts] {e}") from None
-    return StudySpec(**kwargs)
+    if "objectives" in data:
+        kwargs["objectives"] = check_objectives(data["objectives"])
+    if "latency" in data:
+        table = _check("latency", data["latency"], dict, lambda v: True, "a table")
+        try:
+            kwargs["latency"] = Latency.from_dict(table)
+        except SpecError as e:
+            raise SpecError(f"[latency] {e}") from None
+    spec = StudySpec(**kwargs)
+    check_granularities(spec.objectives, spec.space.granularities)
+    return spec
 
 
 def _finetune(table: dict[str, Any]) -> Finetune:

@@ -137,7 +137,7 @@ class _WorkerObjective:
     def __init__(self, objective: Objective, target: int, stop: _Stop, me: str):
         self.objective, self.target, self.stop, self.me = objective, target, stop, me
 
-    def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
+    def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
         trial.set_user_attr(WORKER_ATTR, self.me)
         before = [
             t for t in counted(trial.study.get_trials(deepcopy=False)) if t.number < trial.number

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
 import re
@@ -18,6 +19,7 @@ import pandas as pd
 import pytest
 from optuna.trial import TrialState
 
+import autoprune
 from autoprune.cli import main
 from autoprune.report import pareto_front
 from autoprune.tasks import load_task
@@ -321,3 +323,44 @@ def test_console_script_help() -> None:
     assert result.stdout.startswith("usage: autoprune")
     for command in ("search", "front", "report"):
         assert command in result.stdout
+
+
+RESNET_SPEC = """\
+task = "digits-resnet"
+trials = 2
+objectives = ["accuracy", "macs"]
+
+[space]
+granularities = ["structured"]
+channel_criteria = ["bn_scale", "l1"]
+channel_sparsity = [0.3, 0.6]
+blocks = ["stages.*.1"]
+
+[finetune]
+epochs = 1
+"""
+
+
+def test_structured_search_and_export_of_digits_resnet(workdir: Path, capsys) -> None:
+    """The built-in ResNet through the CLI: a MACs study, its front, report and an export
+    that reloads to the recorded accuracy."""
+    from autoprune.train import evaluate
+
+    (workdir / "r.toml").write_text(RESNET_SPEC, encoding="utf-8")
+    code, out, err = run(capsys, "search", "r.toml", "-q")
+    assert code == 0, err
+    assert "dense digits-resnet: val accuracy" in out and " macs " in out.replace("\n", " ")
+    study = optuna.load_study(study_name="digits-resnet", storage="sqlite:///autoprune.db")
+    assert study.metric_names == ["accuracy", "macs"]
+    trial = study.best_trials[0]
+    code, out, err = run(capsys, "export", str(trial.number), "--out", "m")
+    assert code == 0, err
+    assert f"exported trial {trial.number}" in out
+    model = autoprune.load(workdir / "m")
+    task = load_task("digits-resnet")
+    assert evaluate(model, task, "val")[0] == trial.values[0]
+    dense = sum(p.numel() for p in task.model.parameters())
+    assert sum(p.numel() for p in model.parameters()) < dense
+    assert "plan" in json.loads((workdir / "m" / "export.json").read_text(encoding="utf-8"))
+    code, out, err = run(capsys, "export", "99", "--out", "m99")
+    assert code == 2 and "has no trial 99" in err

@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from autoprune import CRITERIA, Policy, SpecError
+from autoprune import Policy, SpecError
+from autoprune.criteria import criteria_for
 
 SPARSITY = {"features.0": 0.25, "classifier.1": 0.9, "classifier.3": 0.0}
 
@@ -15,7 +16,7 @@ SPARSITY = {"features.0": 0.25, "classifier.1": 0.9, "classifier.3": 0.0}
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"criterion": "nope"}, r"^unknown criterion 'nope' \(known: magnitude, random, "),
+        ({"criterion": "nope"}, r"^unknown criterion 'nope' \(known: .*magnitude, random, "),
         ({"scope": "model"}, r"^unknown scope 'model' \(known: layer, global\)$"),
         ({"rule": "median"}, r"^unknown rule 'median' \(known: ratio, mean\)$"),
         ({"alpha": -1.0}, r"^alpha must be a finite number >= 0, got -1\.0$"),
@@ -50,7 +51,7 @@ def test_boundary_values_are_accepted() -> None:
     assert all(isinstance(v, float) for v in policy.sparsity.values())
 
 
-@pytest.mark.parametrize("criterion", sorted(CRITERIA))
+@pytest.mark.parametrize("criterion", criteria_for("unstructured"))
 @pytest.mark.parametrize(("scope", "rule"), [("layer", "ratio"), ("global", "mean")])
 def test_json_round_trip(criterion: str, scope: str, rule: str) -> None:
     policy = Policy(SPARSITY, criterion=criterion, scope=scope, rule=rule, alpha=0.37)
@@ -84,8 +85,8 @@ def test_from_dict_fills_defaults() -> None:
 
 
 def test_from_dict_rejects_unknown_keys() -> None:
-    with pytest.raises(SpecError, match=r"^unknown policy key 'granularity'$"):
-        Policy.from_dict({"sparsity": {"x": 0.5}, "granularity": "channel"})
+    with pytest.raises(SpecError, match=r"^unknown policy key 'granularityy'$"):
+        Policy.from_dict({"sparsity": {"x": 0.5}, "granularityy": "channel"})
     with pytest.raises(SpecError, match=r"^unknown policy key 'sparsityy'$"):
         Policy.from_json('{"sparsityy": {"x": 0.5}}')
 

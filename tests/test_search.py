@@ -395,3 +395,106 @@ def test_load_study_does_not_create_a_database(tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="cannot open storage 'nosuchdialect://x': "):
         load_study("nosuchdialect://x", None)
     assert list(tmp_path.iterdir()) == []
+
+
+# --- structured studies and per-study objectives (issue 4) ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def resnet(tmp_path_factory: pytest.TempPathFactory) -> Task:
+    from conftest import make_data
+    from test_structured import tiny_resnet
+
+    from autoprune.train import fit
+
+    torch.manual_seed(0)
+    model = tiny_resnet()
+    task = Task(
+        model=model,
+        train=make_data(192, 0),
+        val=make_data(96, 1),
+        test=make_data(96, 2),
+        finetune_epochs=1,
+        lr=1e-2,
+        name="tiny-resnet",
+    )
+    fit(model, task, epochs=3, seed=0)
+    return task
+
+
+def test_structured_study_with_macs_and_latency(resnet: Task, tmp_path: Path) -> None:
+    from autoprune.measure import Context, Latency, macs
+    from autoprune.report import write_report
+
+    space = SearchSpace(granularities=["structured"], blocks=["stages.*.1"], round_to=2)
+    objectives = ["accuracy", "macs", "latency_ms"]
+    latency = Latency(batch_size=8, repeats=3, warmup=1)
+    kwargs: dict[str, Any] = {"space": space, "objectives": objectives, "latency": latency}
+    study = search(resnet, n_trials=3, storage=url(tmp_path), study_name="s", **kwargs)
+    assert study.metric_names == objectives
+    assert study.directions == [
+        optuna.study.StudyDirection.MAXIMIZE,
+        optuna.study.StudyDirection.MINIMIZE,
+        optuna.study.StudyDirection.MINIMIZE,
+    ]
+    setup = study.user_attrs[STUDY_ATTR]
+    assert setup["objectives"] == objectives and setup["latency"] == latency.to_dict()
+    assert setup["blocks"] == ["stages.0.1", "stages.1.1"]
+    assert setup["groups"][0] == "stem.0" and "fc" not in setup["groups"]
+    assert setup["dense"]["macs"] >= max(t.values[1] for t in study.trials)
+    assert setup["dense"]["macs"] > min(t.values[1] for t in study.trials)
+    for trial in study.trials:
+        policy = trial.user_attrs["policy"]
+        assert policy["granularity"] == "structured" and policy["round_to"] == 2
+        assert set(policy["sparsity"]) == set(setup["groups"])
+        assert "remove:stages.0.1" in trial.params
+    front = pareto_front(study)
+    assert {"macs", "latency_ms"} <= set(front.columns) and front["latency_ms"].gt(0).all()
+    assert front["macs"].is_monotonic_increasing
+    write_report(study, tmp_path / "r.html")
+    assert "multiply-adds per input" in (tmp_path / "r.html").read_text()
+    # A replay rebuilds the recorded model; another objective list is another study.
+    context = Context(resnet.val[0][:1], tuple(setup["layers"]))
+    for trial in study.trials:
+        model = materialize(resnet, trial)
+        assert evaluate(model, resnet, "val")[0] == trial.values[0]
+        assert macs(model, context) == trial.values[1]
+    with pytest.raises(StorageError, match=r"created with objectives"):
+        search(resnet, n_trials=1, storage=url(tmp_path), study_name="s", space=space)
+
+
+def test_granularity_is_searched_within_one_study(resnet: Task) -> None:
+    space = SearchSpace(granularities=["unstructured", "structured"])
+    study = search(
+        resnet,
+        n_trials=6,
+        space=space,
+        objectives=["accuracy", "bytes"],
+        sampler=optuna.samplers.RandomSampler(seed=3),
+    )
+    kinds = {t.params["granularity"] for t in study.trials}
+    assert kinds == {"unstructured", "structured"}
+    for trial in study.trials:
+        policy = trial.user_attrs["policy"]
+        assert policy.get("granularity", "unstructured") == trial.params["granularity"]
+
+
+def test_unstructured_pruning_with_macs_is_refused_before_the_storage(
+    resnet: Task, tmp_path: Path
+) -> None:
+    from autoprune.errors import SpecError
+
+    with pytest.raises(SpecError, match=r"objective 'macs' is blind to unstructured zeros"):
+        search(resnet, n_trials=1, storage=url(tmp_path), objectives=["accuracy", "macs"])
+    assert not (tmp_path / "x.db").exists()
+
+
+def test_studies_made_before_objectives_existed_still_resume(
+    tiny_task: Task, tmp_path: Path
+) -> None:
+    study = search(tiny_task, n_trials=1, storage=url(tmp_path), study_name="s")
+    setup = dict(study.user_attrs[STUDY_ATTR])
+    del setup["objectives"]
+    study.set_user_attr(STUDY_ATTR, setup)
+    again = search(tiny_task, n_trials=1, storage=url(tmp_path), study_name="s")
+    assert len(again.trials) == 2 and again.metric_names == ["accuracy", "nonzero_params"]

@@ -83,8 +83,8 @@ def test_integer_lr_becomes_float(tmp_path: Path) -> None:
     [
         (
             "trails = 5\n",
-            "unknown key 'trails' (known: artifacts, finetune, seed, space, storage, study_name, "
-            "task, timeout, trials)",
+            "unknown key 'trails' (known: artifacts, finetune, latency, objectives, seed, space, "
+            "storage, study_name, task, timeout, trials)",
         ),
         (
             "[finetune]\nepoch = 1\n",
@@ -129,7 +129,7 @@ def test_rejections_name_key_and_value(tmp_path: Path, text: str, expected: str)
         ("[space]\nalpha = [0.0, 1.0]\n", "alpha", "[0.0, 1.0]"),
         ('[space]\nscopes = ["layer", "local"]\n', "unknown scope", "'local'"),
         ('[space]\nrules = ["median"]\n', "unknown rule", "'median'"),
-        ('[space]\ncriteria = ["magnitude", "l2"]\n', "unknown criterion", "'l2'"),
+        ('[space]\ncriteria = ["magnitude", "l0"]\n', "unknown criterion", "'l0'"),
         ('[space]\ncriteria = "magnitude"\n', "criteria", "'magnitude'"),
         ("[space]\ncriteria = []\n", "criteria", "()"),
         ('[space]\ninclude = "features.*"\n', "include", "'features.*'"),
@@ -146,9 +146,9 @@ def test_space_rejections_name_key_and_value(
 
 def test_unknown_criterion(tmp_path: Path) -> None:
     # The list of known criteria grows with registrations, so only its head is fixed here.
-    path = write_spec(tmp_path, '[space]\ncriteria = ["magnitude", "l2"]\n')
+    path = write_spec(tmp_path, '[space]\ncriteria = ["magnitude", "l0"]\n')
     message = spec_error(path)
-    assert message.startswith(f"{path}: [space] unknown criterion 'l2' (known: ")
+    assert message.startswith(f"{path}: [space] unknown criterion 'l0' (known: ")
     assert "magnitude" in message and "taylor" in message
 
 
@@ -220,7 +220,7 @@ def test_finetune_apply_overrides_only_given_fields(tiny_task) -> None:
     assert Finetune().apply(tiny_task) == tiny_task
 
 
-@pytest.mark.parametrize("name", ["digits_cnn.toml", "digits_mlp.toml"])
+@pytest.mark.parametrize("name", ["digits_cnn.toml", "digits_mlp.toml", "digits_resnet.toml"])
 def test_to_dict_round_trips_and_is_plain_data(name: str) -> None:
     import json
 
@@ -236,3 +236,35 @@ def test_to_dict_of_defaults_leaves_unset_keys_out() -> None:
     assert "timeout" not in data and "study_name" not in data
     assert data["finetune"] == {}
     assert spec_from_dict(data) == StudySpec()
+
+
+def test_digits_resnet_spec_parses() -> None:
+    from autoprune.measure import Latency
+
+    spec = load_spec(STUDIES / "digits_resnet.toml")
+    assert spec.task == "digits-resnet"
+    assert spec.objectives == ("accuracy", "macs", "latency_ms")
+    assert spec.latency == Latency(batch_size=64, threads=1, repeats=20, warmup=3)
+    assert spec.space.granularities == ("structured",)
+    assert spec.space.round_to == 4 and spec.space.blocks == ("stages.*.1",)
+    assert "bn_scale" in spec.space.channel_criteria
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('objectives = ["macs"]\n', "objectives must be a list starting with 'accuracy'"),
+        ('objectives = ["accuracy", "flops"]\n', "unknown objective 'flops'"),
+        (
+            'objectives = ["accuracy", "latency_ms"]\n',
+            "objective 'latency_ms' is blind to unstructured zeros",
+        ),
+        ("[latency]\nthreads = 0\n", "[latency] latency threads must be an integer >= 1, got 0"),
+        ("[latency]\nbatch = 8\n", "[latency] unknown latency key 'batch'"),
+        ('[space]\ngranularities = ["channel"]\n', "unknown granularity 'channel'"),
+        ('[space]\nchannel_criteria = ["magnitude"]\n', "'magnitude' cannot score structured"),
+        ("[space]\nround_to = 8\n", "round_to and blocks need 'structured' in granularities"),
+    ],
+)
+def test_structured_and_objective_rejections(tmp_path: Path, text: str, expected: str) -> None:
+    assert expected in spec_error(write_spec(tmp_path, text))

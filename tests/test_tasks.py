@@ -250,7 +250,7 @@ def test_user_task(user_module: str) -> None:
 def test_builtin_names() -> None:
     from autoprune.tasks import TASKS
 
-    assert set(TASKS) == {"digits-cnn", "digits-mlp"}
+    assert set(TASKS) == {"digits-cnn", "digits-mlp", "digits-resnet"}
 
 
 @pytest.mark.parametrize(
@@ -258,7 +258,7 @@ def test_builtin_names() -> None:
     [
         (
             "digits-xyz",
-            "unknown task 'digits-xyz' (built-in: digits-cnn, digits-mlp; "
+            "unknown task 'digits-xyz' (built-in: digits-cnn, digits-mlp, digits-resnet; "
             "or give package.module:function)",
         ),
         (

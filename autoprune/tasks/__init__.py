@@ -7,10 +7,14 @@ from collections.abc import Callable
 
 from autoprune.errors import TaskError
 from autoprune.task import Task
-from autoprune.tasks.digits import digits_cnn, digits_mlp
+from autoprune.tasks.digits import digits_cnn, digits_mlp, digits_resnet
 
 # Built-in task factories, by the name a spec uses.
-TASKS: dict[str, Callable[..., Task]] = {"digits-cnn": digits_cnn, "digits-mlp": digits_mlp}
+TASKS: dict[str, Callable[..., Task]] = {
+    "digits-cnn": digits_cnn,
+    "digits-mlp": digits_mlp,
+    "digits-resnet": digits_resnet,
+}
 
 
 def load_task(ref: str, *, seed: int = 0) -> Task:
@@ -41,4 +45,4 @@ def load_task(ref: str, *, seed: int = 0) -> Task:
     return task
 
 
-__all__ = ["TASKS", "digits_cnn", "digits_mlp", "load_task"]
+__all__ = ["TASKS", "digits_cnn", "digits_mlp", "digits_resnet", "load_task"]

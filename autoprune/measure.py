@@ -1,0 +1,219 @@
+"""Size objectives: how big, heavy or slow a pruned model is. Smaller is better for all.
+
+Each objective is a function ``(model, context) -> float`` in a name → objective registry, so
+that a study spec chooses its objectives by name: ``objectives = ["accuracy", "macs"]``.
+Validation accuracy is always the first objective (maximised); one or two size objectives
+follow (minimised).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from autoprune.errors import SpecError
+from autoprune.masks import PRUNABLE_TYPES
+from autoprune.model_file import exported_bytes
+
+ACCURACY = "accuracy"
+DEFAULT_OBJECTIVES = (ACCURACY, "nonzero_params")
+
+
+@dataclasses.dataclass(frozen=True)
+class Latency:
+    """How latency is measured: the median of ``repeats`` timed forward passes of a batch of
+    ``batch_size`` on ``threads`` CPU threads, after ``warmup`` untimed passes."""
+
+    batch_size: int = 64
+    threads: int = 1
+    repeats: int = 20
+    warmup: int = 3
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value, low = getattr(self, field.name), 0 if field.name == "warmup" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise SpecError(f"latency {field.name} must be an integer >= {low}, got {value!r}")
+
+    def to_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Latency:
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in data:
+            if key not in known:
+                raise SpecError(f"unknown latency key {key!r} (known: {', '.join(sorted(known))})")
+        return cls(**data)
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What a measurement needs besides the model.
+
+    Args:
+        example: One input row, batch dimension first (``[1, ...]``).
+        layers: The layers whose weights ``nonzero_params`` counts (missing ones count 0).
+        latency: How ``latency_ms`` is measured.
+    """
+
+    example: Tensor
+    layers: tuple[str, ...]
+    latency: Latency = dataclasses.field(default_factory=Latency)
+
+
+MeasureFn = Callable[[nn.Module, Context], float]
+
+
+@dataclasses.dataclass(frozen=True)
+class SizeObjective:
+    """A named size measurement; ``sees_zeros``: unstructured zeros make it smaller."""
+
+    name: str
+    measure: MeasureFn
+    sees_zeros: bool
+
+
+OBJECTIVES: dict[str, SizeObjective] = {}
+
+
+def register_objective(name: str, *, sees_zeros: bool) -> Callable[[MeasureFn], MeasureFn]:
+    """Decorator that adds a size measurement to the registry under ``name``."""
+
+    def decorator(fn: MeasureFn) -> MeasureFn:
+        if name in OBJECTIVES or name == ACCURACY:
+            raise ValueError(f"objective {name!r} is already registered")
+        OBJECTIVES[name] = SizeObjective(name, fn, sees_zeros)
+        return fn
+
+    return decorator
+
+
+def check_objectives(names: Sequence[str]) -> tuple[str, ...]:
+    """Validate a study's objective names: "accuracy" first, then one or two size objectives.
+
+    Raises:
+        SpecError: Naming the bad value.
+    """
+    if isinstance(names, str) or not names or names[0] != ACCURACY:
+        raise SpecError(f"objectives must be a list starting with 'accuracy', got {names!r}")
+    sizes = list(names[1:])
+    if not 1 <= len(sizes) <= 2 or len(set(sizes)) != len(sizes):
+        raise SpecError(
+            f"objectives must add one or two distinct size objectives to 'accuracy', got {names!r}"
+        )
+    for name in sizes:
+        if name not in OBJECTIVES:
+            raise SpecError(
+                f"unknown objective {name!r} (known: {', '.join([ACCURACY, *OBJECTIVES])})"
+            )
+    return tuple(names)
+
+
+def check_granularities(objectives: Sequence[str], granularities: Sequence[str]) -> None:
+    """Refuse unstructured pruning in a study whose size objective ignores zeros in weights.
+
+    Raises:
+        SpecError: Naming the objective, e.g. ``macs`` or ``latency_ms``.
+    """
+    if "unstructured" not in granularities:
+        return
+    for name in objectives:
+        if name in OBJECTIVES and not OBJECTIVES[name].sees_zeros:
+            raise SpecError(
+                f"objective {name!r} is blind to unstructured zeros: "
+                'search granularities = ["structured"] with it'
+            )
+
+
+def directions(names: Sequence[str]) -> list[Literal["maximize", "minimize"]]:
+    """Optuna directions of the objectives ``names``: accuracy up, every size down."""
+    return ["maximize" if name == ACCURACY else "minimize" for name in names]
+
+
+def measure(model: nn.Module, names: Sequence[str], context: Context) -> dict[str, float]:
+    """The size objectives among ``names`` measured on ``model`` (accuracy is left out)."""
+    return {name: OBJECTIVES[name].measure(model, context) for name in names if name != ACCURACY}
+
+
+@register_objective("nonzero_params", sees_zeros=True)
+def nonzero_params(model: nn.Module, context: Context) -> float:
+    """Nonzero weights of the context's Linear/Conv layers (a removed layer has none)."""
+    modules = dict(model.named_modules())
+    return float(
+        sum(
+            int(torch.count_nonzero(modules[name].weight))
+            for name in context.layers
+            if isinstance(modules.get(name), PRUNABLE_TYPES)
+        )
+    )
+
+
+@register_objective("bytes", sees_zeros=True)
+def bytes_(model: nn.Module, context: Context) -> float:
+    """Bytes of the exported state (sparse weights stored as a bitmask and their nonzeros)."""
+    return float(exported_bytes(model))
+
+
+@register_objective("macs", sees_zeros=False)
+def macs(model: nn.Module, context: Context) -> float:
+    """Multiply-accumulates of one forward pass of one input (``torch.utils.flop_counter``)."""
+    with _eval_mode([model]), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(context.example)
+    return counter.get_total_flops() / 2
+
+
+@register_objective("latency_ms", sees_zeros=False)
+def latency_ms(model: nn.Module, context: Context) -> float:
+    """Median CPU milliseconds of a forward pass of a batch (see :class:`Latency`)."""
+    return compare_latency([model], context.example, context.latency)[0]
+
+
+def compare_latency(
+    models: Sequence[nn.Module], example: Tensor, settings: Latency
+) -> list[float]:
+    """Median milliseconds per forward pass of each model, measured interleaved (model A, B,
+    A, B, ...) so that a load change on the machine affects them alike."""
+    batch = example[:1].expand(settings.batch_size, *example.shape[1:]).contiguous()
+    times: list[list[float]] = [[] for _ in models]
+    with _eval_mode(models), _threads(settings.threads), torch.inference_mode():
+        for model in models:
+            for _ in range(settings.warmup):
+                model(batch)
+        for _ in range(settings.repeats):
+            for i, model in enumerate(models):
+                start = time.perf_counter()
+                model(batch)
+                times[i].append(time.perf_counter() - start)
+    return [1000 * statistics.median(t) for t in times]
+
+
+@contextmanager
+def _eval_mode(models: Sequence[nn.Module]) -> Iterator[None]:
+    """Models in eval mode (BatchNorm uses its running statistics), their modes restored."""
+    modes = [model.training for model in models]
+    try:
+        for model in models:
+            model.eval()
+        yield
+    finally:
+        for model, mode in zip(models, modes, strict=True):
+            model.train(mode)
+
+
+@contextmanager
+def _threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

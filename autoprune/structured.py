@@ -1,0 +1,381 @@
+"""Structured pruning: remove whole output channels, neurons and residual blocks for real.
+
+Layers whose output channels are coupled (a convolution and its BatchNorm, every layer that
+writes into one residual stream, a convolution flattened into a linear layer) must lose the
+same channels. Torch-Pruning's dependency graph finds these *channel groups*; a group is named
+after its first layer (module path, definition order) and is pruned as one: one channel ratio
+per group, one score per channel summed over the group's layers.
+
+A structured policy becomes a :class:`Plan` (which channels of which group, which blocks go):
+plain data that can be stored, and replayed on the base architecture to rebuild the pruned
+model's shapes without unpickling anything (see :mod:`autoprune.export`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import fnmatch
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+
+from autoprune.criteria import calibration_gradients, get_criterion
+from autoprune.errors import TaskError
+from autoprune.masks import PRUNABLE_TYPES, compute_masks
+from autoprune.policy import Policy
+from autoprune.task import Task
+
+_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelGroup:
+    """Layers whose output channels are removed together.
+
+    Args:
+        name: The group's first layer (its key in a structured policy).
+        layers: Linear/Conv layers that lose output channels, in definition order.
+        batchnorms: BatchNorms that lose the same channels.
+        channels: Channels in the group.
+    """
+
+    name: str
+    layers: tuple[str, ...]
+    batchnorms: tuple[str, ...]
+    channels: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What structured pruning removes: channel indices per group, and whole blocks.
+
+    ``channels`` maps a surviving layer of each group to the sorted indices of the output
+    channels removed from it (indices into the dense model's channels).
+    """
+
+    channels: Mapping[str, tuple[int, ...]]
+    removed_blocks: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "channels": {k: list(v) for k, v in self.channels.items()},
+            "removed_blocks": list(self.removed_blocks),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Plan:
+        channels = {str(k): tuple(int(i) for i in v) for k, v in data["channels"].items()}
+        return cls(channels, tuple(str(b) for b in data.get("removed_blocks", ())))
+
+
+def example_input(data: Any) -> Tensor:
+    """Two input rows of a task split (tensors or DataLoader): what the graph traces."""
+    inputs = data[0] if isinstance(data, (tuple, list)) else next(iter(data))[0]
+    return inputs[:2]
+
+
+def prune_task_model(
+    model: nn.Module,
+    task: Task,
+    policy: Policy,
+    *,
+    seed: int,
+    grads: Mapping[str, Tensor] | None = None,
+) -> Plan:
+    """Prune ``model`` (a copy of ``task.model``) in place by the structured ``policy``.
+
+    The random criterion draws from ``seed``; gradient criteria use ``grads``, or calibration
+    gradients computed here on the task's training data.
+    """
+    example = example_input(task.val)
+    groups = channel_groups(model, example)
+    if get_criterion(policy.criterion).needs_grad and grads is None:
+        layers = sorted({layer for group in groups for layer in group.layers})
+        grads = calibration_gradients(model, task, layers)
+    torch.manual_seed(seed)
+    return prune_structured(model, policy, example, grads, groups)
+
+
+def dependency_graph(model: nn.Module, example: Tensor) -> tp.DependencyGraph:
+    """Torch-Pruning's dependency graph of ``model``, traced on ``example`` in eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            return tp.DependencyGraph().build_dependency(model, example, verbose=False)
+    finally:
+        model.train(was_training)
+
+
+def channel_groups(
+    model: nn.Module, example: Tensor, include: Sequence[str] = ("*",), exclude: Sequence[str] = ()
+) -> list[ChannelGroup]:
+    """The prunable channel groups of ``model``, in the order of their first layers.
+
+    A group is left out when its name does not match an ``include`` glob or matches an
+    ``exclude`` glob, or when its channels are the model's outputs (the classes).
+    """
+    graph = dependency_graph(model, example)
+    names = {module: name for name, module in model.named_modules()}
+    order = {name: i for i, name in enumerate(names.values())}
+    groups = []
+    for group in graph.get_all_groups(root_module_types=PRUNABLE_TYPES):
+        layers, norms, is_output = [], [], False
+        for dep, _ in group:
+            module, handler = dep.target.module, dep.handler
+            if not graph.is_out_channel_pruning_fn(handler) or module not in names:
+                continue
+            if isinstance(module, PRUNABLE_TYPES):
+                layers.append(names[module])
+                is_output |= not graph.module2node[module].outputs
+            elif isinstance(module, _NORM_TYPES):
+                norms.append(names[module])
+        if is_output or not layers:
+            continue
+        layers.sort(key=order.__getitem__)
+        channels = _out_channels(dict(model.named_modules())[layers[0]])
+        groups.append(ChannelGroup(layers[0], tuple(layers), tuple(sorted(norms)), channels))
+    groups.sort(key=lambda g: order[g.name])
+    return [g for g in groups if _selected(g.name, include, exclude)]
+
+
+def removable_blocks(model: nn.Module, example: Tensor, globs: Sequence[str]) -> list[str]:
+    """Module paths matching ``globs`` that can be replaced by the identity: containers of a
+    Linear/Conv layer whose output has their input's shape (residual blocks without
+    projection). A glob may match more (``*`` spans dots): single layers and what lies inside
+    a matched block are left out.
+
+    Raises:
+        TaskError: If a matched module changes the shape of what flows through it.
+    """
+    if not globs:
+        return []
+    modules = dict(model.named_modules())
+    chosen = [
+        name
+        for name, m in modules.items()
+        if name
+        and any(fnmatch.fnmatchcase(name, g) for g in globs)
+        and any(True for _ in m.children())
+        and any(isinstance(layer, PRUNABLE_TYPES) for layer in m.modules())
+    ]
+    # A glob like "stages.*" also matches the layers inside a block: the block is what goes.
+    chosen = [n for n in chosen if not any(n.startswith(f"{other}.") for other in chosen)]
+    shapes: dict[str, tuple[torch.Size, torch.Size]] = {}
+    hooks = [
+        modules[name].register_forward_hook(
+            lambda _m, args, out, name=name: shapes.__setitem__(name, (args[0].shape, out.shape))
+        )
+        for name in chosen
+    ]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    for name in chosen:
+        if name not in shapes or shapes[name][0] != shapes[name][1]:
+            raise TaskError(f"block {name!r} changes the shape of its input: it cannot be removed")
+    return chosen
+
+
+def plan(
+    model: nn.Module,
+    policy: Policy,
+    groups: Sequence[ChannelGroup],
+    grads: Mapping[str, Tensor] | None = None,
+) -> Plan:
+    """Which channels of ``policy``'s groups go, by its criterion, scope and rule.
+
+    Every group keeps at least one channel (``round_to`` when it has that many), and with
+    ``round_to`` > 1 a multiple of it. Layers inside removed blocks neither score nor vote.
+
+    Raises:
+        TaskError: If the policy names a group the model does not have, or the criterion scores
+            BatchNorm scales and a group has no BatchNorm.
+    """
+    by_name = {g.name: _surviving(g, policy.removed_blocks) for g in groups}
+    missing = sorted(set(policy.sparsity) - set(by_name))
+    if missing:
+        raise TaskError(
+            f"the policy prunes channel group {missing[0]!r}, which the model does not have "
+            f"(groups: {', '.join(by_name)})"
+        )
+    chosen = {name: g for name in policy.sparsity if (g := by_name[name]) is not None}
+    scores = _group_scores(model, policy, chosen, grads)
+    if not scores:
+        return Plan({}, policy.removed_blocks)
+    masks = compute_masks(dataclasses.replace(policy, sparsity=_only(policy, scores)), scores)
+    channels = {}
+    for name, keep in masks.items():
+        keep = _round_kept(keep, scores[name], policy.round_to)
+        pruned = tuple(int(i) for i in torch.nonzero(~keep).flatten())
+        if pruned:
+            channels[chosen[name].layers[0]] = pruned
+    return Plan(channels, policy.removed_blocks)
+
+
+def apply_plan(model: nn.Module, plan: Plan, example: Tensor) -> nn.Module:
+    """Remove ``plan``'s blocks and channels from ``model`` in place; return it."""
+    for name in plan.removed_blocks:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, nn.Identity())
+    if plan.channels:
+        graph = dependency_graph(model, example)
+        for layer, idxs, group in _pruning_groups(model, graph, plan):
+            if not graph.check_pruning_group(group):
+                raise TaskError(f"cannot remove channels {list(idxs)} of layer {layer!r}")
+            group.prune()
+    return model
+
+
+def zero_channels(model: nn.Module, plan: Plan, example: Tensor) -> nn.Module:
+    """The masked equivalent of ``plan`` (no blocks): zero, in place, the weights and biases of
+    every removed output channel of each group's layers and BatchNorms; return ``model``."""
+    if plan.removed_blocks:
+        raise ValueError("zero_channels does not remove blocks")
+    graph = dependency_graph(model, example)
+    with torch.no_grad():
+        for _, _, group in _pruning_groups(model, graph, plan):
+            for dep, idxs in group:
+                module = dep.target.module
+                if graph.is_out_channel_pruning_fn(dep.handler) and isinstance(
+                    module, (*PRUNABLE_TYPES, *_NORM_TYPES)
+                ):
+                    for param in (module.weight, module.bias):
+                        if param is not None:
+                            param[list(idxs)] = 0.0
+    return model
+
+
+def predict_params(model: nn.Module, plan: Plan, example: Tensor) -> int:
+    """Parameters ``model`` will have once ``plan`` is applied, from the dependency graph's
+    channel counts alone (without pruning anything)."""
+    model = copy.deepcopy(model)
+    apply_plan(model, Plan({}, plan.removed_blocks), example)
+    graph = dependency_graph(model, example)
+    lost_out: dict[nn.Module, int] = {}
+    lost_in: dict[nn.Module, int] = {}
+    for _, _, group in _pruning_groups(model, graph, plan):
+        for dep, idxs in group:
+            lost = lost_out if graph.is_out_channel_pruning_fn(dep.handler) else lost_in
+            lost[dep.target.module] = lost.get(dep.target.module, 0) + len(idxs)
+    total = 0
+    for module in model.modules():
+        own = sum(p.numel() for p in module.parameters(recurse=False))
+        out_lost, in_lost = lost_out.get(module, 0), lost_in.get(module, 0)
+        if isinstance(module, PRUNABLE_TYPES):
+            out, fan_in = module.weight.shape[0], module.weight.shape[1]
+            kernel = math.prod(module.weight.shape[2:])
+            own = (out - out_lost) * (fan_in - in_lost // getattr(module, "groups", 1)) * kernel
+            own += (out - out_lost) if module.bias is not None else 0
+        elif isinstance(module, _NORM_TYPES) and module.affine:
+            own = 2 * (module.num_features - out_lost)
+        total += own
+    return total
+
+
+def prune_structured(
+    model: nn.Module,
+    policy: Policy,
+    example: Tensor,
+    grads: Mapping[str, Tensor] | None = None,
+    groups: Sequence[ChannelGroup] | None = None,
+) -> Plan:
+    """Plan ``policy`` on ``model`` and apply it in place; return the plan."""
+    if groups is None:
+        groups = channel_groups(model, example)
+    removable_blocks(model, example, policy.removed_blocks)  # raises on a non-identity block
+    result = plan(model, policy, groups, grads)
+    apply_plan(model, result, example)
+    return result
+
+
+def _pruning_groups(
+    model: nn.Module, graph: tp.DependencyGraph, plan: Plan
+) -> Iterator[tuple[str, tuple[int, ...], Any]]:
+    for layer, idxs in plan.channels.items():
+        try:
+            module = model.get_submodule(layer)
+        except AttributeError:
+            raise TaskError(f"the plan prunes layer {layer!r}, which the model lacks") from None
+        handler = graph.get_pruner_of_module(module).prune_out_channels
+        yield layer, idxs, graph.get_pruning_group(module, handler, list(idxs))
+
+
+def _group_scores(
+    model: nn.Module,
+    policy: Policy,
+    groups: Mapping[str, ChannelGroup],
+    grads: Mapping[str, Tensor] | None,
+) -> dict[str, Tensor]:
+    criterion = get_criterion(policy.criterion, "structured")
+    assert criterion.channel_score is not None
+    if criterion.needs_grad and grads is None:
+        raise ValueError(f"criterion {policy.criterion!r} needs calibration gradients")
+    modules = dict(model.named_modules())
+    scores = {}
+    with torch.no_grad():
+        for name in sorted(groups):  # the random criterion draws alike for equal policies
+            group = groups[name]
+            sources = group.batchnorms if criterion.channel_source == "batchnorm" else group.layers
+            if not sources:
+                raise TaskError(
+                    f"criterion {policy.criterion!r} scores BatchNorm scales, and channel "
+                    f"group {name!r} has no BatchNorm"
+                )
+            total = torch.zeros(group.channels)
+            for source in sources:
+                weight = modules[source].weight.detach()
+                grad = grads[source] if criterion.needs_grad and grads is not None else None
+                total += criterion.channel_score(weight, grad).float()
+            scores[name] = total
+    return scores
+
+
+def _round_kept(keep: Tensor, scores: Tensor, round_to: int) -> Tensor:
+    """Keep the best ``k`` channels, ``k`` the kept count rounded to a multiple of ``round_to``
+    and at least one multiple (or all channels, if fewer)."""
+    n, kept = keep.numel(), int(keep.sum())
+    k = min(n, max(round_to, round_to * round(kept / round_to)))
+    k = max(k, 1)
+    if k == kept:
+        return keep
+    order = torch.argsort(scores, descending=True, stable=True)
+    new = torch.zeros(n, dtype=torch.bool)
+    new[order[:k]] = True
+    return new
+
+
+def _surviving(group: ChannelGroup, blocks: Sequence[str]) -> ChannelGroup | None:
+    def inside(name: str) -> bool:
+        return any(name.startswith(f"{block}.") for block in blocks)
+
+    layers = tuple(name for name in group.layers if not inside(name))
+    if not layers:
+        return None
+    norms = tuple(name for name in group.batchnorms if not inside(name))
+    return dataclasses.replace(group, layers=layers, batchnorms=norms)
+
+
+def _only(policy: Policy, scores: Mapping[str, Tensor]) -> dict[str, float]:
+    return {name: policy.sparsity[name] for name in scores}
+
+
+def _out_channels(module: nn.Module) -> int:
+    weight: Tensor = module.weight  # type: ignore[assignment]
+    return int(weight.shape[0])
+
+
+def _selected(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, g) for g in include) and not any(
+        fnmatch.fnmatchcase(name, g) for g in exclude
+    )
