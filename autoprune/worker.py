@@ -195,6 +195,8 @@ def run_worker(
         recover_orphans(study)
         while not stop.signal and _has_work(study, target, deadline, stop, poll):
             remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                break
             try:
                 study.optimize(
                     objective,
@@ -206,8 +208,6 @@ def run_worker(
                 # Our trial went stale (a heartbeat came too late) and another worker failed
                 # and retried it: its result is dropped, the retry will run it again.
                 logger.warning("%s; its retry runs it again", e)
-            if deadline is not None and time.monotonic() >= deadline:
-                break
     summary.signal = stop.signal
     return summary
 
