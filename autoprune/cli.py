@@ -12,11 +12,15 @@ from pathlib import Path
 
 import optuna
 import pandas as pd
+import torch
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
 from autoprune import __version__
+from autoprune.allocation import ALLOCATIONS
 from autoprune.errors import AutopruneError, SpecError
+from autoprune.heuristics import baseline
+from autoprune.masks import prunable_layers
 from autoprune.report import pareto_front, write_report
 from autoprune.search import STUDY_ATTR, load_study, open_study, optimize
 from autoprune.spec import load_spec, parse_duration
@@ -63,7 +67,13 @@ def _search(args: argparse.Namespace) -> int:
     task = spec.finetune.apply(load_task(spec.task, seed=spec.seed))
     # Opened (and the task checked) before the bar is drawn: bad input gives one line.
     study = open_study(
-        task, space=spec.space, storage=storage, study_name=study_name, seed=spec.seed
+        task,
+        space=spec.space,
+        storage=storage,
+        study_name=study_name,
+        seed=spec.seed,
+        sampler=spec.sampler,
+        warm_start=spec.warm_start,
     )
     dense = study.user_attrs[STUDY_ATTR]["dense"]
     print(
@@ -82,6 +92,27 @@ def _search(args: argparse.Namespace) -> int:
     out = write_report(study, args.report or f"{study_name}.html")
     print(f"study {study_name!r} in {storage}")
     print(f"report: {out.resolve()}")
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec)
+    task = spec.finetune.apply(load_task(spec.task, seed=spec.seed))
+    layers = prunable_layers(task.model, spec.space.include, spec.space.exclude)
+    seed = spec.seed if args.seed is None else args.seed
+    result = baseline(task, args.policy, args.sparsity, seed=seed, layers=layers)
+    m = result.metrics
+    print(
+        f"{args.policy} at {args.sparsity:g} on {task.name}, {task.finetune_epochs} fine-tuning "
+        f"epochs: sparsity {m['sparsity']:.4f}, val accuracy {m['accuracy']:.4f}, test "
+        f"accuracy {m.get('test_accuracy', float('nan')):.4f}, "
+        f"{int(m['nonzero_params'])} of {int(m['total_params'])} weights left"
+    )
+    for layer, value in result.layer_sparsity.items():
+        print(f"  {layer}: sparsity {value:.4f}")
+    if args.out:
+        torch.save(result.model.state_dict(), args.out)
+        print(f"pruned model's state dict: {Path(args.out).resolve()}")
     return 0
 
 
@@ -138,6 +169,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_search)
 
+    p = sub.add_parser("prune", help="one-shot baseline: prune by a heuristic and fine-tune")
+    p.add_argument("spec", help="study spec (task, layers, fine-tuning recipe, seed)")
+    p.add_argument("--policy", required=True, choices=list(ALLOCATIONS), help="allocation")
+    p.add_argument("--sparsity", required=True, type=_sparsity, help="target, e.g. 0.9")
+    p.add_argument("--seed", type=int, help="fine-tuning seed (default: the spec's)")
+    p.add_argument("--out", help="save the pruned model's state dict here")
+    p.set_defaults(run=_prune)
+
     for name, helptext in (
         ("front", "print or export the Pareto front"),
         ("report", "write the HTML report"),
@@ -164,6 +203,16 @@ def _positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def _sparsity(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
     return value
 
 

@@ -102,7 +102,7 @@ class Objective:
         self._grads: dict[str, Tensor] | None = None
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
-        policy = suggest_policy(trial, self.space, self.layers)
+        policy = suggest_policy(trial, self.space, self.layers, self.task.model)
         seed = trial_seed(self.seed, trial.number)
         trial.set_user_attr("policy", policy.to_dict())
         trial.set_user_attr("seed", seed)

@@ -17,9 +17,11 @@ from torch import nn
 
 from autoprune._version import __version__
 from autoprune.errors import StorageError, TaskError, TrialFailed
+from autoprune.heuristics import WarmStart, enqueue_warm_starts
 from autoprune.masks import count_nonzero, prunable_layers
 from autoprune.objective import DIRECTIONS, METRIC_NAMES, Objective, prune_and_finetune
 from autoprune.policy import Policy
+from autoprune.samplers import make_sampler
 from autoprune.space import SearchSpace
 from autoprune.task import Task
 from autoprune.train import evaluate
@@ -29,6 +31,8 @@ logger = logging.getLogger(__name__)
 # Key of the study user attr holding what the study was created with.
 STUDY_ATTR = "autoprune"
 Callback = Callable[[optuna.Study, FrozenTrial], None]
+# The sampler of a study whose spec names none (see autoprune.samplers.SAMPLERS).
+DEFAULT_SAMPLER = "tpe"
 
 
 def search(
@@ -40,7 +44,8 @@ def search(
     study_name: str | None = None,
     seed: int = 0,
     space: SearchSpace | None = None,
-    sampler: optuna.samplers.BaseSampler | None = None,
+    sampler: optuna.samplers.BaseSampler | str | None = None,
+    warm_start: WarmStart | None = None,
     callbacks: Iterable[Callback] = (),
 ) -> optuna.Study:
     """Search pruning policies of ``task.model``; return the (new or resumed) Optuna study.
@@ -55,7 +60,10 @@ def search(
         study_name: Name of the study; an existing study of that name is resumed.
         seed: Seeds the sampler and every trial's fine-tuning.
         space: The search space; :class:`SearchSpace` defaults if None.
-        sampler: Overrides the default seeded multivariate TPE sampler.
+        sampler: A sampler, or the name of one in :data:`autoprune.samplers.SAMPLERS`
+            (seeded); None: ``DEFAULT_SAMPLER``.
+        warm_start: Heuristic policies a new study tries first (``WarmStart()``: LAMP, global
+            magnitude and ERK over a spread of sparsities, the spec's default); None: none.
         callbacks: Called as ``callback(study, trial)`` after each trial.
 
     Raises:
@@ -67,7 +75,13 @@ def search(
     space = space or SearchSpace()
     _check_budget(n_trials, timeout)
     study = open_study(
-        task, space=space, storage=storage, study_name=study_name, seed=seed, sampler=sampler
+        task,
+        space=space,
+        storage=storage,
+        study_name=study_name,
+        seed=seed,
+        sampler=sampler,
+        warm_start=warm_start,
     )
     optimize(study, task, n_trials=n_trials, timeout=timeout, callbacks=callbacks)
     return study
@@ -107,9 +121,14 @@ def open_study(
     storage: str | optuna.storages.BaseStorage | None,
     study_name: str | None,
     seed: int,
-    sampler: optuna.samplers.BaseSampler | None = None,
+    sampler: optuna.samplers.BaseSampler | str | None = None,
+    warm_start: WarmStart | None = None,
 ) -> optuna.Study:
     """Create the study, or load it if it exists and was made with the same setup.
+
+    A new study gets the warm-start trials (see :func:`search`) enqueued first; a sampler
+    given by name is seeded with ``seed`` plus the trials already run, so that a resumed run
+    does not replay the first run's random draws.
 
     Everything about the task is checked before the storage is touched, so bad input leaves
     no half-written study behind.
@@ -142,16 +161,8 @@ def open_study(
         _check_same_setup(existing, setup, study_name)
     n_before = len(existing.trials) if existing is not None else 0
     dense = dense_metrics(task, layers) if existing is None else None
-    if sampler is None:
-        with warnings.catch_warnings():  # `group` is experimental, and needed for our space
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            sampler = optuna.samplers.TPESampler(
-                # A resumed run must not replay the first run's random draws.
-                seed=seed + n_before,
-                multivariate=True,
-                group=True,
-                n_startup_trials=10,
-            )
+    if not isinstance(sampler, optuna.samplers.BaseSampler):
+        sampler = make_sampler(sampler or DEFAULT_SAMPLER, seed=seed + n_before, space=space)
     with _storage_errors(storage):
         study = optuna.create_study(
             storage=storage,
@@ -165,6 +176,8 @@ def open_study(
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(list(METRIC_NAMES))
         study.set_user_attr(STUDY_ATTR, {**setup, "dense": dense})
+        if warm_start is not None:
+            enqueue_warm_starts(study, task, space, layers, warm_start)
     return study
 
 
@@ -285,6 +298,9 @@ def _check_same_setup(study: optuna.Study, setup: dict[str, Any], name: str | No
     stored = study.user_attrs.get(STUDY_ATTR)
     if stored is None:
         raise StorageError(f"study {name!r} exists but was not made by autoprune")
+    stored = dict(stored)
+    if "space" in stored:  # spaces stored before a key was added compare with its default
+        stored["space"] = SearchSpace.from_dict(stored["space"]).to_dict()
     for key in [k for k in setup if k != "version"]:  # what a study was made with
         if stored.get(key) != setup[key]:
             label = "dense model weights (fingerprint)" if key == "model" else key

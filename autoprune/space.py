@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import optuna
+from torch import nn
 
+from autoprune.allocation import allocate, get_allocation, reallocate
 from autoprune.criteria import CRITERIA, get_criterion
 from autoprune.errors import SpecError
 from autoprune.policy import RULES, SCOPES, Policy
@@ -27,6 +29,13 @@ class SearchSpace:
         alpha: ``(low, high)`` bounds of the ``mean`` rule's multiplier (searched on a log scale).
         include: Globs over layer names (module paths) of the layers that may be pruned.
         exclude: Globs of layers never pruned, applied after ``include``.
+        parametrization: ``"per-layer"``: criterion, scope and rule, and one independent
+            sparsity per layer (or one for the global scope). ``"allocation"``: a target
+            sparsity (searched on a log-density scale within ``sparsity``), a base allocation
+            from ``allocations`` and one offset per layer that moves its density by up to
+            ``OFFSET_FACTOR`` either way; the target is always hit exactly.
+        allocations: Names of registered allocations (see :mod:`autoprune.allocation`) the
+            ``allocation`` parametrization starts from.
 
     Raises:
         SpecError: Naming the first bad argument and its value.
@@ -39,8 +48,18 @@ class SearchSpace:
     alpha: tuple[float, float] = (0.25, 4.0)
     include: Sequence[str] = ("*",)
     exclude: Sequence[str] = ()
+    parametrization: str = "per-layer"
+    allocations: Sequence[str] = ("lamp", "erk", "global", "uniform")
 
     def __post_init__(self) -> None:
+        if self.parametrization not in PARAMETRIZATIONS:
+            names = ", ".join(PARAMETRIZATIONS)
+            raise SpecError(f"unknown parametrization {self.parametrization!r} (known: {names})")
+        if isinstance(self.allocations, str) or not self.allocations:
+            raise SpecError(f"allocations must be a non-empty list, got {self.allocations!r}")
+        for name in self.allocations:
+            get_allocation(name)
+        object.__setattr__(self, "allocations", tuple(self.allocations))
         for field, known in (("criteria", CRITERIA), ("scopes", SCOPES), ("rules", RULES)):
             values = getattr(self, field)
             if isinstance(values, str) or not values:
@@ -70,7 +89,10 @@ class SearchSpace:
             object.__setattr__(self, field, tuple(globs))
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: list(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {
+            f.name: v if isinstance(v := getattr(self, f.name), str) else list(v)
+            for f in dataclasses.fields(self)
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SearchSpace:
@@ -80,17 +102,35 @@ class SearchSpace:
                 raise SpecError(
                     f"unknown search-space key {key!r} (known: {', '.join(sorted(names))})"
                 )
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        kwargs: dict[str, Any] = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in data.items()
+        }
+        return cls(**kwargs)
 
 
 def suggest_policy(
-    trial: optuna.trial.BaseTrial, space: SearchSpace, layers: Sequence[str]
+    trial: optuna.trial.BaseTrial,
+    space: SearchSpace,
+    layers: Sequence[str],
+    model: nn.Module | None = None,
 ) -> Policy:
     """Draw a policy for ``layers`` from ``trial``.
 
     Works on a live ``Trial`` (sampling) and on a ``FrozenTrial`` (replaying its params), so
     any finished trial's policy can be rebuilt from ``trial.params``.
+
+    Args:
+        model: The dense model; the ``allocation`` parametrization allocates by its weights.
     """
+    return PARAMETRIZATIONS[space.parametrization](trial, space, layers, model)
+
+
+def _per_layer(
+    trial: optuna.trial.BaseTrial,
+    space: SearchSpace,
+    layers: Sequence[str],
+    model: nn.Module | None,
+) -> Policy:
     criterion = trial.suggest_categorical("criterion", space.criteria)
     scope = trial.suggest_categorical("scope", space.scopes)
     rule = trial.suggest_categorical("rule", space.rules)
@@ -104,6 +144,61 @@ def suggest_policy(
     else:
         sparsity = {name: trial.suggest_float(f"sparsity:{name}", low, high) for name in layers}
     return Policy(sparsity=sparsity, criterion=criterion, scope=scope, rule=rule, alpha=alpha)
+
+
+def _allocation(
+    trial: optuna.trial.BaseTrial,
+    space: SearchSpace,
+    layers: Sequence[str],
+    model: nn.Module | None,
+) -> Policy:
+    if model is None:
+        raise ValueError("the allocation parametrization needs the dense model")
+    criterion = trial.suggest_categorical("criterion", space.criteria)
+    allocation = trial.suggest_categorical("allocation", space.allocations)
+    low, high = space.sparsity
+    # Log-density: as many trials between 90% and 99% sparsity as between 0% and 90%.
+    density = trial.suggest_float("density", 1.0 - high, 1.0 - low, log=True)
+    offsets = {name: trial.suggest_float(f"offset:{name}", -1.0, 1.0) for name in layers}
+    target = 1.0 - density
+    modules = dict(model.named_modules())
+    sizes = {name: modules[name].weight.numel() for name in layers}
+    base = allocate(allocation, model, layers, target)
+    return Policy(sparsity=reallocate(base, sizes, offsets, target), criterion=criterion)
+
+
+def heuristic_params(
+    space: SearchSpace, allocation: str, target: float, model: nn.Module, layers: Sequence[str]
+) -> dict[str, Any] | None:
+    """The params under which ``suggest_policy`` draws the heuristic ``allocation`` at
+    ``target`` with the magnitude criterion (for ``study.enqueue_trial``), or None if the space
+    cannot express it. In the per-layer parametrization, sparsities beyond the space's bounds
+    are clipped to them."""
+    low, high = space.sparsity
+    if "magnitude" not in space.criteria or not low <= target <= high:
+        return None
+    if space.parametrization == "allocation":
+        if allocation not in space.allocations:
+            return None
+        offsets = {f"offset:{name}": 0.0 for name in layers}
+        base = {"criterion": "magnitude", "allocation": allocation, "density": 1.0 - target}
+        return base | offsets
+    if "ratio" not in space.rules:
+        return None
+    params: dict[str, Any] = {"criterion": "magnitude", "rule": "ratio"}
+    if allocation == "global" and "global" in space.scopes:
+        return params | {"scope": "global", "sparsity": target}
+    if "layer" not in space.scopes:
+        return None
+    sparsity = allocate(allocation, model, layers, target)
+    clipped = {f"sparsity:{k}": min(max(v, low), high) for k, v in sparsity.items()}
+    return params | {"scope": "layer"} | clipped
+
+
+Parametrization = Callable[
+    [optuna.trial.BaseTrial, SearchSpace, Sequence[str], "nn.Module | None"], Policy
+]
+PARAMETRIZATIONS: dict[str, Parametrization] = {"per-layer": _per_layer, "allocation": _allocation}
 
 
 def _bounds(name: str, value: Any) -> tuple[float, float]:

@@ -7,6 +7,7 @@ storage = "sqlite:///autoprune.db"
 trials = 40
 timeout = "10m"                  # optional: seconds, or a number with s, m, h or d
 seed = 0
+sampler = "tpe"                  # tpe, nsga2, gp, random or auto (see autoprune.samplers)
 
 [space]                          # see autoprune.SearchSpace
 criteria = ["magnitude", "random", "sensitivity", "taylor"]
@@ -16,6 +17,12 @@ sparsity = [0.0, 0.98]
 alpha = [0.25, 4.0]
 include = ["*"]
 exclude = []
+parametrization = "per-layer"    # or "allocation": target sparsity + offsets from allocations
+allocations = ["lamp", "erk", "global", "uniform"]
+
+[warm_start]                     # heuristics tried first by a new study; allocations = [] for none
+allocations = ["lamp", "global", "erk"]
+sparsities = [0.5, 0.8, 0.9, 0.95, 0.98]
 
 [finetune]                       # overrides the task's own recipe
 epochs = 2
@@ -34,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from autoprune.errors import SpecError
+from autoprune.heuristics import WarmStart
+from autoprune.samplers import SAMPLERS
 from autoprune.space import SearchSpace
 from autoprune.task import Task
 
@@ -69,7 +78,9 @@ class StudySpec:
     trials: int = 40
     timeout: float | None = None
     seed: int = 0
+    sampler: str = "tpe"
     space: SearchSpace = dataclasses.field(default_factory=SearchSpace)
+    warm_start: WarmStart = dataclasses.field(default_factory=WarmStart)
     finetune: Finetune = dataclasses.field(default_factory=Finetune)
 
     @property
@@ -134,6 +145,14 @@ def spec_from_dict(data: dict[str, Any]) -> StudySpec:
             kwargs[key] = _check(
                 key, data[key], int, lambda v, lo=low: v >= lo, f"an integer >= {low}"
             )
+    if "sampler" in data:
+        kwargs["sampler"] = _check(
+            "sampler",
+            data["sampler"],
+            str,
+            lambda v: v in SAMPLERS,
+            f"one of {', '.join(SAMPLERS)}",
+        )
     if "timeout" in data:
         try:
             kwargs["timeout"] = parse_duration(data["timeout"])
@@ -145,6 +164,12 @@ def spec_from_dict(data: dict[str, Any]) -> StudySpec:
             kwargs["space"] = SearchSpace.from_dict(table)
         except SpecError as e:
             raise SpecError(f"[space] {e}") from None
+    if "warm_start" in data:
+        table = _check("warm_start", data["warm_start"], dict, lambda v: True, "a table")
+        try:
+            kwargs["warm_start"] = WarmStart.from_dict(table)
+        except SpecError as e:
+            raise SpecError(f"[warm_start] {e}") from None
     if "finetune" in data:
         kwargs["finetune"] = _finetune(
             _check("finetune", data["finetune"], dict, lambda v: True, "a table")

@@ -28,6 +28,9 @@ trials = 6
 
 [finetune]
 epochs = 1
+
+[warm_start]  # off: these tests follow the sampler's own trials (see test_heuristics.py)
+allocations = []
 """
 
 

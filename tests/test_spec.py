@@ -83,8 +83,8 @@ def test_integer_lr_becomes_float(tmp_path: Path) -> None:
     [
         (
             "trails = 5\n",
-            "unknown key 'trails' (known: finetune, seed, space, storage, study_name, task, "
-            "timeout, trials)",
+            "unknown key 'trails' (known: finetune, sampler, seed, space, storage, study_name, "
+            "task, timeout, trials, warm_start)",
         ),
         (
             "[finetune]\nepoch = 1\n",
