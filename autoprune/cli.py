@@ -27,6 +27,7 @@ from autoprune.spec import load_spec, parse_duration
 from autoprune.tasks import load_task
 
 DEFAULT_STORAGE = "sqlite:///autoprune.db"
+_STATE_WORDS = {TrialState.PRUNED: "stopped early"}
 
 
 class _Progress:
@@ -45,7 +46,7 @@ class _Progress:
             bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} "
             "[{elapsed}<{remaining}, {rate_inv_fmt}{postfix}]",
         )
-        self.front, self.failed = 0, 0
+        self.front, self.failed, self.stopped = 0, 0, 0
         self._counted = -math.inf
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
@@ -55,7 +56,8 @@ class _Progress:
             self.front = len(study.best_trials)
             self._counted = now
         self.failed += trial.state == TrialState.FAIL
-        self.bar.set_postfix(front=self.front, failed=self.failed)
+        self.stopped += trial.state == TrialState.PRUNED
+        self.bar.set_postfix(front=self.front, failed=self.failed, stopped=self.stopped)
 
 
 def _search(args: argparse.Namespace) -> int:
@@ -84,7 +86,15 @@ def _search(args: argparse.Namespace) -> int:
     )
     progress = _Progress(trials, disable=args.quiet)
     try:
-        optimize(study, task, n_trials=trials, timeout=timeout, callbacks=[progress])
+        optimize(
+            study,
+            task,
+            n_trials=trials,
+            timeout=timeout,
+            callbacks=[progress],
+            constraints=spec.constraints,
+            early_stop=spec.early_stop,
+        )
     finally:
         progress.bar.close()
     _print_counts(study)
@@ -140,7 +150,10 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _print_counts(study: optuna.Study) -> None:
-    states = pd.Series([t.state.name.lower() for t in study.get_trials(deepcopy=False)])
+    # A PRUNED trial is one that autoprune.stopping stopped early: say so in our words.
+    states = pd.Series(
+        [_STATE_WORDS.get(t.state, t.state.name.lower()) for t in study.get_trials(deepcopy=False)]
+    )
     counts = ", ".join(f"{n} {state}" for state, n in states.value_counts().items())
     print(f"study {study.study_name!r}: {len(states)} trials ({counts})")
 

@@ -13,6 +13,7 @@ import optuna
 import torch
 from torch import Tensor, nn
 
+from autoprune.constraints import Constraints
 from autoprune.criteria import calibration_gradients, get_criterion
 from autoprune.errors import TrialFailed
 from autoprune.masks import (
@@ -25,8 +26,9 @@ from autoprune.masks import (
 )
 from autoprune.policy import Policy
 from autoprune.space import SearchSpace, suggest_policy
+from autoprune.stopping import EarlyStop
 from autoprune.task import Task
-from autoprune.train import evaluate, fit
+from autoprune.train import EpochHook, evaluate, fit
 
 # The study's objectives, in order; their names are stored in the study for dashboards.
 METRIC_NAMES = ("accuracy", "nonzero_params")
@@ -46,7 +48,12 @@ class PruneResult:
 
 
 def prune_and_finetune(
-    task: Task, policy: Policy, *, seed: int, grads: Mapping[str, Tensor] | None = None
+    task: Task,
+    policy: Policy,
+    *,
+    seed: int,
+    grads: Mapping[str, Tensor] | None = None,
+    on_epoch: EpochHook | None = None,
 ) -> PruneResult:
     """Prune a copy of ``task.model`` by ``policy``, fine-tune it with the masks held, measure.
 
@@ -55,6 +62,7 @@ def prune_and_finetune(
     Args:
         grads: Calibration gradients of the dense model, if already computed (they are
             the same for every trial of a task); computed here when the criterion needs them.
+        on_epoch: Called after each fine-tuning epoch (see :func:`autoprune.train.fit`).
 
     Raises:
         TrialFailed: If fine-tuning hits a non-finite loss.
@@ -71,7 +79,7 @@ def prune_and_finetune(
         apply_masks(model, compute_masks(policy, scores))
     with _timed(timings, "finetuning"):
         torch.manual_seed(seed)
-        history = fit(model, task, epochs=task.finetune_epochs, seed=seed)
+        history = fit(model, task, epochs=task.finetune_epochs, seed=seed, on_epoch=on_epoch)
         fold_masks(model)
     with _timed(timings, "evaluation"):
         accuracy, val_loss = evaluate(model, task, "val")
@@ -95,10 +103,22 @@ class Objective:
 
     Everything a trial produces besides its two values is kept in its user attrs: the policy,
     its seed, test accuracy, density, per-layer sparsity, loss curves and a time split.
+    ``constraints`` are recorded with ``trial.set_constraint``; ``early_stop`` may end a
+    hopeless trial after its first epoch with ``optuna.TrialPruned``.
     """
 
-    def __init__(self, task: Task, space: SearchSpace, layers: Sequence[str], *, seed: int = 0):
+    def __init__(
+        self,
+        task: Task,
+        space: SearchSpace,
+        layers: Sequence[str],
+        *,
+        seed: int = 0,
+        constraints: Constraints | None = None,
+        early_stop: EarlyStop | None = None,
+    ):
         self.task, self.space, self.layers, self.seed = task, space, list(layers), seed
+        self.constraints, self.early_stop = constraints, early_stop
         self._grads: dict[str, Tensor] | None = None
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
@@ -106,15 +126,19 @@ class Objective:
         seed = trial_seed(self.seed, trial.number)
         trial.set_user_attr("policy", policy.to_dict())
         trial.set_user_attr("seed", seed)
+        hook = self.early_stop.hook(trial, self.layers) if self.early_stop else None
         try:
             result = prune_and_finetune(
-                self.task, policy, seed=seed, grads=self._grads_for(policy)
+                self.task, policy, seed=seed, grads=self._grads_for(policy), on_epoch=hook
             )
         except TrialFailed as e:
             trial.set_user_attr("fail_reason", str(e))
             raise
         for key, value in _user_attrs(result).items():
             trial.set_user_attr(key, value)
+        if self.constraints is not None:
+            for key, value in self.constraints.violations(result.metrics).items():
+                trial.set_constraint(key, value)
         return result.metrics["accuracy"], result.metrics["nonzero_params"]
 
     def _grads_for(self, policy: Policy) -> dict[str, Tensor] | None:

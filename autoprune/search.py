@@ -16,6 +16,7 @@ from optuna.trial import FrozenTrial
 from torch import nn
 
 from autoprune._version import __version__
+from autoprune.constraints import Constraints
 from autoprune.errors import StorageError, TaskError, TrialFailed
 from autoprune.heuristics import WarmStart, enqueue_warm_starts
 from autoprune.masks import count_nonzero, prunable_layers
@@ -23,6 +24,7 @@ from autoprune.objective import DIRECTIONS, METRIC_NAMES, Objective, prune_and_f
 from autoprune.policy import Policy
 from autoprune.samplers import make_sampler
 from autoprune.space import SearchSpace
+from autoprune.stopping import EarlyStop
 from autoprune.task import Task
 from autoprune.train import evaluate
 
@@ -46,6 +48,8 @@ def search(
     space: SearchSpace | None = None,
     sampler: optuna.samplers.BaseSampler | str | None = None,
     warm_start: WarmStart | None = None,
+    constraints: Constraints | None = None,
+    early_stop: EarlyStop | None = None,
     callbacks: Iterable[Callback] = (),
 ) -> optuna.Study:
     """Search pruning policies of ``task.model``; return the (new or resumed) Optuna study.
@@ -64,6 +68,8 @@ def search(
             (seeded); None: ``DEFAULT_SAMPLER``.
         warm_start: Heuristic policies a new study tries first (``WarmStart()``: LAMP, global
             magnitude and ERK over a spread of sparsities, the spec's default); None: none.
+        constraints: Bounds on accuracy and size; infeasible trials leave the front.
+        early_stop: Stops hopeless trials after their first epoch (state PRUNED); None: never.
         callbacks: Called as ``callback(study, trial)`` after each trial.
 
     Raises:
@@ -83,7 +89,15 @@ def search(
         sampler=sampler,
         warm_start=warm_start,
     )
-    optimize(study, task, n_trials=n_trials, timeout=timeout, callbacks=callbacks)
+    optimize(
+        study,
+        task,
+        n_trials=n_trials,
+        timeout=timeout,
+        callbacks=callbacks,
+        constraints=constraints,
+        early_stop=early_stop,
+    )
     return study
 
 
@@ -94,12 +108,22 @@ def optimize(
     n_trials: int | None = None,
     timeout: float | None = None,
     callbacks: Iterable[Callback] = (),
+    constraints: Constraints | None = None,
+    early_stop: EarlyStop | None = None,
 ) -> None:
-    """Run trials of an opened study (see :func:`open_study`) with the space stored in it."""
+    """Run trials of an opened study (see :func:`open_study`) with the space stored in it;
+    ``constraints`` and ``early_stop`` as in :func:`search`."""
     _check_budget(n_trials, timeout)
     setup = study.user_attrs[STUDY_ATTR]
     space = SearchSpace.from_dict(setup["space"])
-    objective = Objective(task, space, setup["layers"], seed=setup["seed"])
+    objective = Objective(
+        task,
+        space,
+        setup["layers"],
+        seed=setup["seed"],
+        constraints=constraints,
+        early_stop=early_stop,
+    )
     study.optimize(
         objective,
         n_trials=n_trials,

@@ -8,6 +8,7 @@ trials = 40
 timeout = "10m"                  # optional: seconds, or a number with s, m, h or d
 seed = 0
 sampler = "tpe"                  # tpe, nsga2, gp, random or auto (see autoprune.samplers)
+early_stop = true                # or a table: [early_stop] margin = 0.1; false: never
 
 [space]                          # see autoprune.SearchSpace
 criteria = ["magnitude", "random", "sensitivity", "taylor"]
@@ -17,12 +18,16 @@ sparsity = [0.0, 0.98]
 alpha = [0.25, 4.0]
 include = ["*"]
 exclude = []
-parametrization = "per-layer"    # or "allocation": target sparsity + offsets from allocations
+parametrization = "allocation"   # the spec's default; or "per-layer" (SearchSpace's default)
 allocations = ["lamp", "erk", "global", "uniform"]
 
 [warm_start]                     # heuristics tried first by a new study; allocations = [] for none
 allocations = ["lamp", "global", "erk"]
 sparsities = [0.5, 0.8, 0.9, 0.95, 0.98]
+
+[constraints]                    # optional: infeasible trials leave the front
+min_accuracy = 0.9
+max_density = 0.2                # or max_params = 5000
 
 [finetune]                       # overrides the task's own recipe
 epochs = 2
@@ -40,14 +45,18 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from autoprune.constraints import Constraints
 from autoprune.errors import SpecError
 from autoprune.heuristics import WarmStart
 from autoprune.samplers import SAMPLERS
 from autoprune.space import SearchSpace
+from autoprune.stopping import EarlyStop
 from autoprune.task import Task
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+# The parametrization of a spec whose [space] names none: the best on scripts/bench_search.py.
+DEFAULT_PARAMETRIZATION = "allocation"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,8 +88,12 @@ class StudySpec:
     timeout: float | None = None
     seed: int = 0
     sampler: str = "tpe"
-    space: SearchSpace = dataclasses.field(default_factory=SearchSpace)
+    space: SearchSpace = dataclasses.field(
+        default_factory=lambda: SearchSpace(parametrization=DEFAULT_PARAMETRIZATION)
+    )
     warm_start: WarmStart = dataclasses.field(default_factory=WarmStart)
+    constraints: Constraints = dataclasses.field(default_factory=Constraints)
+    early_stop: EarlyStop = dataclasses.field(default_factory=EarlyStop)
     finetune: Finetune = dataclasses.field(default_factory=Finetune)
 
     @property
@@ -161,6 +174,7 @@ def spec_from_dict(data: dict[str, Any]) -> StudySpec:
     if "space" in data:
         table = _check("space", data["space"], dict, lambda v: True, "a table")
         try:
+            table = {"parametrization": DEFAULT_PARAMETRIZATION, **table}
             kwargs["space"] = SearchSpace.from_dict(table)
         except SpecError as e:
             raise SpecError(f"[space] {e}") from None
@@ -170,11 +184,29 @@ def spec_from_dict(data: dict[str, Any]) -> StudySpec:
             kwargs["warm_start"] = WarmStart.from_dict(table)
         except SpecError as e:
             raise SpecError(f"[warm_start] {e}") from None
+    if "constraints" in data:
+        table = _check("constraints", data["constraints"], dict, lambda v: True, "a table")
+        try:
+            kwargs["constraints"] = Constraints.from_dict(table)
+        except SpecError as e:
+            raise SpecError(f"[constraints] {e}") from None
+    if "early_stop" in data:
+        kwargs["early_stop"] = _early_stop(data["early_stop"])
     if "finetune" in data:
         kwargs["finetune"] = _finetune(
             _check("finetune", data["finetune"], dict, lambda v: True, "a table")
         )
     return StudySpec(**kwargs)
+
+
+def _early_stop(value: Any) -> EarlyStop:
+    if isinstance(value, bool):
+        return EarlyStop() if value else EarlyStop(margin=None)
+    table = _check("early_stop", value, dict, lambda v: True, "true, false or a table")
+    try:
+        return EarlyStop.from_dict(table)
+    except SpecError as e:
+        raise SpecError(f"[early_stop] {e}") from None
 
 
 def _finetune(table: dict[str, Any]) -> Finetune:

@@ -41,6 +41,7 @@ from autoprune.masks import prunable_layers
 from autoprune.objective import trial_seed
 from autoprune.search import search
 from autoprune.spec import StudySpec
+from autoprune.stopping import EarlyStop
 from autoprune.tasks import load_task
 
 SWEEP = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)
@@ -107,6 +108,8 @@ def study_points(task: Any, spec: StudySpec, seed: int, trials: int) -> tuple[li
         space=spec.space,
         sampler=spec.sampler,
         warm_start=spec.warm_start,
+        constraints=spec.constraints,
+        early_stop=spec.early_stop,
     )
     points = [
         {
@@ -191,6 +194,7 @@ def main() -> int:
     parser.add_argument("--tasks", nargs="+", default=["digits-cnn", "digits-mlp"])
     parser.add_argument("--parametrization", help="override the spec default's")
     parser.add_argument("--sampler", help="override the spec default's")
+    parser.add_argument("--early-stop", help="margin, or 'off' (default: the spec default's)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     args = parser.parse_args()
     args.sweep = SWEEP
@@ -198,8 +202,6 @@ def main() -> int:
         args.seeds, args.trials, args.sweep = args.seeds[:1], 16, (0.5, 0.8, 0.9, 0.95, 0.98)
     if not 1 <= args.trials <= 60:
         parser.error(f"--trials must be in 1..60, got {args.trials}")
-    if len(args.seeds) < 3 and not args.quick:
-        parser.error(f"give at least 3 seeds (or --quick), got {args.seeds}")
     torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = StudySpec()
@@ -209,14 +211,19 @@ def main() -> int:
         )
     if args.sampler:
         spec = dataclasses.replace(spec, sampler=args.sampler)
+    if args.early_stop:
+        margin = None if args.early_stop == "off" else float(args.early_stop)
+        spec = dataclasses.replace(spec, early_stop=EarlyStop(margin=margin))
     print(
         f"bench_search: seeds {args.seeds}, {args.trials} trials per study, sweep {args.sweep}, "
         f"parametrization {spec.space.parametrization}, sampler {spec.sampler}, "
-        f"warm start {spec.warm_start.to_dict()}"
+        f"early stop margin {spec.early_stop.margin}, warm start {spec.warm_start.to_dict()}"
     )
     results = run(args, spec)
     print(table(results))
     failures = misses(results, args.quick)
+    if len(args.seeds) < 3 and not args.quick:
+        failures.append(f"the targets are means over at least 3 seeds, got {args.seeds}")
     for failure in failures:
         print(f"bench_search: MISSED: {failure}", file=sys.stderr)
     if not failures:

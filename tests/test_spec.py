@@ -45,6 +45,7 @@ def test_digits_cnn_spec_parses() -> None:
             alpha=(0.25, 4.0),
             include=("*",),
             exclude=(),
+            parametrization="allocation",
         ),
         finetune=Finetune(epochs=2, lr=0.001, batch_size=32),
     )
@@ -68,7 +69,7 @@ def test_defaults_and_name(tmp_path: Path) -> None:
     spec = load_spec(write_spec(tmp_path, 'task = "pkg.mod:make"\n'))
     assert spec == StudySpec(task="pkg.mod:make")
     assert spec.name == "pkg.mod:make"  # no study_name: the task reference
-    assert spec.space == SearchSpace()
+    assert spec.space == SearchSpace(parametrization="allocation")  # the spec's default
     assert spec.finetune == Finetune()
 
 
@@ -83,8 +84,8 @@ def test_integer_lr_becomes_float(tmp_path: Path) -> None:
     [
         (
             "trails = 5\n",
-            "unknown key 'trails' (known: finetune, sampler, seed, space, storage, study_name, "
-            "task, timeout, trials, warm_start)",
+            "unknown key 'trails' (known: constraints, early_stop, finetune, sampler, seed, "
+            "space, storage, study_name, task, timeout, trials, warm_start)",
         ),
         (
             "[finetune]\nepoch = 1\n",
