@@ -18,6 +18,7 @@ from autoprune.allocation import get_allocation, heuristic_policy
 from autoprune.errors import SpecError
 from autoprune.masks import prunable_layers
 from autoprune.objective import PruneResult, prune_and_finetune
+from autoprune.policy import SCHEDULES
 from autoprune.space import SearchSpace, heuristic_params
 from autoprune.task import Task
 
@@ -31,6 +32,7 @@ def baseline(
     *,
     seed: int = 0,
     layers: Sequence[str] | None = None,
+    schedule: str = "oneshot",
 ) -> PruneResult:
     """Prune ``task.model`` by the heuristic ``allocation`` at ``target`` sparsity (magnitude
     within each layer), fine-tune with the task's recipe, and measure: the one-shot baseline.
@@ -42,7 +44,9 @@ def baseline(
         SpecError: On an unknown allocation or a target outside [0, 1).
     """
     layers = list(layers) if layers is not None else prunable_layers(task.model)
-    policy = heuristic_policy(allocation, task.model, layers, target)
+    policy = dataclasses.replace(
+        heuristic_policy(allocation, task.model, layers, target), schedule=schedule
+    )
     return prune_and_finetune(task, policy, seed=seed)
 
 
@@ -55,6 +59,7 @@ class WarmStart:
             ``erk``); an empty list turns warm starts off.
         sparsities: Target sparsities, each in [0, 1). Targets outside the search space's
             sparsity bounds are skipped.
+        schedules: The schedules each heuristic is tried with (those the space has).
 
     Raises:
         SpecError: Naming the first bad allocation or sparsity.
@@ -62,6 +67,7 @@ class WarmStart:
 
     allocations: Sequence[str] = ("lamp", "global", "erk")
     sparsities: Sequence[float] = (0.5, 0.8, 0.9, 0.95, 0.98)
+    schedules: Sequence[str] = ("oneshot",)
 
     def __post_init__(self) -> None:
         if isinstance(self.allocations, str):
@@ -75,11 +81,20 @@ class WarmStart:
                 raise SpecError(f"sparsities must be numbers in [0, 1), got {value!r}")
             if not 0.0 <= value < 1.0:
                 raise SpecError(f"sparsities must be numbers in [0, 1), got {value!r}")
+        if isinstance(self.schedules, str) or not all(s in SCHEDULES for s in self.schedules):
+            raise SpecError(
+                f"schedules must be a list of {', '.join(SCHEDULES)}, got {self.schedules!r}"
+            )
+        object.__setattr__(self, "schedules", tuple(self.schedules))
         object.__setattr__(self, "allocations", tuple(self.allocations))
         object.__setattr__(self, "sparsities", tuple(float(v) for v in self.sparsities))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"allocations": list(self.allocations), "sparsities": list(self.sparsities)}
+        return {
+            "allocations": list(self.allocations),
+            "sparsities": list(self.sparsities),
+            "schedules": list(self.schedules),
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> WarmStart:
@@ -100,16 +115,19 @@ def enqueue_warm_starts(
 ) -> int:
     """Enqueue each heuristic at each target as a trial of ``study``; return how many.
 
-    Each enqueued trial carries the user attr ``warm_start`` (e.g. ``"lamp@0.9"``). Heuristics
-    the space cannot express (e.g. no magnitude criterion) are skipped with a log message.
+    Each enqueued trial carries the user attr ``warm_start`` (e.g. ``"lamp@0.9"``, or
+    ``"lamp@0.9 gradual"`` for a schedule other than one-shot). Heuristics the space cannot
+    express (e.g. no magnitude criterion) are skipped with a log message.
     """
     n = 0
-    for target in warm_start.sparsities:
-        for name in warm_start.allocations:
-            params = heuristic_params(space, name, target, task.model, layers)
-            if params is None:
-                logger.info("warm start %s@%g is outside the search space: skipped", name, target)
-                continue
-            study.enqueue_trial(params, user_attrs={"warm_start": f"{name}@{target:g}"})
-            n += 1
+    for schedule in warm_start.schedules:
+        for target in warm_start.sparsities:
+            for name in warm_start.allocations:
+                label = f"{name}@{target:g}" + ("" if schedule == "oneshot" else f" {schedule}")
+                params = heuristic_params(space, name, target, task.model, layers, schedule)
+                if params is None:
+                    logger.info("warm start %s is outside the search space: skipped", label)
+                    continue
+                study.enqueue_trial(params, user_attrs={"warm_start": label})
+                n += 1
     return n

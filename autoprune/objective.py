@@ -17,14 +17,13 @@ from autoprune.constraints import Constraints
 from autoprune.criteria import calibration_gradients, get_criterion
 from autoprune.errors import TrialFailed
 from autoprune.masks import (
-    apply_masks,
-    compute_masks,
     count_nonzero,
     fold_masks,
     layer_sparsity,
     score,
 )
 from autoprune.policy import Policy
+from autoprune.schedule import SCHEDULE_FUNCTIONS, steps_per_epoch
 from autoprune.space import SearchSpace, suggest_policy
 from autoprune.stopping import EarlyStop
 from autoprune.task import Task
@@ -76,10 +75,18 @@ def prune_and_finetune(
         torch.manual_seed(seed)  # the random criterion draws from here
         scores = score(model, policy, grads)
     with _timed(timings, "masking"):
-        apply_masks(model, compute_masks(policy, scores))
+        steps = task.finetune_epochs * steps_per_epoch(task)
+        on_step = SCHEDULE_FUNCTIONS[policy.schedule](model, policy, scores, grads, steps)
     with _timed(timings, "finetuning"):
         torch.manual_seed(seed)
-        history = fit(model, task, epochs=task.finetune_epochs, seed=seed, on_epoch=on_epoch)
+        history = fit(
+            model,
+            task,
+            epochs=task.finetune_epochs,
+            seed=seed,
+            on_epoch=on_epoch,
+            on_step=on_step,
+        )
         fold_masks(model)
     with _timed(timings, "evaluation"):
         accuracy, val_loss = evaluate(model, task, "val")

@@ -13,6 +13,8 @@ from autoprune.errors import SpecError
 
 SCOPES = ("layer", "global")
 RULES = ("ratio", "mean")
+# When the sparsity is reached during fine-tuning (see autoprune.schedule).
+SCHEDULES = ("oneshot", "gradual", "gradual-regrow")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,9 +32,13 @@ class Policy:
         rule: ``"ratio"``: prune exactly the lowest-scoring fraction. ``"mean"``: the article's
             rule, prune the weights whose score is below ``alpha * mean(S)``.
         alpha: Multiplier of the mean threshold (``mean`` rule only).
+        schedule: ``"oneshot"``: pruned before fine-tuning. ``"gradual"``: pruned step by step
+            on a cubic ramp during fine-tuning; ``"gradual-regrow"``: the same, letting pruned
+            weights come back when their score recovers (see :mod:`autoprune.schedule`).
 
     Raises:
-        SpecError: On an unknown criterion, scope or rule, or a sparsity outside [0, 1).
+        SpecError: On an unknown criterion, scope, rule or schedule, or a sparsity outside
+            [0, 1).
     """
 
     sparsity: Mapping[str, float]
@@ -40,6 +46,7 @@ class Policy:
     scope: str = "layer"
     rule: str = "ratio"
     alpha: float = 1.0
+    schedule: str = "oneshot"
 
     def __post_init__(self) -> None:
         get_criterion(self.criterion)
@@ -47,6 +54,8 @@ class Policy:
             raise SpecError(f"unknown scope {self.scope!r} (known: {', '.join(SCOPES)})")
         if self.rule not in RULES:
             raise SpecError(f"unknown rule {self.rule!r} (known: {', '.join(RULES)})")
+        if self.schedule not in SCHEDULES:
+            raise SpecError(f"unknown schedule {self.schedule!r} (known: {', '.join(SCHEDULES)})")
         if not self.sparsity:
             raise SpecError("a policy must name at least one layer to prune")
         for layer, value in self.sparsity.items():
@@ -66,6 +75,7 @@ class Policy:
             "scope": self.scope,
             "rule": self.rule,
             "alpha": self.alpha,
+            "schedule": self.schedule,
         }
 
     def to_json(self) -> str:

@@ -13,7 +13,7 @@ from torch import nn
 from autoprune.allocation import allocate, get_allocation, reallocate
 from autoprune.criteria import CRITERIA, get_criterion
 from autoprune.errors import SpecError
-from autoprune.policy import RULES, SCOPES, Policy
+from autoprune.policy import RULES, SCHEDULES, SCOPES, Policy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +36,8 @@ class SearchSpace:
             ``OFFSET_FACTOR`` either way; the target is always hit exactly.
         allocations: Names of registered allocations (see :mod:`autoprune.allocation`) the
             ``allocation`` parametrization starts from.
+        schedules: Any of ``"oneshot"``, ``"gradual"``, ``"gradual-regrow"`` (see
+            :mod:`autoprune.schedule`); searched as a categorical when there are several.
 
     Raises:
         SpecError: Naming the first bad argument and its value.
@@ -50,6 +52,7 @@ class SearchSpace:
     exclude: Sequence[str] = ()
     parametrization: str = "per-layer"
     allocations: Sequence[str] = ("lamp", "erk", "global", "uniform")
+    schedules: Sequence[str] = ("oneshot",)
 
     def __post_init__(self) -> None:
         if self.parametrization not in PARAMETRIZATIONS:
@@ -60,7 +63,12 @@ class SearchSpace:
         for name in self.allocations:
             get_allocation(name)
         object.__setattr__(self, "allocations", tuple(self.allocations))
-        for field, known in (("criteria", CRITERIA), ("scopes", SCOPES), ("rules", RULES)):
+        for field, known in (
+            ("criteria", CRITERIA),
+            ("scopes", SCOPES),
+            ("rules", RULES),
+            ("schedules", SCHEDULES),
+        ):
             values = getattr(self, field)
             if isinstance(values, str) or not values:
                 raise SpecError(f"{field} must be a non-empty list, got {values!r}")
@@ -122,7 +130,12 @@ def suggest_policy(
     Args:
         model: The dense model; the ``allocation`` parametrization allocates by its weights.
     """
-    return PARAMETRIZATIONS[space.parametrization](trial, space, layers, model)
+    policy = PARAMETRIZATIONS[space.parametrization](trial, space, layers, model)
+    if len(space.schedules) == 1:  # no param: studies from before schedules replay alike
+        return dataclasses.replace(policy, schedule=space.schedules[0])
+    return dataclasses.replace(
+        policy, schedule=trial.suggest_categorical("schedule", space.schedules)
+    )
 
 
 def _per_layer(
@@ -168,12 +181,26 @@ def _allocation(
 
 
 def heuristic_params(
-    space: SearchSpace, allocation: str, target: float, model: nn.Module, layers: Sequence[str]
+    space: SearchSpace,
+    allocation: str,
+    target: float,
+    model: nn.Module,
+    layers: Sequence[str],
+    schedule: str = "oneshot",
 ) -> dict[str, Any] | None:
     """The params under which ``suggest_policy`` draws the heuristic ``allocation`` at
-    ``target`` with the magnitude criterion (for ``study.enqueue_trial``), or None if the space
-    cannot express it. In the per-layer parametrization, sparsities beyond the space's bounds
-    are clipped to them."""
+    ``target`` with the magnitude criterion and ``schedule`` (for ``study.enqueue_trial``), or
+    None if the space cannot express it. In the per-layer parametrization, sparsities beyond
+    the space's bounds are clipped to them."""
+    params = _heuristic_params(space, allocation, target, model, layers)
+    if params is None or schedule not in space.schedules:
+        return None
+    return params | ({"schedule": schedule} if len(space.schedules) > 1 else {})
+
+
+def _heuristic_params(
+    space: SearchSpace, allocation: str, target: float, model: nn.Module, layers: Sequence[str]
+) -> dict[str, Any] | None:
     low, high = space.sparsity
     if "magnitude" not in space.criteria or not low <= target <= high:
         return None

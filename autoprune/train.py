@@ -16,6 +16,8 @@ _TRAIN_POINTS_PER_EPOCH = 4
 
 # ``on_epoch(epochs done, model, val metric)``, called after each epoch; it may raise to stop.
 EpochHook = Callable[[int, nn.Module, float], None]
+# ``on_step(steps done, model)``, called before each optimizer step (e.g. to update masks).
+StepHook = Callable[[int, nn.Module], None]
 
 
 def evaluate(model: nn.Module, task: Task, split: str) -> tuple[float, float]:
@@ -43,11 +45,13 @@ def fit(
     epochs: int,
     seed: int,
     on_epoch: EpochHook | None = None,
+    on_step: StepHook | None = None,
 ) -> dict[str, list[list[float]]]:
     """Train ``model`` in place for ``epochs`` epochs with the task's optimizer and loss.
 
     Batch order is drawn from ``seed``, so a run can be replayed exactly. ``on_epoch`` is
-    called after each epoch with the epochs done, the model and its validation metric.
+    called after each epoch with the epochs done, the model and its validation metric;
+    ``on_step`` before each step's forward pass with the steps done so far and the model.
 
     Returns:
         Loss curves: ``{"train": [[epoch, loss], ...], "val": [[epoch, loss], ...]}``, where
@@ -60,10 +64,14 @@ def fit(
     history: dict[str, list[list[float]]] = {"train": [], "val": []}
     if epochs:
         history["val"].append([0.0, evaluate(model, task, "val")[1]])
+    done = 0
     for epoch in range(epochs):
         model.train()
         losses = []
         for step, (x, y) in enumerate(task.batches("train", shuffle=True, seed=seed + epoch)):
+            if on_step is not None:
+                on_step(done, model)
+            done += 1
             loss = task.loss(model(x), y)
             value = loss.item()
             if not math.isfinite(value):

@@ -195,6 +195,9 @@ def main() -> int:
     parser.add_argument("--parametrization", help="override the spec default's")
     parser.add_argument("--sampler", help="override the spec default's")
     parser.add_argument("--early-stop", help="margin, or 'off' (default: the spec default's)")
+    parser.add_argument("--schedules", nargs="+", help="searched schedules (override)")
+    parser.add_argument("--warm-schedules", nargs="+", help="warm-start schedules (override)")
+    parser.add_argument("--warm-allocations", nargs="+", help="warm-start allocations (override)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     args = parser.parse_args()
     args.sweep = SWEEP
@@ -211,12 +214,23 @@ def main() -> int:
         )
     if args.sampler:
         spec = dataclasses.replace(spec, sampler=args.sampler)
+    if args.schedules:
+        space = dataclasses.replace(spec.space, schedules=tuple(args.schedules))
+        spec = dataclasses.replace(spec, space=space)
+    for key, value in (
+        ("schedules", args.warm_schedules),
+        ("allocations", args.warm_allocations),
+    ):
+        if value:
+            warm = dataclasses.replace(spec.warm_start, **{key: tuple(value)})
+            spec = dataclasses.replace(spec, warm_start=warm)
     if args.early_stop:
         margin = None if args.early_stop == "off" else float(args.early_stop)
         spec = dataclasses.replace(spec, early_stop=EarlyStop(margin=margin))
     print(
         f"bench_search: seeds {args.seeds}, {args.trials} trials per study, sweep {args.sweep}, "
-        f"parametrization {spec.space.parametrization}, sampler {spec.sampler}, "
+        f"parametrization {spec.space.parametrization}, schedules {spec.space.schedules}, "
+        f"sampler {spec.sampler}, "
         f"early stop margin {spec.early_stop.margin}, warm start {spec.warm_start.to_dict()}"
     )
     results = run(args, spec)

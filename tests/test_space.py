@@ -105,8 +105,8 @@ def test_from_dict_rejects_unknown_keys() -> None:
         SearchSpace.from_dict({"criteria": ["magnitude"], "sparsities": [0, 0.5]})
     assert str(info.value) == (
         "unknown search-space key 'sparsities' "
-        "(known: allocations, alpha, criteria, exclude, include, parametrization, rules, scopes, "
-        "sparsity)"
+        "(known: allocations, alpha, criteria, exclude, include, parametrization, rules, "
+        "schedules, scopes, sparsity)"
     )
 
 
