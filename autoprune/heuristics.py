@@ -65,9 +65,9 @@ class WarmStart:
         SpecError: Naming the first bad allocation or sparsity.
     """
 
-    allocations: Sequence[str] = ("lamp", "global", "erk")
+    allocations: Sequence[str] = ("lamp", "global")
     sparsities: Sequence[float] = (0.5, 0.8, 0.9, 0.95, 0.98)
-    schedules: Sequence[str] = ("oneshot",)
+    schedules: Sequence[str] = ("oneshot", "gradual")
 
     def __post_init__(self) -> None:
         if isinstance(self.allocations, str):

@@ -170,8 +170,11 @@ def _allocation(
     criterion = trial.suggest_categorical("criterion", space.criteria)
     allocation = trial.suggest_categorical("allocation", space.allocations)
     low, high = space.sparsity
-    # Log-density: as many trials between 90% and 99% sparsity as between 0% and 90%.
-    density = trial.suggest_float("density", 1.0 - high, 1.0 - low, log=True)
+    # Log-density: as many trials between 90% and 99% sparsity as between 0% and 90%. Fronts
+    # are read at the highest sparsity allowed, so a sliver of the range below it maps onto
+    # it: the sampler can return to the bound, not only the warm starts.
+    drawn = trial.suggest_float("density", (1.0 - high) / BOUND_SLACK, 1.0 - low, log=True)
+    density = max(drawn, 1.0 - high)
     offsets = {name: trial.suggest_float(f"offset:{name}", -1.0, 1.0) for name in layers}
     target = 1.0 - density
     modules = dict(model.named_modules())
@@ -221,6 +224,9 @@ def _heuristic_params(
     clipped = {f"sparsity:{k}": min(max(v, low), high) for k, v in sparsity.items()}
     return params | {"scope": "layer"} | clipped
 
+
+# Densities down to the bound's divided by this are drawn, and clipped to the bound.
+BOUND_SLACK = 1.25
 
 Parametrization = Callable[
     [optuna.trial.BaseTrial, SearchSpace, Sequence[str], "nn.Module | None"], Policy

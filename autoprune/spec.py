@@ -8,7 +8,7 @@ trials = 40
 timeout = "10m"                  # optional: seconds, or a number with s, m, h or d
 seed = 0
 sampler = "tpe"                  # tpe, nsga2, gp, random or auto (see autoprune.samplers)
-early_stop = true                # or a table: [early_stop] margin = 0.1; false: never
+early_stop = false               # the default; true, or a table: [early_stop] margin = 0.1
 
 [space]                          # see autoprune.SearchSpace
 criteria = ["magnitude", "random", "sensitivity", "taylor"]
@@ -19,11 +19,13 @@ alpha = [0.25, 4.0]
 include = ["*"]
 exclude = []
 parametrization = "allocation"   # the spec's default; or "per-layer" (SearchSpace's default)
+schedules = ["oneshot", "gradual"]  # the spec's default; SearchSpace's: ["oneshot"]
 allocations = ["lamp", "erk", "global", "uniform"]
 
 [warm_start]                     # heuristics tried first by a new study; allocations = [] for none
-allocations = ["lamp", "global", "erk"]
+allocations = ["lamp", "global"]
 sparsities = [0.5, 0.8, 0.9, 0.95, 0.98]
+schedules = ["oneshot", "gradual"]
 
 [constraints]                    # optional: infeasible trials leave the front
 min_accuracy = 0.9
@@ -55,8 +57,9 @@ from autoprune.task import Task
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-# The parametrization of a spec whose [space] names none: the best on scripts/bench_search.py.
-DEFAULT_PARAMETRIZATION = "allocation"
+# What a spec's [space] is when it does not say: the best on scripts/bench_search.py (the
+# SearchSpace defaults stay per-layer and one-shot, as they were).
+SPACE_DEFAULTS = {"parametrization": "allocation", "schedules": ("oneshot", "gradual")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,11 +92,12 @@ class StudySpec:
     seed: int = 0
     sampler: str = "tpe"
     space: SearchSpace = dataclasses.field(
-        default_factory=lambda: SearchSpace(parametrization=DEFAULT_PARAMETRIZATION)
+        default_factory=lambda: SearchSpace(**SPACE_DEFAULTS)  # type: ignore[arg-type]
     )
     warm_start: WarmStart = dataclasses.field(default_factory=WarmStart)
     constraints: Constraints = dataclasses.field(default_factory=Constraints)
-    early_stop: EarlyStop = dataclasses.field(default_factory=EarlyStop)
+    # Off: under a trial budget, stopped trials cost the front more than the time they save.
+    early_stop: EarlyStop = dataclasses.field(default_factory=lambda: EarlyStop(margin=None))
     finetune: Finetune = dataclasses.field(default_factory=Finetune)
 
     @property
@@ -174,7 +178,7 @@ def spec_from_dict(data: dict[str, Any]) -> StudySpec:
     if "space" in data:
         table = _check("space", data["space"], dict, lambda v: True, "a table")
         try:
-            table = {"parametrization": DEFAULT_PARAMETRIZATION, **table}
+            table = {**SPACE_DEFAULTS, **table}
             kwargs["space"] = SearchSpace.from_dict(table)
         except SpecError as e:
             raise SpecError(f"[space] {e}") from None

@@ -96,9 +96,21 @@ def test_allocation_trials_hit_their_target_exactly(tiny_task: Task) -> None:
     study = search(tiny_task, n_trials=4, seed=1, space=space, sampler="random")
     total = study.user_attrs["autoprune"]["dense"]["total_params"]
     for trial in study.trials:
-        target = 1.0 - trial.params["density"]
+        target = 1.0 - max(trial.params["density"], 1.0 - space.sparsity[1])  # clipped
         assert trial.values[1] == total - round(target * total)
         assert set(trial.params) >= {"criterion", "allocation", "density"}
+
+
+def test_densities_drawn_below_the_bound_are_the_bound(tiny_task: Task) -> None:
+    model, layers = tiny_task.model, prunable_layers(tiny_task.model)
+    space = SearchSpace(parametrization="allocation", sparsity=(0.0, 0.98))
+    params = heuristic_params(space, "lamp", 0.98, model, layers)
+    assert params is not None
+    bound = suggest_policy(optuna.trial.FixedTrial(params), space, layers, model)
+    below = suggest_policy(
+        optuna.trial.FixedTrial(params | {"density": 0.0165}), space, layers, model
+    )
+    assert below == bound
 
 
 @pytest.mark.parametrize(

@@ -46,6 +46,7 @@ def test_digits_cnn_spec_parses() -> None:
             include=("*",),
             exclude=(),
             parametrization="allocation",
+            schedules=("oneshot", "gradual"),
         ),
         finetune=Finetune(epochs=2, lr=0.001, batch_size=32),
     )
@@ -69,7 +70,10 @@ def test_defaults_and_name(tmp_path: Path) -> None:
     spec = load_spec(write_spec(tmp_path, 'task = "pkg.mod:make"\n'))
     assert spec == StudySpec(task="pkg.mod:make")
     assert spec.name == "pkg.mod:make"  # no study_name: the task reference
-    assert spec.space == SearchSpace(parametrization="allocation")  # the spec's default
+    # The spec's defaults:
+    assert spec.space == SearchSpace(
+        parametrization="allocation", schedules=["oneshot", "gradual"]
+    )
     assert spec.finetune == Finetune()
 
 

@@ -87,7 +87,7 @@ def test_early_stop_round_trips_and_rejects_unknown_keys() -> None:
 
 
 def test_spec_turns_early_stop_on_off_or_sets_its_margin() -> None:
-    assert StudySpec().early_stop == EarlyStop()  # on by default
+    assert StudySpec().early_stop == EarlyStop(margin=None)  # off by default
     assert spec_from_dict({"early_stop": False}).early_stop == EarlyStop(margin=None)
     assert spec_from_dict({"early_stop": True}).early_stop == EarlyStop()
     assert spec_from_dict({"early_stop": {"margin": 0.2}}).early_stop == EarlyStop(margin=0.2)
