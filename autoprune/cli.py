@@ -23,6 +23,7 @@ from autoprune.heuristics import baseline
 from autoprune.masks import prunable_layers
 from autoprune.report import pareto_front, write_report
 from autoprune.search import STUDY_ATTR, load_study, open_study, optimize
+from autoprune.sensitivity import analyze
 from autoprune.spec import load_spec, parse_duration
 from autoprune.tasks import load_task
 
@@ -126,6 +127,30 @@ def _prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sensitivity(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec)
+    storage = args.storage or spec.storage
+    study_name = args.study_name or spec.name
+    task = spec.finetune.apply(load_task(spec.task, seed=spec.seed))
+    study = open_study(
+        task,
+        space=spec.space,
+        storage=storage,
+        study_name=study_name,
+        seed=spec.seed,
+        sampler=spec.sampler,
+        warm_start=spec.warm_start,
+    )
+    curves, enqueued = analyze(study, task, spec.warm_start.sparsities)
+    table = pd.DataFrame(
+        {layer: {s: a for s, a in curve} for layer, curve in curves.items()}
+    ).T.rename(columns=lambda s: f"s={s:g}")
+    print("val accuracy with one layer pruned (magnitude, no fine-tuning):")
+    print(table.to_string(float_format=lambda v: f"{v:.4f}"))
+    print(f"stored in study {study_name!r} in {storage}; {enqueued} trials enqueued from it")
+    return 0
+
+
 def _front(args: argparse.Namespace) -> int:
     if args.csv and args.json:
         raise SpecError("give --csv or --json, not both")
@@ -189,6 +214,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="fine-tuning seed (default: the spec's)")
     p.add_argument("--out", help="save the pruned model's state dict here")
     p.set_defaults(run=_prune)
+
+    p = sub.add_parser("sensitivity", help="per-layer accuracy-vs-sparsity curves, stored")
+    p.add_argument("spec", help="study spec; the study is created if it does not exist")
+    p.add_argument("--storage", help=f"database URL (default: the spec's, else {DEFAULT_STORAGE})")
+    p.add_argument("--study-name", help="study name (default: the spec's)")
+    p.set_defaults(run=_sensitivity)
 
     for name, helptext in (
         ("front", "print or export the Pareto front"),

@@ -16,6 +16,7 @@ import plotly.graph_objects as go
 from optuna.trial import FrozenTrial, TrialState
 
 from autoprune.search import STUDY_ATTR
+from autoprune.sensitivity import SENSITIVITY_ATTR
 
 # Stable column order of the front table; per-layer sparsities follow as "sparsity:<layer>".
 COLUMNS = [
@@ -157,6 +158,23 @@ def loss_curves_figure(study: optuna.Study) -> go.Figure:
     return fig
 
 
+def sensitivity_figure(curves: dict[str, list[list[float]]]) -> go.Figure:
+    """Each layer's validation accuracy against its sparsity, pruned alone (no fine-tuning)."""
+    fig = go.Figure()
+    for layer, curve in curves.items():
+        fig.add_trace(
+            go.Scatter(
+                x=[s for s, _ in curve], y=[a for _, a in curve], mode="lines+markers", name=layer
+            )
+        )
+    fig.update_layout(
+        title="Sensitivity: one layer pruned at a time, no fine-tuning",
+        xaxis_title="sparsity of the layer",
+        yaxis_title="validation accuracy",
+    )
+    return fig
+
+
 def write_report(study: optuna.Study, path: str | Path) -> Path:
     """Write a self-contained HTML page (plotly.js embedded, works offline); return its path."""
     path = Path(path)
@@ -166,6 +184,8 @@ def write_report(study: optuna.Study, path: str | Path) -> Path:
         pareto_figure(frame, title=f"Pareto front of study {study.study_name!r}"),
         loss_curves_figure(study),
     ]
+    if SENSITIVITY_ATTR in study.user_attrs:
+        figures.append(sensitivity_figure(study.user_attrs[SENSITIVITY_ATTR]))
     parts = [
         fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figures)
     ]
