@@ -30,6 +30,8 @@ COLUMNS = [
     "scope",
     "rule",
     "alpha",
+    "schedule",
+    "warm_start",
 ]
 
 
@@ -46,7 +48,8 @@ def pareto_front(study: optuna.Study) -> pd.DataFrame:
     """The Pareto front (``study.best_trials``), one row per trial, smallest model first.
 
     Columns: ``trial``, ``accuracy`` (validation), ``test_accuracy``, ``nonzero_params``,
-    ``density``, ``sparsity``, ``criterion``, ``scope``, ``rule``, ``alpha``, then
+    ``density``, ``sparsity``, ``criterion``, ``scope``, ``rule``, ``alpha``, ``schedule``,
+    ``warm_start`` (e.g. ``"lamp@0.9"``, None for searched trials), then
     ``sparsity:<layer>`` (achieved) for every pruned layer.
     """
     rows = [_row(t, True) for t in study.best_trials]
@@ -70,6 +73,8 @@ def _row(trial: FrozenTrial, on_front: bool) -> dict[str, object]:
         "scope": policy.get("scope"),
         "rule": policy.get("rule"),
         "alpha": policy.get("alpha") if policy.get("rule") == "mean" else float("nan"),
+        "schedule": policy.get("schedule", "oneshot"),
+        "warm_start": attrs.get("warm_start"),  # the heuristic a warm-start trial ran
     }
     for layer, value in attrs.get("layer_sparsity", {}).items():
         row[f"sparsity:{layer}"] = value
