@@ -31,7 +31,6 @@ COLUMNS = [
     "rule",
     "alpha",
     "schedule",
-    "warm_start",
 ]
 
 
@@ -49,7 +48,7 @@ def pareto_front(study: optuna.Study) -> pd.DataFrame:
 
     Columns: ``trial``, ``accuracy`` (validation), ``test_accuracy``, ``nonzero_params``,
     ``density``, ``sparsity``, ``criterion``, ``scope``, ``rule``, ``alpha``, ``schedule``,
-    ``warm_start`` (e.g. ``"lamp@0.9"``, None for searched trials), then
+    then
     ``sparsity:<layer>`` (achieved) for every pruned layer.
     """
     rows = [_row(t, True) for t in study.best_trials]
@@ -74,7 +73,6 @@ def _row(trial: FrozenTrial, on_front: bool) -> dict[str, object]:
         "rule": policy.get("rule"),
         "alpha": policy.get("alpha") if policy.get("rule") == "mean" else float("nan"),
         "schedule": policy.get("schedule", "oneshot"),
-        "warm_start": attrs.get("warm_start"),  # the heuristic a warm-start trial ran
     }
     for layer, value in attrs.get("layer_sparsity", {}).items():
         row[f"sparsity:{layer}"] = value
