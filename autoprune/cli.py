@@ -15,17 +15,21 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import torch
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
 from autoprune import __version__
+from autoprune.allocation import ALLOCATIONS
 from autoprune.artifacts import FrontWeights, resolve_dir
 from autoprune.dashboard import watch_report, write_report
 from autoprune.errors import AutopruneError, SpecError
 from autoprune.export import export, pick, record_task_ref
+from autoprune.heuristics import baseline
+from autoprune.masks import prunable_layers
 from autoprune.parallel import run_workers
 from autoprune.report import pareto_front
 from autoprune.search import STUDY_ATTR, load_study, open_study
+from autoprune.sensitivity import analyze
 from autoprune.spec import load_spec, parse_duration
 from autoprune.status import StudyStatus, study_status
 from autoprune.storages import GRACE_FACTOR, HEARTBEAT
@@ -34,6 +38,7 @@ from autoprune.trial_metrics import metric_names, study_total_params, trial_metr
 from autoprune.worker import join_study, run_worker
 
 DEFAULT_STORAGE = "sqlite:///autoprune.db"
+_STATE_WORDS = {TrialState.PRUNED: "stopped early"}
 
 
 class _Progress:
@@ -101,6 +106,8 @@ def _search(args: argparse.Namespace) -> int:
         storage=spec.storage,
         study_name=spec.name,
         seed=spec.seed,
+        sampler=spec.sampler,
+        warm_start=spec.warm_start,
         spec=spec.to_dict(),
         heartbeat=args.heartbeat,
         objectives=spec.objectives,
@@ -131,6 +138,8 @@ def _search(args: argparse.Namespace) -> int:
                 timeout=spec.timeout,
                 callbacks=[progress],
                 artifacts=spec.artifacts,
+                constraints=spec.constraints,
+                early_stop=spec.early_stop,
             )
             lines = [str(summary)]
         else:
@@ -173,6 +182,8 @@ def _worker(args: argparse.Namespace) -> int:
             timeout=timeout,
             callbacks=[progress],
             artifacts=spec.artifacts,
+            constraints=spec.constraints,
+            early_stop=spec.early_stop,
         )
     finally:
         progress.close(study)
@@ -184,6 +195,51 @@ def _worker(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     status = study_status(load_study(args.storage, args.study_name))
     print(_status_text(status))
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec)
+    task = spec.finetune.apply(load_task(spec.task, seed=spec.seed))
+    layers = prunable_layers(task.model, spec.space.include, spec.space.exclude)
+    seed = spec.seed if args.seed is None else args.seed
+    result = baseline(task, args.policy, args.sparsity, seed=seed, layers=layers)
+    m = result.metrics
+    print(
+        f"{args.policy} at {args.sparsity:g} on {task.name}, {task.finetune_epochs} fine-tuning "
+        f"epochs: sparsity {m['sparsity']:.4f}, val accuracy {m['accuracy']:.4f}, test "
+        f"accuracy {m.get('test_accuracy', float('nan')):.4f}, "
+        f"{int(m['nonzero_params'])} of {int(m['total_params'])} weights left"
+    )
+    for layer, value in result.layer_sparsity.items():
+        print(f"  {layer}: sparsity {value:.4f}")
+    if args.out:
+        torch.save(result.model.state_dict(), args.out)
+        print(f"pruned model's state dict: {Path(args.out).resolve()}")
+    return 0
+
+
+def _sensitivity(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec)
+    storage = args.storage or spec.storage
+    study_name = args.study_name or spec.name
+    task = spec.finetune.apply(load_task(spec.task, seed=spec.seed))
+    study = open_study(
+        task,
+        space=spec.space,
+        storage=storage,
+        study_name=study_name,
+        seed=spec.seed,
+        sampler=spec.sampler,
+        warm_start=spec.warm_start,
+    )
+    curves, enqueued = analyze(study, task, spec.warm_start.sparsities)
+    table = pd.DataFrame(
+        {layer: {s: a for s, a in curve} for layer, curve in curves.items()}
+    ).T.rename(columns=lambda s: f"s={s:g}")
+    print("val accuracy with one layer pruned (magnitude, no fine-tuning):")
+    print(table.to_string(float_format=lambda v: f"{v:.4f}"))
+    print(f"stored in study {study_name!r} in {storage}; {enqueued} trials enqueued from it")
     return 0
 
 
@@ -267,7 +323,10 @@ def _relative(path: Path) -> str:
 
 
 def _print_counts(study: optuna.Study) -> None:
-    states = pd.Series([t.state.name.lower() for t in study.get_trials(deepcopy=False)])
+    # A PRUNED trial is one that autoprune.stopping stopped early: say so in our words.
+    states = pd.Series(
+        [_STATE_WORDS.get(t.state, t.state.name.lower()) for t in study.get_trials(deepcopy=False)]
+    )
     counts = ", ".join(f"{n} {state}" for state, n in states.value_counts().items())
     print(f"study {study.study_name!r}: {len(states)} trials ({counts})")
 
@@ -344,6 +403,19 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="trials by state, pace, front, workers, stuck trials")
     _study_arguments(p)
     p.set_defaults(run=_status)
+    p = sub.add_parser("prune", help="one-shot baseline: prune by a heuristic and fine-tune")
+    p.add_argument("spec", help="study spec (task, layers, fine-tuning recipe, seed)")
+    p.add_argument("--policy", required=True, choices=list(ALLOCATIONS), help="allocation")
+    p.add_argument("--sparsity", required=True, type=_sparsity, help="target, e.g. 0.9")
+    p.add_argument("--seed", type=int, help="fine-tuning seed (default: the spec's)")
+    p.add_argument("--out", help="save the pruned model's state dict here")
+    p.set_defaults(run=_prune)
+
+    p = sub.add_parser("sensitivity", help="per-layer accuracy-vs-sparsity curves, stored")
+    p.add_argument("spec", help="study spec; the study is created if it does not exist")
+    p.add_argument("--storage", help=f"database URL (default: the spec's, else {DEFAULT_STORAGE})")
+    p.add_argument("--study-name", help="study name (default: the spec's)")
+    p.set_defaults(run=_sensitivity)
 
     for name, helptext in (
         ("front", "print or export the Pareto front"),
@@ -428,6 +500,16 @@ def _positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def _sparsity(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
     return value
 
 

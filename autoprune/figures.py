@@ -202,7 +202,8 @@ def sensitivity_figure(curves: pd.DataFrame) -> go.Figure:
                     name=f"{study}: {layer}" if study else str(layer),
                 )
             )
-    return _titled(fig, curves, "Sensitivity of each layer", "sparsity", "accuracy")
+    title = "Sensitivity: one layer pruned at a time (magnitude, no fine-tune)"
+    return _titled(fig, curves, title, "sparsity of that layer", "val accuracy")
 
 
 def _by_study(frame: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:

@@ -14,13 +14,16 @@ import torch
 from torch import Tensor, nn
 
 from autoprune import measure, structured
+from autoprune.constraints import Constraints
 from autoprune.criteria import calibration_gradients, get_criterion
 from autoprune.errors import TrialFailed
-from autoprune.masks import apply_masks, compute_masks, fold_masks, prunable_layers, score
+from autoprune.masks import fold_masks, prunable_layers, score
 from autoprune.policy import Policy
+from autoprune.schedule import SCHEDULE_FUNCTIONS, steps_per_epoch
 from autoprune.space import SearchSpace, suggest_policy
+from autoprune.stopping import EarlyStop
 from autoprune.task import Task
-from autoprune.train import evaluate, fit
+from autoprune.train import EpochHook, StepHook, evaluate, fit
 
 # The default objectives, in order; a study stores its own (``study.metric_names``).
 METRIC_NAMES = measure.DEFAULT_OBJECTIVES
@@ -49,6 +52,7 @@ def prune_and_finetune(
     seed: int,
     grads: Mapping[str, Tensor] | None = None,
     count: Sequence[str] | None = None,
+    on_epoch: EpochHook | None = None,
 ) -> PruneResult:
     """Prune a copy of ``task.model`` by ``policy``, fine-tune it with the masks held, measure.
 
@@ -59,23 +63,31 @@ def prune_and_finetune(
             the same for every trial of a task); computed here when the criterion needs them.
         count: The layers whose weights ``nonzero_params`` and ``density`` count; by default
             the policy's layers (unstructured) or every Linear/Conv layer (structured).
+        on_epoch: Called after each fine-tuning epoch (see :func:`autoprune.train.fit`).
 
     Raises:
         TrialFailed: If fine-tuning hits a non-finite loss.
     """
     timings: dict[str, float] = {}
     model = copy.deepcopy(task.model)
-    plan = None
+    plan, on_step = None, None
     if policy.granularity == "structured":
         with _timed(timings, "pruning"):
             plan = structured.prune_task_model(model, task, policy, seed=seed, grads=grads)
         layers = list(count) if count is not None else prunable_layers(task.model)
     else:
-        _apply_unstructured(model, task, policy, seed, grads, timings)
+        on_step = _apply_unstructured(model, task, policy, seed, grads, timings)
         layers = list(count) if count is not None else list(policy.sparsity)
     with _timed(timings, "finetuning"):
         torch.manual_seed(seed)
-        history = fit(model, task, epochs=task.finetune_epochs, seed=seed)
+        history = fit(
+            model,
+            task,
+            epochs=task.finetune_epochs,
+            seed=seed,
+            on_epoch=on_epoch,
+            on_step=on_step,
+        )
         fold_masks(model)
     with _timed(timings, "evaluation"):
         accuracy, val_loss = evaluate(model, task, "val")
@@ -105,14 +117,17 @@ def _apply_unstructured(
     seed: int,
     grads: Mapping[str, Tensor] | None,
     timings: dict[str, float],
-) -> None:
+) -> StepHook | None:
+    """Mask ``model`` by ``policy``'s schedule; return the schedule's per-step hook (None for
+    one-shot pruning, whose masks are all in place before fine-tuning)."""
     with _timed(timings, "scoring"):
         if get_criterion(policy.criterion).needs_grad and grads is None:
             grads = calibration_gradients(model, task, list(policy.sparsity))
         torch.manual_seed(seed)  # the random criterion draws from here
         scores = score(model, policy, grads)
     with _timed(timings, "masking"):
-        apply_masks(model, compute_masks(policy, scores))
+        steps = task.finetune_epochs * steps_per_epoch(task)
+        return SCHEDULE_FUNCTIONS[policy.schedule](model, policy, scores, grads, steps)
 
 
 def _layer_sparsity(model: nn.Module, dense: nn.Module, layers: Sequence[str]) -> dict[str, float]:
@@ -135,6 +150,8 @@ class Objective:
     its seed, test accuracy, density, per-layer sparsity, loss curves and a time split.
     ``on_result(trial, result, values)``, if given, is called before the values are returned
     (it is how the weights of front trials are stored).
+    ``constraints`` are recorded with ``trial.set_constraint``; ``early_stop`` may end a
+    hopeless trial after its first epoch with ``optuna.TrialPruned``.
     """
 
     def __init__(
@@ -149,8 +166,11 @@ class Objective:
         groups: Sequence[str] = (),
         blocks: Sequence[str] = (),
         on_result: ResultHook | None = None,
+        constraints: Constraints | None = None,
+        early_stop: EarlyStop | None = None,
     ):
         self.task, self.space, self.layers, self.seed = task, space, list(layers), seed
+        self.constraints, self.early_stop = constraints, early_stop
         self.objectives = measure.check_objectives(objectives)
         self.groups, self.blocks = list(groups), list(blocks)
         example = structured.example_input(task.val)[:1]
@@ -159,13 +179,21 @@ class Objective:
         self._grads: dict[str, Tensor] | None = None
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
-        policy = suggest_policy(trial, self.space, self.layers, self.groups, self.blocks)
+        policy = suggest_policy(
+            trial, self.space, self.layers, self.groups, self.blocks, model=self.task.model
+        )
         seed = trial_seed(self.seed, trial.number)
         trial.set_user_attr("policy", policy.to_dict())
         trial.set_user_attr("seed", seed)
+        hook = self.early_stop.hook(trial, self.layers) if self.early_stop else None
         try:
             result = prune_and_finetune(
-                self.task, policy, seed=seed, grads=self._grads_for(policy), count=self.layers
+                self.task,
+                policy,
+                seed=seed,
+                grads=self._grads_for(policy),
+                count=self.layers,
+                on_epoch=hook,
             )
         except TrialFailed as e:
             trial.set_user_attr("fail_reason", str(e))
@@ -177,6 +205,9 @@ class Objective:
             **measure.measure(result.model, self.objectives, self.context),
         }
         values = tuple(measured[name] for name in self.objectives)
+        if self.constraints is not None:
+            for key, value in self.constraints.violations(result.metrics).items():
+                trial.set_constraint(key, value)
         if self.on_result is not None:
             self.on_result(trial, result, values)
         return values

@@ -13,6 +13,8 @@ from autoprune.errors import SpecError
 
 SCOPES = ("layer", "global")
 RULES = ("ratio", "mean")
+# When the sparsity is reached during fine-tuning (see autoprune.schedule).
+SCHEDULES = ("oneshot", "gradual", "gradual-regrow")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,11 +40,14 @@ class Policy:
         round_to: Structured only: kept channel counts are rounded to a multiple of this.
         removed_blocks: Structured only: module paths of residual blocks removed as a whole
             (replaced by the identity path).
+        schedule: ``"oneshot"``: pruned before fine-tuning. ``"gradual"``: pruned step by step
+            on a cubic ramp during fine-tuning; ``"gradual-regrow"``: the same, letting pruned
+            weights come back when their score recovers (see :mod:`autoprune.schedule`).
 
     Raises:
-        SpecError: On an unknown criterion, scope, rule or granularity, a criterion that cannot
-            score the granularity, a sparsity outside [0, 1), or structured-only settings on
-            an unstructured policy.
+        SpecError: On an unknown criterion, scope, rule, granularity or schedule, a criterion
+            that cannot score the granularity, a sparsity outside [0, 1), or structured-only
+            settings on an unstructured policy.
     """
 
     sparsity: Mapping[str, float]
@@ -53,6 +58,7 @@ class Policy:
     granularity: str = "unstructured"
     round_to: int = 1
     removed_blocks: tuple[str, ...] = ()
+    schedule: str = "oneshot"
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
@@ -65,6 +71,8 @@ class Policy:
             raise SpecError(f"unknown scope {self.scope!r} (known: {', '.join(SCOPES)})")
         if self.rule not in RULES:
             raise SpecError(f"unknown rule {self.rule!r} (known: {', '.join(RULES)})")
+        if self.schedule not in SCHEDULES:
+            raise SpecError(f"unknown schedule {self.schedule!r} (known: {', '.join(SCHEDULES)})")
         if not self.sparsity:
             raise SpecError("a policy must name at least one layer to prune")
         for layer, value in self.sparsity.items():
@@ -86,6 +94,11 @@ class Policy:
         object.__setattr__(self, "removed_blocks", tuple(sorted(blocks)))
         if self.granularity == "unstructured" and (round_to != 1 or blocks):
             raise SpecError("round_to and removed_blocks need granularity 'structured'")
+        if self.granularity == "structured" and self.schedule != "oneshot":
+            raise SpecError(
+                f"schedule {self.schedule!r} needs granularity 'unstructured' (channels are "
+                "removed once, before fine-tuning)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (for JSON, trial user attrs and tables)."""
@@ -95,6 +108,7 @@ class Policy:
             "scope": self.scope,
             "rule": self.rule,
             "alpha": self.alpha,
+            "schedule": self.schedule,
         }
         if self.granularity != "unstructured":  # unstructured dicts stay as they always were
             data["granularity"] = self.granularity

@@ -20,6 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autoprune.figures import loss_curves_figure, pareto_figure
 from autoprune.search import STUDY_ATTR
+from autoprune.sensitivity import SENSITIVITY_ATTR  # {layer: [[sparsity, accuracy], ...]}
 from autoprune.trial_metrics import (
     ACCURACY,
     metric_names,
@@ -29,9 +30,7 @@ from autoprune.trial_metrics import (
 )
 
 # Policy columns whose values are compared by their share of the front.
-ASPECTS = ("criterion", "scope", "rule", "granularity")
-# Study user attr with per-layer sensitivity curves: {layer: [[sparsity, accuracy], ...]}.
-SENSITIVITY_ATTR = "autoprune_sensitivity"
+ASPECTS = ("criterion", "scope", "rule", "schedule", "granularity")
 # Fewer complete trials than this give importances that mean nothing.
 MIN_TRIALS_FOR_IMPORTANCE = 4
 _EPOCH = datetime.datetime(1970, 1, 1)
@@ -50,6 +49,7 @@ COLUMNS = [
     "scope",
     "rule",
     "alpha",
+    "schedule",
 ]
 
 
@@ -85,8 +85,8 @@ def pareto_front(study: optuna.Study) -> pd.DataFrame:
     (by the study's first size objective).
 
     Columns: ``trial``, ``accuracy`` (validation), ``test_accuracy``, ``nonzero_params``,
-    ``density``, ``sparsity``, ``criterion``, ``scope``, ``rule``, ``alpha``, the study's
-    other size objectives, then ``sparsity:<layer>`` (achieved) for every pruned layer.
+    ``density``, ``sparsity``, ``criterion``, ``scope``, ``rule``, ``alpha``, ``schedule``, the
+    study's other size objectives, then ``sparsity:<layer>`` (achieved) for every pruned layer.
     """
     names, total = metric_names(study), study_total_params(study)
     rows = [_row(t, True, names, total) for t in study.best_trials]
@@ -113,6 +113,7 @@ def _row(
         "scope": policy.get("scope"),
         "rule": policy.get("rule"),
         "alpha": policy.get("alpha") if policy.get("rule") == "mean" else float("nan"),
+        "schedule": policy.get("schedule", "oneshot"),
     }
     if "granularity" in policy:
         row["granularity"] = policy["granularity"]

@@ -17,13 +17,17 @@ from torch import nn
 from autoprune import measure, storages, structured
 from autoprune._version import __version__
 from autoprune.artifacts import ArtifactSpec, FrontWeights
+from autoprune.constraints import Constraints
 from autoprune.criteria import get_criterion
 from autoprune.errors import StorageError, TaskError, TrialFailed
 from autoprune.front_table import FrontTable
+from autoprune.heuristics import WarmStart, enqueue_warm_starts
 from autoprune.masks import count_nonzero, prunable_layers
 from autoprune.objective import METRIC_NAMES, Objective, PruneResult, prune_and_finetune
 from autoprune.policy import Policy
+from autoprune.samplers import make_sampler
 from autoprune.space import SearchSpace
+from autoprune.stopping import EarlyStop
 from autoprune.task import Task
 from autoprune.train import evaluate
 
@@ -34,6 +38,8 @@ STUDY_ATTR = "autoprune"
 Callback = Callable[[optuna.Study, FrozenTrial], None]
 # Setup keys newer than the first studies, as those studies were made: they still resume.
 _SETUP_DEFAULTS: dict[str, Any] = {"objectives": list(METRIC_NAMES)}
+# The sampler of a study whose spec names none (see autoprune.samplers.SAMPLERS).
+DEFAULT_SAMPLER = "tpe"
 
 
 def search(
@@ -45,7 +51,10 @@ def search(
     study_name: str | None = None,
     seed: int = 0,
     space: SearchSpace | None = None,
-    sampler: optuna.samplers.BaseSampler | None = None,
+    sampler: optuna.samplers.BaseSampler | str | None = None,
+    warm_start: WarmStart | None = None,
+    constraints: Constraints | None = None,
+    early_stop: EarlyStop | None = None,
     callbacks: Iterable[Callback] = (),
     artifacts: ArtifactSpec | None = None,
     front_table: bool = True,
@@ -65,7 +74,12 @@ def search(
         study_name: Name of the study; an existing study of that name is resumed.
         seed: Seeds the sampler and every trial's fine-tuning.
         space: The search space; :class:`SearchSpace` defaults if None.
-        sampler: Overrides the default seeded multivariate TPE sampler.
+        sampler: A sampler, or the name of one in :data:`autoprune.samplers.SAMPLERS`
+            (seeded); None: ``DEFAULT_SAMPLER``.
+        warm_start: Heuristic policies a new study tries first (``WarmStart()``: LAMP, global
+            magnitude and ERK over a spread of sparsities, the spec's default); None: none.
+        constraints: Bounds on accuracy and size; infeasible trials leave the front.
+        early_stop: Stops hopeless trials after their first epoch (state PRUNED); None: never.
         callbacks: Called as ``callback(study, trial)`` after each trial.
         artifacts: Where the weights of front trials are kept (see
             :class:`autoprune.artifacts.ArtifactSpec`; default: next to a SQLite file).
@@ -92,6 +106,7 @@ def search(
         sampler=sampler,
         objectives=objectives,
         latency=latency,
+        warm_start=warm_start,
     )
     optimize(
         study,
@@ -101,6 +116,8 @@ def search(
         callbacks=callbacks,
         artifacts=artifacts,
         front_table=front_table,
+        constraints=constraints,
+        early_stop=early_stop,
     )
     return study
 
@@ -114,14 +131,24 @@ def optimize(
     callbacks: Iterable[Callback] = (),
     artifacts: ArtifactSpec | None = None,
     front_table: bool = True,
+    constraints: Constraints | None = None,
+    early_stop: EarlyStop | None = None,
 ) -> None:
     """Run trials of an opened study (see :func:`open_study`) with the space stored in it.
 
     The weights of front trials are kept by ``artifacts`` (see :func:`search`), and a
-    database storage gets the ``autoprune_front`` table after each trial (``front_table``).
+    database storage gets the ``autoprune_front`` table after each trial (``front_table``);
+    ``constraints`` and ``early_stop`` as in :func:`search`.
     """
     _check_budget(n_trials, timeout)
-    objective, ours = study_objective(study, task, artifacts=artifacts, front_table=front_table)
+    objective, ours = study_objective(
+        study,
+        task,
+        artifacts=artifacts,
+        front_table=front_table,
+        constraints=constraints,
+        early_stop=early_stop,
+    )
     study.optimize(
         objective,
         n_trials=n_trials,
@@ -137,10 +164,13 @@ def study_objective(
     *,
     artifacts: ArtifactSpec | None = None,
     front_table: bool = True,
+    constraints: Constraints | None = None,
+    early_stop: EarlyStop | None = None,
 ) -> tuple[Objective, list[Callback]]:
-    """The objective of an opened study (its stored space, layers and seed), and the callbacks
-    that keep its side products current: front weights and the ``autoprune_front`` table.
-    The callbacks go before the user's, who may read what they write."""
+    """The objective of an opened study (its stored space, layers, seed and objectives, with
+    ``constraints`` and ``early_stop``), and the callbacks that keep its side products
+    current: front weights and the ``autoprune_front`` table. The callbacks go before the
+    user's, who may read what they write."""
     setup = study.user_attrs[STUDY_ATTR]
     space = SearchSpace.from_dict(setup["space"])
     latency = setup.get("latency")
@@ -156,6 +186,8 @@ def study_objective(
         groups=setup.get("groups", ()),
         blocks=setup.get("blocks", ()),
         on_result=weights.upload if weights is not None else None,
+        constraints=constraints,
+        early_stop=early_stop,
     )
     if table is not None:
         table.write(study)  # a resumed study's table is current before its first new trial
@@ -174,13 +206,18 @@ def open_study(
     storage: str | optuna.storages.BaseStorage | None,
     study_name: str | None,
     seed: int,
-    sampler: optuna.samplers.BaseSampler | None = None,
+    sampler: optuna.samplers.BaseSampler | str | None = None,
     spec: dict[str, Any] | None = None,
     heartbeat: int | None = storages.HEARTBEAT,
     objectives: Sequence[str] = METRIC_NAMES,
     latency: measure.Latency | None = None,
+    warm_start: WarmStart | None = None,
 ) -> optuna.Study:
     """Create the study, or load it if it exists and was made with the same setup.
+
+    A new study gets the warm-start trials (see :func:`search`) enqueued first; a sampler
+    given by name is seeded with ``seed`` plus the trials already run, so that a resumed run
+    does not replay the first run's random draws.
 
     Everything about the task is checked before the storage is touched, so bad input leaves
     no half-written study behind.
@@ -232,9 +269,9 @@ def open_study(
             structured.example_input(task.val)[:1], tuple(layers), latency or measure.Latency()
         )
         dense = dense_metrics(task, layers, objectives=objectives, context=context)
-    if sampler is None:
+    if not isinstance(sampler, optuna.samplers.BaseSampler):
         # A resumed run must not replay the first run's random draws.
-        sampler = default_sampler(seed + n_before)
+        sampler = make_sampler(sampler or DEFAULT_SAMPLER, seed=seed + n_before, space=space)
     with _storage_errors(storage):
         study = optuna.create_study(
             storage=storage,
@@ -251,17 +288,9 @@ def open_study(
     if spec is not None:  # the version and spec of the latest run, which workers must match
         stored = study.user_attrs[STUDY_ATTR]
         study.set_user_attr(STUDY_ATTR, {**stored, "version": __version__, "spec": spec})
+    if existing is None and warm_start is not None:
+        enqueue_warm_starts(study, task, space, layers, warm_start)
     return study
-
-
-def default_sampler(seed: int) -> optuna.samplers.BaseSampler:
-    """The seeded multivariate TPE sampler of every study (constant liar, Optuna's default,
-    keeps parallel workers from proposing the policies that others are running)."""
-    with warnings.catch_warnings():  # `group` is experimental, and needed for our space
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.TPESampler(
-            seed=seed, multivariate=True, group=True, n_startup_trials=10, constant_liar=True
-        )
 
 
 def dense_metrics(
@@ -435,6 +464,9 @@ def _check_same_setup(study: optuna.Study, setup: dict[str, Any], name: str | No
     stored = study.user_attrs.get(STUDY_ATTR)
     if stored is None:
         raise StorageError(f"study {name!r} exists but was not made by autoprune")
+    stored = dict(stored)
+    if "space" in stored:  # spaces stored before a key was added compare with its default
+        stored["space"] = SearchSpace.from_dict(stored["space"]).to_dict()
     for key in [k for k in setup if k != "version"]:  # what a study was made with
         if stored.get(key, _SETUP_DEFAULTS.get(key)) != setup[key]:
             label = "dense model weights (fingerprint)" if key == "model" else key

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import optuna
+from torch import nn
 
+from autoprune.allocation import allocate, get_allocation, reallocate
 from autoprune.criteria import CRITERIA, GRANULARITIES, get_criterion
 from autoprune.errors import SpecError
-from autoprune.policy import RULES, SCOPES, Policy
+from autoprune.policy import RULES, SCHEDULES, SCOPES, Policy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +38,15 @@ class SearchSpace:
         round_to: Structured: kept channel counts are multiples of this.
         blocks: Globs of residual blocks (module paths) that structured trials may remove as a
             whole; each matched block is a searched yes/no.
+        parametrization: ``"per-layer"``: criterion, scope and rule, and one independent
+            sparsity per layer (or one for the global scope). ``"allocation"``: a target
+            sparsity (searched on a log-density scale within ``sparsity``), a base allocation
+            from ``allocations`` and one offset per layer that moves its density by up to
+            ``OFFSET_FACTOR`` either way; the target is always hit exactly.
+        allocations: Names of registered allocations (see :mod:`autoprune.allocation`) the
+            ``allocation`` parametrization starts from.
+        schedules: Any of ``"oneshot"``, ``"gradual"``, ``"gradual-regrow"`` (see
+            :mod:`autoprune.schedule`); searched as a categorical when there are several.
 
     Raises:
         SpecError: Naming the first bad argument and its value.
@@ -53,14 +64,26 @@ class SearchSpace:
     channel_sparsity: tuple[float, float] = (0.0, 0.9)
     round_to: int = 1
     blocks: Sequence[str] = ()
+    parametrization: str = "per-layer"
+    allocations: Sequence[str] = ("lamp", "erk", "global", "uniform")
+    schedules: Sequence[str] = ("oneshot",)
 
     def __post_init__(self) -> None:
+        if self.parametrization not in PARAMETRIZATIONS:
+            names = ", ".join(PARAMETRIZATIONS)
+            raise SpecError(f"unknown parametrization {self.parametrization!r} (known: {names})")
+        if isinstance(self.allocations, str) or not self.allocations:
+            raise SpecError(f"allocations must be a non-empty list, got {self.allocations!r}")
+        for name in self.allocations:
+            get_allocation(name)
+        object.__setattr__(self, "allocations", tuple(self.allocations))
         for field, known in (
             ("criteria", CRITERIA),
             ("scopes", SCOPES),
             ("rules", RULES),
             ("granularities", GRANULARITIES),
             ("channel_criteria", CRITERIA),
+            ("schedules", SCHEDULES),
         ):
             values = getattr(self, field)
             if isinstance(values, str) or not values:
@@ -112,15 +135,10 @@ class SearchSpace:
             raise SpecError("round_to and blocks need 'structured' in granularities")
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data; settings of structured pruning only where they differ from the
-        defaults, so that studies made before they existed compare equal and resume."""
-        data: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name in _STRUCTURED_FIELDS and value == f.default:
-                continue
-            data[f.name] = value if isinstance(value, int) else list(value)
-        return data
+        return {
+            f.name: v if isinstance(v := getattr(self, f.name), (str, int)) else list(v)
+            for f in dataclasses.fields(self)
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SearchSpace:
@@ -136,21 +154,14 @@ class SearchSpace:
         return cls(**kwargs)
 
 
-_STRUCTURED_FIELDS = (
-    "granularities",
-    "channel_criteria",
-    "channel_sparsity",
-    "round_to",
-    "blocks",
-)
-
-
 def suggest_policy(
     trial: optuna.trial.BaseTrial,
     space: SearchSpace,
     layers: Sequence[str],
     groups: Sequence[str] = (),
     blocks: Sequence[str] = (),
+    *,
+    model: nn.Module | None = None,
 ) -> Policy:
     """Draw a policy for ``layers`` (unstructured) or channel ``groups`` (structured, see
     :func:`autoprune.structured.channel_groups`) from ``trial``; structured trials may remove
@@ -158,19 +169,69 @@ def suggest_policy(
 
     Works on a live ``Trial`` (sampling) and on a ``FrozenTrial`` (replaying its params), so
     any finished trial's policy can be rebuilt from ``trial.params``.
+
+    Args:
+        model: The dense model; the ``allocation`` parametrization allocates by its weights.
     """
     granularity = space.granularities[0]
     if len(space.granularities) > 1:
         granularity = trial.suggest_categorical("granularity", space.granularities)
-    structured = granularity == "structured"
-    if structured:
-        criterion = trial.suggest_categorical("channel_criterion", space.channel_criteria)
-    else:
-        criterion = trial.suggest_categorical("criterion", space.criteria)
+    if granularity == "structured":
+        return _structured(trial, space, groups, blocks)
+    policy = PARAMETRIZATIONS[space.parametrization](trial, space, layers, model)
+    if len(space.schedules) == 1:  # no param: studies from before schedules replay alike
+        return dataclasses.replace(policy, schedule=space.schedules[0])
+    return dataclasses.replace(
+        policy, schedule=trial.suggest_categorical("schedule", space.schedules)
+    )
+
+
+def _per_layer(
+    trial: optuna.trial.BaseTrial,
+    space: SearchSpace,
+    layers: Sequence[str],
+    model: nn.Module | None,
+) -> Policy:
+    criterion = trial.suggest_categorical("criterion", space.criteria)
+    scope, rule, alpha, sparsity = _ratios(trial, space, layers, "sparsity", space.sparsity)
+    return Policy(sparsity=sparsity, criterion=criterion, scope=scope, rule=rule, alpha=alpha)
+
+
+def _structured(
+    trial: optuna.trial.BaseTrial,
+    space: SearchSpace,
+    groups: Sequence[str],
+    blocks: Sequence[str],
+) -> Policy:
+    # Channel groups, per group or one global ratio; schedules and allocations are
+    # unstructured-only (channels are removed once, before fine-tuning).
+    criterion = trial.suggest_categorical("channel_criterion", space.channel_criteria)
+    bounds = space.channel_sparsity
+    scope, rule, alpha, sparsity = _ratios(trial, space, groups, "channels", bounds)
+    removed = tuple(b for b in blocks if trial.suggest_categorical(f"remove:{b}", (False, True)))
+    return Policy(
+        sparsity=sparsity,
+        criterion=criterion,
+        scope=scope,
+        rule=rule,
+        alpha=alpha,
+        granularity="structured",
+        round_to=space.round_to,
+        removed_blocks=removed,
+    )
+
+
+def _ratios(
+    trial: optuna.trial.BaseTrial,
+    space: SearchSpace,
+    names: Sequence[str],
+    prefix: str,
+    bounds: tuple[float, float],
+) -> tuple[str, str, float, dict[str, float]]:
+    """Scope, rule, alpha and the per-name ratios (one per name, or one global)."""
     scope = trial.suggest_categorical("scope", space.scopes)
     rule = trial.suggest_categorical("rule", space.rules)
-    prefix, names = ("channels", groups) if structured else ("sparsity", layers)
-    low, high = space.channel_sparsity if structured else space.sparsity
+    low, high = bounds
     alpha = 1.0
     if rule == "mean":
         alpha = trial.suggest_float("alpha", *space.alpha, log=True)
@@ -179,19 +240,86 @@ def suggest_policy(
         sparsity = dict.fromkeys(names, trial.suggest_float(prefix, low, high))
     else:
         sparsity = {name: trial.suggest_float(f"{prefix}:{name}", low, high) for name in names}
-    if not structured:
-        return Policy(sparsity=sparsity, criterion=criterion, scope=scope, rule=rule, alpha=alpha)
-    removed = tuple(b for b in blocks if trial.suggest_categorical(f"remove:{b}", (False, True)))
-    return Policy(
-        sparsity=sparsity,
-        criterion=criterion,
-        scope=scope,
-        rule=rule,
-        alpha=alpha,
-        granularity=granularity,
-        round_to=space.round_to,
-        removed_blocks=removed,
-    )
+    return scope, rule, alpha, sparsity
+
+
+def _allocation(
+    trial: optuna.trial.BaseTrial,
+    space: SearchSpace,
+    layers: Sequence[str],
+    model: nn.Module | None,
+) -> Policy:
+    if model is None:
+        raise ValueError("the allocation parametrization needs the dense model")
+    criterion = trial.suggest_categorical("criterion", space.criteria)
+    allocation = trial.suggest_categorical("allocation", space.allocations)
+    low, high = space.sparsity
+    # Log-density: as many trials between 90% and 99% sparsity as between 0% and 90%. Fronts
+    # are read at the highest sparsity allowed, so a sliver of the range below it maps onto
+    # it: the sampler can return to the bound, not only the warm starts.
+    drawn = trial.suggest_float("density", (1.0 - high) / BOUND_SLACK, 1.0 - low, log=True)
+    density = max(drawn, 1.0 - high)
+    offsets = {name: trial.suggest_float(f"offset:{name}", -1.0, 1.0) for name in layers}
+    target = 1.0 - density
+    modules = dict(model.named_modules())
+    sizes = {name: modules[name].weight.numel() for name in layers}
+    base = allocate(allocation, model, layers, target)
+    return Policy(sparsity=reallocate(base, sizes, offsets, target), criterion=criterion)
+
+
+def heuristic_params(
+    space: SearchSpace,
+    allocation: str,
+    target: float,
+    model: nn.Module,
+    layers: Sequence[str],
+    schedule: str = "oneshot",
+) -> dict[str, Any] | None:
+    """The params under which ``suggest_policy`` draws the heuristic ``allocation`` at
+    ``target`` with the magnitude criterion and ``schedule`` (for ``study.enqueue_trial``), or
+    None if the space cannot express it. In the per-layer parametrization, sparsities beyond
+    the space's bounds are clipped to them."""
+    params = _heuristic_params(space, allocation, target, model, layers)
+    if params is None or schedule not in space.schedules:
+        return None
+    if "unstructured" not in space.granularities:  # heuristics zero weights
+        return None
+    if len(space.granularities) > 1:
+        params |= {"granularity": "unstructured"}
+    return params | ({"schedule": schedule} if len(space.schedules) > 1 else {})
+
+
+def _heuristic_params(
+    space: SearchSpace, allocation: str, target: float, model: nn.Module, layers: Sequence[str]
+) -> dict[str, Any] | None:
+    low, high = space.sparsity
+    if "magnitude" not in space.criteria or not low <= target <= high:
+        return None
+    if space.parametrization == "allocation":
+        if allocation not in space.allocations:
+            return None
+        offsets = {f"offset:{name}": 0.0 for name in layers}
+        base = {"criterion": "magnitude", "allocation": allocation, "density": 1.0 - target}
+        return base | offsets
+    if "ratio" not in space.rules:
+        return None
+    params: dict[str, Any] = {"criterion": "magnitude", "rule": "ratio"}
+    if allocation == "global" and "global" in space.scopes:
+        return params | {"scope": "global", "sparsity": target}
+    if "layer" not in space.scopes:
+        return None
+    sparsity = allocate(allocation, model, layers, target)
+    clipped = {f"sparsity:{k}": min(max(v, low), high) for k, v in sparsity.items()}
+    return params | {"scope": "layer"} | clipped
+
+
+# Densities down to the bound's divided by this are drawn, and clipped to the bound.
+BOUND_SLACK = 1.25
+
+Parametrization = Callable[
+    [optuna.trial.BaseTrial, SearchSpace, Sequence[str], "nn.Module | None"], Policy
+]
+PARAMETRIZATIONS: dict[str, Parametrization] = {"per-layer": _per_layer, "allocation": _allocation}
 
 
 def _bounds(name: str, value: Any) -> tuple[float, float]:

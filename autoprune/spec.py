@@ -9,6 +9,8 @@ timeout = "10m"                  # optional: seconds, or a number with s, m, h o
 seed = 0
 objectives = ["accuracy", "nonzero_params"]  # then one or two of: nonzero_params, bytes,
                                  # macs, latency_ms (macs/latency_ms: structured only)
+sampler = "tpe"                  # tpe, nsga2, gp, random or auto (see autoprune.samplers)
+early_stop = false               # the default; true, or a table: [early_stop] margin = 0.1
 
 [space]                          # see autoprune.SearchSpace
 criteria = ["magnitude", "random", "sensitivity", "taylor"]
@@ -23,12 +25,24 @@ channel_criteria = ["l1", "l2", "fpgm", "taylor", "random"]  # also "bn_scale"
 channel_sparsity = [0.0, 0.9]
 round_to = 1
 blocks = []                      # globs of residual blocks a trial may remove
+parametrization = "allocation"   # the spec's default; or "per-layer" (SearchSpace's default)
+schedules = ["oneshot", "gradual"]  # the spec's default; SearchSpace's: ["oneshot"]
+allocations = ["lamp", "erk", "global", "uniform"]
 
 [latency]                        # how latency_ms is measured
 batch_size = 64
 threads = 1
 repeats = 20
 warmup = 3
+
+[warm_start]                     # heuristics tried first by a new study; allocations = [] for none
+allocations = ["lamp", "global"]
+sparsities = [0.5, 0.8, 0.9, 0.95, 0.98]
+schedules = ["oneshot", "gradual"]
+
+[constraints]                    # optional: infeasible trials leave the front
+min_accuracy = 0.9
+max_density = 0.2                # or max_params = 5000
 
 [finetune]                       # overrides the task's own recipe
 epochs = 2
@@ -51,13 +65,20 @@ from pathlib import Path
 from typing import Any
 
 from autoprune.artifacts import ArtifactSpec
+from autoprune.constraints import Constraints
 from autoprune.errors import SpecError
+from autoprune.heuristics import WarmStart
 from autoprune.measure import DEFAULT_OBJECTIVES, Latency, check_granularities, check_objectives
+from autoprune.samplers import SAMPLERS
 from autoprune.space import SearchSpace
+from autoprune.stopping import EarlyStop
 from autoprune.task import Task
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+# What a spec's [space] is when it does not say: the best on scripts/bench_search.py (the
+# SearchSpace defaults stay per-layer and one-shot, as they were).
+SPACE_DEFAULTS = {"parametrization": "allocation", "schedules": ("oneshot", "gradual")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +109,14 @@ class StudySpec:
     trials: int = 40
     timeout: float | None = None
     seed: int = 0
-    space: SearchSpace = dataclasses.field(default_factory=SearchSpace)
+    sampler: str = "tpe"
+    space: SearchSpace = dataclasses.field(
+        default_factory=lambda: SearchSpace(**SPACE_DEFAULTS)  # type: ignore[arg-type]
+    )
+    warm_start: WarmStart = dataclasses.field(default_factory=WarmStart)
+    constraints: Constraints = dataclasses.field(default_factory=Constraints)
+    # Off: under a trial budget, stopped trials cost the front more than the time they save.
+    early_stop: EarlyStop = dataclasses.field(default_factory=lambda: EarlyStop(margin=None))
     finetune: Finetune = dataclasses.field(default_factory=Finetune)
     artifacts: ArtifactSpec = dataclasses.field(default_factory=ArtifactSpec)
     objectives: tuple[str, ...] = DEFAULT_OBJECTIVES
@@ -176,6 +204,14 @@ def spec_from_dict(data: dict[str, Any]) -> StudySpec:
             kwargs[key] = _check(
                 key, data[key], int, lambda v, lo=low: v >= lo, f"an integer >= {low}"
             )
+    if "sampler" in data:
+        kwargs["sampler"] = _check(
+            "sampler",
+            data["sampler"],
+            str,
+            lambda v: v in SAMPLERS,
+            f"one of {', '.join(SAMPLERS)}",
+        )
     if "timeout" in data:
         try:
             kwargs["timeout"] = parse_duration(data["timeout"])
@@ -184,9 +220,24 @@ def spec_from_dict(data: dict[str, Any]) -> StudySpec:
     if "space" in data:
         table = _check("space", data["space"], dict, lambda v: True, "a table")
         try:
+            table = {**SPACE_DEFAULTS, **table}
             kwargs["space"] = SearchSpace.from_dict(table)
         except SpecError as e:
             raise SpecError(f"[space] {e}") from None
+    if "warm_start" in data:
+        table = _check("warm_start", data["warm_start"], dict, lambda v: True, "a table")
+        try:
+            kwargs["warm_start"] = WarmStart.from_dict(table)
+        except SpecError as e:
+            raise SpecError(f"[warm_start] {e}") from None
+    if "constraints" in data:
+        table = _check("constraints", data["constraints"], dict, lambda v: True, "a table")
+        try:
+            kwargs["constraints"] = Constraints.from_dict(table)
+        except SpecError as e:
+            raise SpecError(f"[constraints] {e}") from None
+    if "early_stop" in data:
+        kwargs["early_stop"] = _early_stop(data["early_stop"])
     if "finetune" in data:
         kwargs["finetune"] = _finetune(
             _check("finetune", data["finetune"], dict, lambda v: True, "a table")
@@ -208,6 +259,16 @@ def spec_from_dict(data: dict[str, Any]) -> StudySpec:
     spec = StudySpec(**kwargs)
     check_granularities(spec.objectives, spec.space.granularities)
     return spec
+
+
+def _early_stop(value: Any) -> EarlyStop:
+    if isinstance(value, bool):
+        return EarlyStop() if value else EarlyStop(margin=None)
+    table = _check("early_stop", value, dict, lambda v: True, "true, false or a table")
+    try:
+        return EarlyStop.from_dict(table)
+    except SpecError as e:
+        raise SpecError(f"[early_stop] {e}") from None
 
 
 def _finetune(table: dict[str, Any]) -> Finetune:

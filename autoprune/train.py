@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -12,6 +13,11 @@ from autoprune.task import Task
 
 # Points per epoch on the train-loss curve: enough to see a trend, few enough to store.
 _TRAIN_POINTS_PER_EPOCH = 4
+
+# ``on_epoch(epochs done, model, val metric)``, called after each epoch; it may raise to stop.
+EpochHook = Callable[[int, nn.Module, float], None]
+# ``on_step(steps done, model)``, called before each optimizer step (e.g. to update masks).
+StepHook = Callable[[int, nn.Module], None]
 
 
 def evaluate(model: nn.Module, task: Task, split: str) -> tuple[float, float]:
@@ -32,10 +38,20 @@ def evaluate(model: nn.Module, task: Task, split: str) -> tuple[float, float]:
     return float(task.metric(all_logits, all_targets)), float(task.loss(all_logits, all_targets))
 
 
-def fit(model: nn.Module, task: Task, *, epochs: int, seed: int) -> dict[str, list[list[float]]]:
+def fit(
+    model: nn.Module,
+    task: Task,
+    *,
+    epochs: int,
+    seed: int,
+    on_epoch: EpochHook | None = None,
+    on_step: StepHook | None = None,
+) -> dict[str, list[list[float]]]:
     """Train ``model`` in place for ``epochs`` epochs with the task's optimizer and loss.
 
-    Batch order is drawn from ``seed``, so a run can be replayed exactly.
+    Batch order is drawn from ``seed``, so a run can be replayed exactly. ``on_epoch`` is
+    called after each epoch with the epochs done, the model and its validation metric;
+    ``on_step`` before each step's forward pass with the steps done so far and the model.
 
     Returns:
         Loss curves: ``{"train": [[epoch, loss], ...], "val": [[epoch, loss], ...]}``, where
@@ -48,10 +64,14 @@ def fit(model: nn.Module, task: Task, *, epochs: int, seed: int) -> dict[str, li
     history: dict[str, list[list[float]]] = {"train": [], "val": []}
     if epochs:
         history["val"].append([0.0, evaluate(model, task, "val")[1]])
+    done = 0
     for epoch in range(epochs):
         model.train()
         losses = []
         for step, (x, y) in enumerate(task.batches("train", shuffle=True, seed=seed + epoch)):
+            if on_step is not None:
+                on_step(done, model)
+            done += 1
             loss = task.loss(model(x), y)
             value = loss.item()
             if not math.isfinite(value):
@@ -61,7 +81,10 @@ def fit(model: nn.Module, task: Task, *, epochs: int, seed: int) -> dict[str, li
             optimizer.step()
             losses.append(value)
         history["train"].extend(_curve(losses, epoch))
-        history["val"].append([float(epoch + 1), evaluate(model, task, "val")[1]])
+        metric, val_loss = evaluate(model, task, "val")
+        history["val"].append([float(epoch + 1), val_loss])
+        if on_epoch is not None:
+            on_epoch(epoch + 1, model, metric)
     return history
 
 

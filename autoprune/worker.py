@@ -40,17 +40,19 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autoprune._version import __version__
 from autoprune.artifacts import ArtifactSpec
+from autoprune.constraints import Constraints
 from autoprune.errors import SpecError, StorageError, TrialFailed
 from autoprune.objective import Objective
+from autoprune.samplers import make_sampler
 from autoprune.search import (
     STUDY_ATTR,
     Callback,
-    default_sampler,
     load_study,
     open_study,
     study_objective,
 )
 from autoprune.spec import StudySpec, spec_from_dict
+from autoprune.stopping import EarlyStop
 from autoprune.storages import HEARTBEAT, retried_numbers, retry_callback
 from autoprune.task import Task
 from autoprune.tasks import load_task
@@ -170,6 +172,8 @@ def run_worker(
     poll: float = 1.0,
     artifacts: ArtifactSpec | None = None,
     front_table: bool = True,
+    constraints: Constraints | None = None,
+    early_stop: EarlyStop | None = None,
 ) -> WorkerSummary:
     """Run trials of ``study`` (opened by :func:`autoprune.search.open_study`) until it holds
     ``target`` counted trials, ``timeout`` seconds pass (no trial starts after), or SIGINT or
@@ -178,7 +182,14 @@ def run_worker(
     worker did."""
     if target < 1:
         raise ValueError(f"target must be >= 1, got {target}")
-    inner, ours = study_objective(study, task, artifacts=artifacts, front_table=front_table)
+    inner, ours = study_objective(
+        study,
+        task,
+        artifacts=artifacts,
+        front_table=front_table,
+        constraints=constraints,
+        early_stop=early_stop,
+    )
     stop, summary = _Stop(), WorkerSummary(worker_id())
     objective = _WorkerObjective(inner, target, stop, summary.worker)
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -358,7 +369,8 @@ def join_study(
     task = spec.finetune.apply(load_task(spec.task, seed=spec.seed))
     # Each worker samples from its own seed: workers started together must not all draw the
     # same first policies.
-    sampler = default_sampler(zlib.crc32(f"{spec.seed}:{worker_id()}".encode()))
+    seed = zlib.crc32(f"{spec.seed}:{worker_id()}".encode())
+    sampler = make_sampler(spec.sampler, seed=seed, space=spec.space)
     try:
         study = open_study(
             task,

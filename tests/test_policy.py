@@ -71,6 +71,7 @@ def test_to_dict_is_plain_data() -> None:
         "scope": "global",
         "rule": "mean",
         "alpha": 2.0,
+        "schedule": "oneshot",
     }
     # Changing the returned dict does not change the policy.
     data = policy.to_dict()

@@ -105,8 +105,9 @@ def test_from_dict_rejects_unknown_keys() -> None:
         SearchSpace.from_dict({"criteria": ["magnitude"], "sparsities": [0, 0.5]})
     assert str(info.value) == (
         "unknown search-space key 'sparsities' "
-        "(known: alpha, blocks, channel_criteria, channel_sparsity, criteria, exclude, "
-        "granularities, include, round_to, rules, scopes, sparsity)"
+        "(known: allocations, alpha, blocks, channel_criteria, channel_sparsity, criteria, "
+        "exclude, granularities, include, parametrization, round_to, rules, schedules, scopes, "
+        "sparsity)"
     )
 
 

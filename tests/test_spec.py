@@ -45,6 +45,8 @@ def test_digits_cnn_spec_parses() -> None:
             alpha=(0.25, 4.0),
             include=("*",),
             exclude=(),
+            parametrization="allocation",
+            schedules=("oneshot", "gradual"),
         ),
         finetune=Finetune(epochs=2, lr=0.001, batch_size=32),
     )
@@ -68,7 +70,10 @@ def test_defaults_and_name(tmp_path: Path) -> None:
     spec = load_spec(write_spec(tmp_path, 'task = "pkg.mod:make"\n'))
     assert spec == StudySpec(task="pkg.mod:make")
     assert spec.name == "pkg.mod:make"  # no study_name: the task reference
-    assert spec.space == SearchSpace()
+    # The spec's defaults:
+    assert spec.space == SearchSpace(
+        parametrization="allocation", schedules=["oneshot", "gradual"]
+    )
     assert spec.finetune == Finetune()
 
 
@@ -83,8 +88,9 @@ def test_integer_lr_becomes_float(tmp_path: Path) -> None:
     [
         (
             "trails = 5\n",
-            "unknown key 'trails' (known: artifacts, finetune, latency, objectives, seed, space, "
-            "storage, study_name, task, timeout, trials)",
+            "unknown key 'trails' (known: artifacts, constraints, early_stop, finetune, latency, "
+            "objectives, sampler, seed, space, storage, study_name, task, timeout, trials, "
+            "warm_start)",
         ),
         (
             "[finetune]\nepoch = 1\n",

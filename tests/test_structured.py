@@ -162,7 +162,8 @@ def test_policy_round_trip_and_old_dicts_load() -> None:
     assert Policy.from_json(policy.to_json()) == policy
     old = {"sparsity": {"x": 0.5}, "criterion": "magnitude", "scope": "layer", "rule": "ratio"}
     loaded = Policy.from_dict({**old, "alpha": 1.0})
-    assert loaded.granularity == "unstructured" and loaded.to_dict() == {**old, "alpha": 1.0}
+    assert loaded.granularity == "unstructured"
+    assert loaded.to_dict() == {**old, "alpha": 1.0, "schedule": "oneshot"}
 
 
 def test_resnet_groups_follow_the_residual_streams() -> None:

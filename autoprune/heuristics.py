@@ -1,0 +1,133 @@
+"""The pruning heuristics of the literature as baselines and as warm starts.
+
+:func:`baseline` prunes and fine-tunes by one heuristic allocation (``autoprune prune``);
+:class:`WarmStart` names the heuristics that a new study enqueues as its first trials, so that
+the searched front is never worse than them at the same fine-tuning budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import optuna
+
+from autoprune.allocation import get_allocation, heuristic_policy
+from autoprune.errors import SpecError
+from autoprune.masks import prunable_layers
+from autoprune.objective import PruneResult, prune_and_finetune
+from autoprune.policy import SCHEDULES
+from autoprune.space import SearchSpace, heuristic_params
+from autoprune.task import Task
+
+logger = logging.getLogger(__name__)
+
+
+def baseline(
+    task: Task,
+    allocation: str,
+    target: float,
+    *,
+    seed: int = 0,
+    layers: Sequence[str] | None = None,
+    schedule: str = "oneshot",
+) -> PruneResult:
+    """Prune ``task.model`` by the heuristic ``allocation`` at ``target`` sparsity (magnitude
+    within each layer), fine-tune with the task's recipe, and measure: the one-shot baseline.
+
+    Args:
+        layers: The layers to prune; default: every prunable layer.
+
+    Raises:
+        SpecError: On an unknown allocation or a target outside [0, 1).
+    """
+    layers = list(layers) if layers is not None else prunable_layers(task.model)
+    policy = dataclasses.replace(
+        heuristic_policy(allocation, task.model, layers, target), schedule=schedule
+    )
+    return prune_and_finetune(task, policy, seed=seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class WarmStart:
+    """Which heuristics, at which target sparsities, a new study tries first.
+
+    Args:
+        allocations: Names of registered allocations (``uniform``, ``global``, ``lamp``,
+            ``erk``); an empty list turns warm starts off.
+        sparsities: Target sparsities, each in [0, 1). Targets outside the search space's
+            sparsity bounds are skipped.
+        schedules: The schedules each heuristic is tried with (those the space has).
+
+    Raises:
+        SpecError: Naming the first bad allocation or sparsity.
+    """
+
+    allocations: Sequence[str] = ("lamp", "global")
+    sparsities: Sequence[float] = (0.5, 0.8, 0.9, 0.95, 0.98)
+    schedules: Sequence[str] = ("oneshot", "gradual")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.allocations, str):
+            raise SpecError(f"allocations must be a list, got {self.allocations!r}")
+        for name in self.allocations:
+            get_allocation(name)
+        if isinstance(self.sparsities, (str, int, float)):
+            raise SpecError(f"sparsities must be a list, got {self.sparsities!r}")
+        for value in self.sparsities:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise SpecError(f"sparsities must be numbers in [0, 1), got {value!r}")
+            if not 0.0 <= value < 1.0:
+                raise SpecError(f"sparsities must be numbers in [0, 1), got {value!r}")
+        if isinstance(self.schedules, str) or not all(s in SCHEDULES for s in self.schedules):
+            raise SpecError(
+                f"schedules must be a list of {', '.join(SCHEDULES)}, got {self.schedules!r}"
+            )
+        object.__setattr__(self, "schedules", tuple(self.schedules))
+        object.__setattr__(self, "allocations", tuple(self.allocations))
+        object.__setattr__(self, "sparsities", tuple(float(v) for v in self.sparsities))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "allocations": list(self.allocations),
+            "sparsities": list(self.sparsities),
+            "schedules": list(self.schedules),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> WarmStart:
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key in data:
+            if key not in names:
+                known = ", ".join(sorted(names))
+                raise SpecError(f"unknown warm-start key {key!r} (known: {known})")
+        return cls(**data)
+
+
+def enqueue_warm_starts(
+    study: optuna.Study,
+    task: Task,
+    space: SearchSpace,
+    layers: Sequence[str],
+    warm_start: WarmStart,
+) -> int:
+    """Enqueue each heuristic at each target as a trial of ``study``; return how many.
+
+    Each enqueued trial carries the user attr ``warm_start`` (e.g. ``"lamp@0.9"``, or
+    ``"lamp@0.9 gradual"`` for a schedule other than one-shot). Heuristics the space cannot
+    express (e.g. no magnitude criterion) are skipped with a log message.
+    """
+    n = 0
+    for schedule in warm_start.schedules:
+        for target in warm_start.sparsities:
+            for name in warm_start.allocations:
+                label = f"{name}@{target:g}" + ("" if schedule == "oneshot" else f" {schedule}")
+                params = heuristic_params(space, name, target, task.model, layers, schedule)
+                if params is None:
+                    logger.info("warm start %s is outside the search space: skipped", label)
+                    continue
+                study.enqueue_trial(params, user_attrs={"warm_start": label})
+                n += 1
+    return n

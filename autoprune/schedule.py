@@ -1,0 +1,121 @@
+"""Pruning schedules: when, during fine-tuning, the policy's sparsity is reached.
+
+- ``oneshot``: the masks of the policy are applied before fine-tuning and held.
+- ``gradual``: automated gradual pruning (Zhu & Gupta 2017). Fine-tuning starts dense; every
+  few optimizer steps the masks are recomputed from the current weights at the fraction
+  ``1 - (1 - t / T)^3`` of the policy's sparsity, ``T`` being ``AGP_END`` of the fine-tuning
+  steps; the rest of the budget recovers at the final sparsity. Pruned weights stay pruned.
+- ``gradual-regrow``: the same, but every recomputation ranks all weights, pruned ones by the
+  value they had when pruned, so a weight whose score recovers relative to the others regrows.
+
+Each schedule is a function ``(model, policy, scores, grads, steps) -> on_step hook | None``
+that applies the first masks; the hook runs before each optimizer step (see
+:func:`autoprune.train.fit`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from autoprune.criteria import get_criterion
+from autoprune.masks import apply_masks, compute_masks
+from autoprune.policy import SCHEDULES, Policy
+from autoprune.task import Task
+from autoprune.train import StepHook
+
+# Fraction of the fine-tuning steps after which the gradual schedule holds the final sparsity.
+AGP_END = 0.75
+# Mask recomputations over the ramp (at most one per step).
+AGP_UPDATES = 32
+
+Schedule = Callable[
+    [nn.Module, Policy, Mapping[str, Tensor], "Mapping[str, Tensor] | None", int],
+    "StepHook | None",
+]
+
+
+def steps_per_epoch(task: Task) -> int:
+    """Optimizer steps in one fine-tuning epoch."""
+    if isinstance(task.train, torch.utils.data.DataLoader):
+        return len(task.train)
+    return math.ceil(len(task.train[0]) / task.batch_size)
+
+
+def agp_fraction(step: int, end: int) -> float:
+    """Fraction of the final sparsity reached at ``step`` on the cubic ramp ending at ``end``."""
+    if end <= 0:
+        return 1.0
+    return 1.0 - (1.0 - min(step, end) / end) ** 3
+
+
+def oneshot(
+    model: nn.Module,
+    policy: Policy,
+    scores: Mapping[str, Tensor],
+    grads: Mapping[str, Tensor] | None,
+    steps: int,
+) -> StepHook | None:
+    """Apply the policy's masks now; nothing changes during fine-tuning."""
+    apply_masks(model, compute_masks(policy, scores))
+    return None
+
+
+def _gradual(regrow: bool) -> Schedule:
+    def schedule(
+        model: nn.Module,
+        policy: Policy,
+        scores: Mapping[str, Tensor],
+        grads: Mapping[str, Tensor] | None,
+        steps: int,
+    ) -> StepHook | None:
+        end = int(AGP_END * steps)
+        if end <= 0:  # no step to ramp over: as one shot
+            return oneshot(model, policy, scores, grads, steps)
+        modules = dict(model.named_modules())
+        layers = list(policy.sparsity)
+        apply_masks(model, {k: torch.ones_like(scores[k], dtype=torch.bool) for k in layers})
+        every = max(1, math.ceil(end / AGP_UPDATES))
+        score_fn = get_criterion(policy.criterion, "unstructured").score
+        assert score_fn is not None  # unstructured criteria score weights
+
+        def on_step(step: int, model: nn.Module) -> None:
+            if step % every or step > end:
+                return
+            # Look one interval ahead, so that the last update before ``end`` is the target.
+            fraction = agp_fraction(step + every, end)
+            target = Policy(
+                sparsity={k: s * fraction for k, s in policy.sparsity.items()},
+                criterion=policy.criterion,
+                scope=policy.scope,
+                rule=policy.rule,
+                alpha=policy.alpha,
+            )
+            with torch.no_grad():
+                masks = {k: modules[k].weight_mask.bool() for k in layers}
+                current = {}
+                for k in layers:
+                    weight = modules[k].weight_orig * (1 if regrow else masks[k])
+                    s = score_fn(weight.detach(), grads[k] if grads else None).float()
+                    # Without regrowth the ratio rule counts the pruned weights first; the
+                    # mean rule's threshold needs finite scores, and the mask below keeps
+                    # pruned weights pruned.
+                    keep_pruned = not regrow and policy.rule == "ratio"
+                    current[k] = s.masked_fill(~masks[k], -math.inf) if keep_pruned else s
+                for k, mask in compute_masks(target, current).items():
+                    modules[k].weight_mask.copy_(mask if regrow else mask & masks[k])
+
+        return on_step
+
+    return schedule
+
+
+SCHEDULE_FUNCTIONS: dict[str, Schedule] = {
+    "oneshot": oneshot,
+    "gradual": _gradual(regrow=False),
+    "gradual-regrow": _gradual(regrow=True),
+}
+assert set(SCHEDULE_FUNCTIONS) == set(SCHEDULES)

@@ -1,0 +1,86 @@
+"""Early stop of hopeless trials, by comparison with the study's current Pareto front.
+
+Optuna's pruners do not work in multi-objective studies, so a trial stops itself: after its
+first fine-tuning epoch, if its validation accuracy is more than ``margin`` below the best
+accuracy the front already holds at its size or smaller, it raises ``optuna.TrialPruned`` and
+ends PRUNED ("stopped early"), having cost one epoch instead of all of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import optuna
+from torch import nn
+
+from autoprune.errors import SpecError
+from autoprune.masks import count_nonzero
+from autoprune.train import EpochHook
+
+
+@dataclasses.dataclass(frozen=True)
+class EarlyStop:
+    """When a trial stops early.
+
+    Args:
+        margin: A trial stops when its validation accuracy after the first epoch is below the
+            front's best accuracy at its density or lower minus ``margin``. None: never.
+
+    Raises:
+        SpecError: If ``margin`` is not a number >= 0.
+    """
+
+    margin: float | None = 0.1
+
+    def __post_init__(self) -> None:
+        m = self.margin
+        if m is not None and (
+            isinstance(m, bool) or not isinstance(m, (int, float)) or not m >= 0 or math.isinf(m)
+        ):
+            raise SpecError(f"early_stop margin must be a number >= 0, got {m!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"margin": self.margin}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EarlyStop:
+        for key in data:
+            if key != "margin":
+                raise SpecError(f"unknown early-stop key {key!r} (known: margin)")
+        return cls(**data)
+
+    def hook(self, trial: optuna.Trial, layers: Sequence[str]) -> EpochHook | None:
+        """The ``on_epoch`` hook that stops ``trial``, or None if early stop is off."""
+        if self.margin is None:
+            return None
+        margin = self.margin
+
+        def on_epoch(epoch: int, model: nn.Module, accuracy: float) -> None:
+            if epoch != 1:
+                return
+            nonzero, total = count_nonzero(model, layers)
+            best = front_accuracy(trial.study, nonzero / total)
+            if best is not None and accuracy < best - margin:
+                trial.set_user_attr("stopped_at", [epoch, accuracy, best])
+                raise optuna.TrialPruned(
+                    f"val accuracy {accuracy:.4f} after epoch {epoch}, the front has {best:.4f}"
+                )
+
+        return on_epoch
+
+
+def front_accuracy(study: optuna.Study, density: float) -> float | None:
+    """The best validation accuracy of a front trial at ``density`` or lower (None if none).
+
+    Accuracy is the study's first objective; density is every trial's user attr, so this
+    holds whichever size objective the study minimises.
+    """
+    values = [
+        t.values[0]
+        for t in study.best_trials
+        if t.user_attrs.get("density", math.inf) <= density + 1e-12
+    ]
+    return max(values) if values else None

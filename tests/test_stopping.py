@@ -1,0 +1,99 @@
+"""Early stop: the front's accuracy at a size, and trials that stop themselves (PRUNED)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState, create_trial
+
+from autoprune import SearchSpace, SpecError, Task
+from autoprune.cli import _print_counts
+from autoprune.objective import DIRECTIONS
+from autoprune.search import open_study, optimize
+from autoprune.spec import StudySpec, spec_from_dict
+from autoprune.stopping import EarlyStop, front_accuracy
+
+
+def _trial(accuracy: float, nonzero: float, density: float) -> optuna.trial.FrozenTrial:
+    return create_trial(values=[accuracy, nonzero], user_attrs={"density": density})
+
+
+def test_front_accuracy_is_the_best_at_that_density_or_lower() -> None:
+    study = optuna.create_study(directions=DIRECTIONS)
+    assert front_accuracy(study, 0.5) is None  # no front yet
+    for accuracy, density in ((0.99, 0.8), (0.95, 0.3), (0.7, 0.05)):
+        study.add_trial(_trial(accuracy, 1000 * density, density))
+    assert front_accuracy(study, 1.0) == 0.99
+    assert front_accuracy(study, 0.5) == 0.95
+    assert front_accuracy(study, 0.3) == 0.95
+    assert front_accuracy(study, 0.1) == 0.7
+    assert front_accuracy(study, 0.01) is None
+
+
+def _study_with_front(task: Task, tmp_path: Path, accuracy: float) -> optuna.Study:
+    space = SearchSpace(criteria=["magnitude"], sparsity=(0.3, 0.6))
+    study = open_study(
+        task, space=space, storage=f"sqlite:///{tmp_path / 's.db'}", study_name="s", seed=0
+    )
+    study.add_trial(_trial(accuracy, 0.0, 0.0))  # a model with no weight at that accuracy
+    return study
+
+
+@pytest.mark.parametrize(("front", "stopped"), [(2.0, True), (0.0, False)])
+def test_a_trial_far_below_the_front_stops_after_one_epoch(
+    tiny_task: Task,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    front: float,
+    stopped: bool,
+) -> None:
+    task = dataclasses.replace(tiny_task, finetune_epochs=3)
+    study = _study_with_front(task, tmp_path, front)
+    optimize(study, task, n_trials=2, early_stop=EarlyStop(margin=0.5))
+    trials = study.trials[1:]
+    expected = TrialState.PRUNED if stopped else TrialState.COMPLETE
+    assert [t.state for t in trials] == [expected] * 2
+    for t in trials:
+        assert "policy" in t.user_attrs  # a stopped trial still says what it tried
+        assert ("stopped_at" in t.user_attrs) is stopped
+        if stopped:
+            epoch, accuracy, best = t.user_attrs["stopped_at"]
+            assert epoch == 1 and best == front and accuracy < front - 0.5
+    _print_counts(study)
+    assert ("2 stopped early" in capsys.readouterr().out) is stopped
+
+
+def test_without_early_stop_nothing_stops(tiny_task: Task, tmp_path: Path) -> None:
+    study = _study_with_front(tiny_task, tmp_path, 2.0)
+    optimize(study, tiny_task, n_trials=1, early_stop=EarlyStop(margin=None))
+    assert study.trials[-1].state == TrialState.COMPLETE
+
+
+@pytest.mark.parametrize("margin", [-0.1, "0.1", True, float("inf")])
+def test_bad_margins_are_named(margin: object) -> None:
+    with pytest.raises(
+        SpecError, match=f"^early_stop margin must be a number >= 0, got {margin!r}$"
+    ):
+        EarlyStop(margin=margin)  # type: ignore[arg-type]
+
+
+def test_early_stop_round_trips_and_rejects_unknown_keys() -> None:
+    assert EarlyStop.from_dict(EarlyStop(margin=0.2).to_dict()) == EarlyStop(margin=0.2)
+    with pytest.raises(SpecError, match="^unknown early-stop key 'patience' "):
+        EarlyStop.from_dict({"patience": 1})
+
+
+def test_spec_turns_early_stop_on_off_or_sets_its_margin() -> None:
+    assert StudySpec().early_stop == EarlyStop(margin=None)  # off by default
+    assert spec_from_dict({"early_stop": False}).early_stop == EarlyStop(margin=None)
+    assert spec_from_dict({"early_stop": True}).early_stop == EarlyStop()
+    assert spec_from_dict({"early_stop": {"margin": 0.2}}).early_stop == EarlyStop(margin=0.2)
+    with pytest.raises(
+        SpecError, match="^key 'early_stop' must be true, false or a table, got 1$"
+    ):
+        spec_from_dict({"early_stop": 1})
+    with pytest.raises(SpecError, match=r"^\[early_stop\] early_stop margin must be a number"):
+        spec_from_dict({"early_stop": {"margin": -1}})
