@@ -108,6 +108,7 @@ def _search(args: argparse.Namespace) -> int:
         seed=spec.seed,
         sampler=spec.sampler,
         warm_start=spec.warm_start,
+        budget=spec.trials,
         spec=spec.to_dict(),
         heartbeat=args.heartbeat,
         objectives=spec.objectives,
@@ -232,6 +233,7 @@ def _sensitivity(args: argparse.Namespace) -> int:
         seed=spec.seed,
         sampler=spec.sampler,
         warm_start=spec.warm_start,
+        budget=spec.trials,
     )
     curves, enqueued = analyze(study, task, spec.warm_start.sparsities)
     table = pd.DataFrame(

@@ -112,8 +112,13 @@ def enqueue_warm_starts(
     space: SearchSpace,
     layers: Sequence[str],
     warm_start: WarmStart,
+    *,
+    limit: int | None = None,
 ) -> int:
     """Enqueue each heuristic at each target as a trial of ``study``; return how many.
+
+    At most ``limit`` are enqueued (in the order schedule, sparsity, allocation), so that a
+    small budget is not spent on warm starts alone.
 
     Each enqueued trial carries the user attr ``warm_start`` (e.g. ``"lamp@0.9"``, or
     ``"lamp@0.9 gradual"`` for a schedule other than one-shot). Heuristics the space cannot
@@ -128,6 +133,8 @@ def enqueue_warm_starts(
                 if params is None:
                     logger.info("warm start %s is outside the search space: skipped", label)
                     continue
+                if limit is not None and n >= limit:
+                    return n
                 study.enqueue_trial(params, user_attrs={"warm_start": label})
                 n += 1
     return n

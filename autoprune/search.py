@@ -212,6 +212,7 @@ def open_study(
     objectives: Sequence[str] = METRIC_NAMES,
     latency: measure.Latency | None = None,
     warm_start: WarmStart | None = None,
+    budget: int | None = None,
 ) -> optuna.Study:
     """Create the study, or load it if it exists and was made with the same setup.
 
@@ -228,6 +229,8 @@ def open_study(
             without a file (see :mod:`autoprune.worker`); each run stores its own.
         heartbeat: Seconds between heartbeats of running trials, for an RDB URL (None: no
             heartbeats); see :mod:`autoprune.storages`.
+        warm_start: Heuristic trials enqueued when the study is created (see :func:`search`).
+        budget: The trials the study is to run, if known: warm starts take at most half.
 
     Raises:
         SpecError: On bad objectives, or unstructured pruning with an objective blind to it.
@@ -289,7 +292,9 @@ def open_study(
         stored = study.user_attrs[STUDY_ATTR]
         study.set_user_attr(STUDY_ATTR, {**stored, "version": __version__, "spec": spec})
     if existing is None and warm_start is not None:
-        enqueue_warm_starts(study, task, space, layers, warm_start)
+        # Warm starts take at most half of a known budget: the rest is the search's.
+        limit = None if budget is None else max(1, budget // 2)
+        enqueue_warm_starts(study, task, space, layers, warm_start, limit=limit)
     return study
 
 
