@@ -198,14 +198,16 @@ def compare_latency(
 
 @contextmanager
 def _eval_mode(models: Sequence[nn.Module]) -> Iterator[None]:
-    """Models in eval mode (BatchNorm uses its running statistics), their modes restored."""
-    modes = [model.training for model in models]
+    """Models in eval mode (BatchNorm uses its running statistics), their modes restored.
+    Frozen TorchScript models have no mode: they are left as they are."""
+    eager = [model for model in models if isinstance(getattr(model, "training", None), bool)]
+    modes = [model.training for model in eager]
     try:
-        for model in models:
+        for model in eager:
             model.eval()
         yield
     finally:
-        for model, mode in zip(models, modes, strict=True):
+        for model, mode in zip(eager, modes, strict=True):
             model.train(mode)
 
 
