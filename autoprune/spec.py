@@ -61,6 +61,7 @@ import dataclasses
 import math
 import re
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +188,16 @@ def load_spec(path: str | Path) -> StudySpec:
         raise SpecError(f"{path}: {e}") from None
 
 
+# Spec tables read by a ``from_dict``; their errors are prefixed with the table's name.
+_TABLES: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "space": lambda table: SearchSpace.from_dict({**SPACE_DEFAULTS, **table}),
+    "warm_start": WarmStart.from_dict,
+    "constraints": Constraints.from_dict,
+    "artifacts": ArtifactSpec.from_dict,
+    "latency": Latency.from_dict,
+}
+
+
 def spec_from_dict(data: dict[str, Any]) -> StudySpec:
     """Validate the parsed TOML of a spec; raise SpecError naming the first bad key."""
     fields = {f.name for f in dataclasses.fields(StudySpec)}
@@ -217,45 +228,21 @@ def spec_from_dict(data: dict[str, Any]) -> StudySpec:
             kwargs["timeout"] = parse_duration(data["timeout"])
         except SpecError as e:
             raise SpecError(f"key 'timeout': {e}") from None
-    if "space" in data:
-        table = _check("space", data["space"], dict, lambda v: True, "a table")
-        try:
-            table = {**SPACE_DEFAULTS, **table}
-            kwargs["space"] = SearchSpace.from_dict(table)
-        except SpecError as e:
-            raise SpecError(f"[space] {e}") from None
-    if "warm_start" in data:
-        table = _check("warm_start", data["warm_start"], dict, lambda v: True, "a table")
-        try:
-            kwargs["warm_start"] = WarmStart.from_dict(table)
-        except SpecError as e:
-            raise SpecError(f"[warm_start] {e}") from None
-    if "constraints" in data:
-        table = _check("constraints", data["constraints"], dict, lambda v: True, "a table")
-        try:
-            kwargs["constraints"] = Constraints.from_dict(table)
-        except SpecError as e:
-            raise SpecError(f"[constraints] {e}") from None
     if "early_stop" in data:
         kwargs["early_stop"] = _early_stop(data["early_stop"])
     if "finetune" in data:
         kwargs["finetune"] = _finetune(
             _check("finetune", data["finetune"], dict, lambda v: True, "a table")
         )
-    if "artifacts" in data:
-        table = _check("artifacts", data["artifacts"], dict, lambda v: True, "a table")
-        try:
-            kwargs["artifacts"] = ArtifactSpec.from_dict(table)
-        except SpecError as e:
-            raise SpecError(f"[artifacts] {e}") from None
     if "objectives" in data:
         kwargs["objectives"] = check_objectives(data["objectives"])
-    if "latency" in data:
-        table = _check("latency", data["latency"], dict, lambda v: True, "a table")
-        try:
-            kwargs["latency"] = Latency.from_dict(table)
-        except SpecError as e:
-            raise SpecError(f"[latency] {e}") from None
+    for key, read in _TABLES.items():
+        if key in data:
+            table = _check(key, data[key], dict, lambda v: True, "a table")
+            try:
+                kwargs[key] = read(table)
+            except SpecError as e:
+                raise SpecError(f"[{key}] {e}") from None
     spec = StudySpec(**kwargs)
     check_granularities(spec.objectives, spec.space.granularities)
     return spec
