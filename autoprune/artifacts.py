@@ -16,13 +16,11 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
-import math
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import numpy as np
 import optuna
 import sqlalchemy
 import torch
@@ -34,6 +32,7 @@ from optuna.trial import FrozenTrial, TrialState
 from torch import Tensor
 
 from autoprune.errors import SpecError, StorageError
+from autoprune.model_file import pack_tensor, unpack_tensor
 from autoprune.objective import PruneResult
 from autoprune.storages import JOURNAL_PREFIX, is_journal, journal_path
 
@@ -258,19 +257,11 @@ def save_weights(state: Mapping[str, Tensor], path: str | Path) -> None:
     dense: dict[str, Tensor] = {}
     sparse: dict[str, dict[str, Tensor]] = {}
     for key, tensor in state.items():
-        tensor = tensor.detach().cpu()
-        nonzero = tensor != 0
-        nnz = int(nonzero.sum())
-        packed_bytes = math.ceil(tensor.numel() / 8) + nnz * tensor.element_size()
-        if tensor.is_floating_point() and packed_bytes < tensor.numel() * tensor.element_size():
-            bits = np.packbits(nonzero.flatten().numpy(), bitorder="little")
-            sparse[key] = {
-                "shape": torch.tensor(tensor.shape, dtype=torch.int64),
-                "mask": torch.from_numpy(bits),
-                "values": tensor[nonzero].clone(),
-            }
+        part = pack_tensor(tensor)
+        if part is None:
+            dense[key] = tensor.detach().cpu().clone()
         else:
-            dense[key] = tensor.clone()
+            sparse[key] = part
     torch.save({"format": FORMAT, "dense": dense, "sparse": sparse}, path)
 
 
@@ -290,11 +281,7 @@ def load_weights(file: str | Path | BinaryIO) -> dict[str, Tensor]:
         raise StorageError(f"{_name(file)} is not an autoprune weights file (format {FORMAT})")
     state: dict[str, Tensor] = dict(data["dense"])
     for key, part in data["sparse"].items():
-        shape = torch.Size(part["shape"].tolist())
-        mask = np.unpackbits(part["mask"].numpy(), count=shape.numel(), bitorder="little")
-        tensor = torch.zeros(shape.numel(), dtype=part["values"].dtype)
-        tensor[torch.from_numpy(mask.astype(bool))] = part["values"]
-        state[key] = tensor.reshape(shape)
+        state[key] = unpack_tensor(part["mask"], part["values"], part["shape"])
     return state
 
 

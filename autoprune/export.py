@@ -25,9 +25,8 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from autoprune import structured
+from autoprune import measure, structured
 from autoprune._version import __version__
 from autoprune.artifacts import FrontWeights, load_weights, save_weights
 from autoprune.errors import SpecError, StorageError, TaskError
@@ -309,11 +308,9 @@ def _measure(model: nn.Module, task: Task, layers: list[str]) -> dict[str, Any]:
 
 
 def macs(model: nn.Module, example: torch.Tensor) -> int:
-    """Multiply-accumulates of one forward pass on ``example`` (one sample), counted by
-    :class:`torch.utils.flop_counter.FlopCounterMode`. Dense: zeros are multiplied too."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(example)
-    return int(counter.get_total_flops()) // 2
+    """Multiply-accumulates of one forward pass on ``example`` (one sample), as the ``macs``
+    objective counts them. Dense: zeros are multiplied too."""
+    return int(measure.macs(model, measure.Context(example, ())))
 
 
 def _sparse_bytes(model: nn.Module) -> int:

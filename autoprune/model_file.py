@@ -37,25 +37,42 @@ FORMAT = "autoprune-export/1"
 _MASK, _VALUES, _SHAPE = "::mask", "::values", "::shape"
 
 
+def pack_tensor(tensor: Tensor) -> dict[str, Tensor] | None:
+    """A float tensor as ``{"mask": packed bits of its nonzeros, "values", "shape"}`` when that
+    is smaller than the tensor itself; None when it is not (store it dense)."""
+    tensor = tensor.detach().cpu()
+    nonzero = tensor != 0
+    nnz, n = int(nonzero.sum()), tensor.numel()
+    if not tensor.is_floating_point() or tensor.dim() < 1:
+        return None
+    if (n + 7) // 8 + nnz * tensor.element_size() >= n * tensor.element_size():
+        return None
+    return {
+        "mask": torch.from_numpy(np.packbits(nonzero.flatten().numpy(), bitorder="little")),
+        "values": tensor[nonzero].clone(),
+        "shape": torch.tensor(tensor.shape, dtype=torch.int64),
+    }
+
+
+def unpack_tensor(mask: Tensor, values: Tensor, shape: Tensor) -> Tensor:
+    """The inverse of :func:`pack_tensor`."""
+    size = torch.Size(shape.tolist())
+    bits = np.unpackbits(mask.numpy(), count=size.numel(), bitorder="little").astype(bool)
+    dense = torch.zeros(size.numel(), dtype=values.dtype)
+    dense[torch.from_numpy(bits)] = values
+    return dense.reshape(size)
+
+
 def pack_state(model: nn.Module) -> dict[str, Tensor]:
     """``model``'s state dict, each float tensor stored sparse when that is smaller."""
     packed: dict[str, Tensor] = {}
     for key, tensor in model.state_dict().items():
-        tensor = tensor.detach().cpu()
-        nonzero = tensor != 0
-        nnz, n = int(nonzero.sum()), tensor.numel()
-        sparse_size = (n + 7) // 8 + nnz * tensor.element_size()
-        if (
-            tensor.is_floating_point()
-            and tensor.dim() >= 1
-            and sparse_size < n * tensor.element_size()
-        ):
-            bits = np.packbits(nonzero.flatten().numpy())
-            packed[key + _MASK] = torch.from_numpy(bits)
-            packed[key + _VALUES] = tensor[nonzero].clone()
-            packed[key + _SHAPE] = torch.tensor(tensor.shape, dtype=torch.int64)
+        part = pack_tensor(tensor)
+        if part is None:
+            packed[key] = tensor.detach().cpu().clone()
         else:
-            packed[key] = tensor.clone()
+            packed |= {key + _MASK: part["mask"], key + _VALUES: part["values"]}
+            packed[key + _SHAPE] = part["shape"]
     return packed
 
 
@@ -65,12 +82,7 @@ def unpack_state(packed: dict[str, Tensor]) -> dict[str, Tensor]:
     for key, tensor in packed.items():
         if key.endswith(_MASK):
             name = key[: -len(_MASK)]
-            shape = torch.Size(packed[name + _SHAPE].tolist())
-            bits = np.unpackbits(tensor.numpy(), count=shape.numel()).astype(bool)
-            values = packed[name + _VALUES]
-            dense = torch.zeros(shape.numel(), dtype=values.dtype)
-            dense[torch.from_numpy(bits)] = values
-            state[name] = dense.reshape(shape)
+            state[name] = unpack_tensor(tensor, packed[name + _VALUES], packed[name + _SHAPE])
         elif not key.endswith((_VALUES, _SHAPE)):
             state[key] = tensor
     return state
