@@ -441,6 +441,7 @@ def _open_storage(
         opened = storages.open_rdb(storage, heartbeat=heartbeat if for_writing else None)
     if for_writing and opened.engine.name == "sqlite":
         sqlalchemy.event.listen(opened.engine, "connect", _sqlite_pragmas)
+        sqlalchemy.event.listen(opened.engine, "begin", _sqlite_begin)
         opened.engine.dispose()  # reconnect, so that every pooled connection gets the pragmas
     return opened
 
@@ -454,6 +455,14 @@ def _sqlite_pragmas(connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
+    connection.isolation_level = None  # transactions begin in _sqlite_begin, not implicitly
+
+
+def _sqlite_begin(connection: Any) -> None:
+    # pysqlite begins a transaction only at the first write, so Optuna's read-then-update
+    # (claiming a WAITING trial) is not atomic: two workers could claim one enqueued trial
+    # and both run it. BEGIN IMMEDIATE takes the write lock first (SQLAlchemy's recipe).
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _load_existing(storage: Any, study_name: str | None) -> optuna.Study | None:
