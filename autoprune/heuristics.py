@@ -122,19 +122,26 @@ def enqueue_warm_starts(
 
     Each enqueued trial carries the user attr ``warm_start`` (e.g. ``"lamp@0.9"``, or
     ``"lamp@0.9 gradual"`` for a schedule other than one-shot). Heuristics the space cannot
-    express (e.g. no magnitude criterion) are skipped with a log message.
+    express (e.g. no magnitude criterion, or a structured-only space) are skipped, and
+    logged in one message.
     """
-    n = 0
+    n, considered, skipped = 0, 0, []
     for schedule in warm_start.schedules:
         for target in warm_start.sparsities:
             for name in warm_start.allocations:
                 label = f"{name}@{target:g}" + ("" if schedule == "oneshot" else f" {schedule}")
                 params = heuristic_params(space, name, target, task.model, layers, schedule)
+                considered += 1
                 if params is None:
-                    logger.info("warm start %s is outside the search space: skipped", label)
-                    continue
-                if limit is not None and n >= limit:
-                    return n
-                study.enqueue_trial(params, user_attrs={"warm_start": label})
-                n += 1
+                    skipped.append(label)
+                elif limit is None or n < limit:
+                    study.enqueue_trial(params, user_attrs={"warm_start": label})
+                    n += 1
+    if skipped:
+        logger.info(
+            "%d of %d warm starts are outside the search space and were skipped: %s",
+            len(skipped),
+            considered,
+            ", ".join(skipped),
+        )
     return n

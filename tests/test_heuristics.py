@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import tomllib
 from pathlib import Path
 
@@ -69,15 +70,27 @@ def test_heuristics_the_space_cannot_express_are_none(tiny_task: Task) -> None:
 
 @pytest.mark.parametrize("parametrization", ["per-layer", "allocation"])
 def test_a_new_study_runs_the_warm_starts_first(
-    tiny_task: Task, tmp_path: Path, parametrization: str
+    tiny_task: Task, tmp_path: Path, parametrization: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     space = SearchSpace(parametrization=parametrization, sparsity=(0.0, 0.95))
     warm = WarmStart(allocations=["lamp", "uniform"], sparsities=[0.5, 0.9, 0.99])
-    study = search(
-        tiny_task, n_trials=5, storage=url(tmp_path), study_name="s", space=space, warm_start=warm
-    )
+    with caplog.at_level(logging.INFO, logger="autoprune.heuristics"):
+        study = search(
+            tiny_task,
+            n_trials=5,
+            storage=url(tmp_path),
+            study_name="s",
+            space=space,
+            warm_start=warm,
+        )
     labels = [t.user_attrs.get("warm_start") for t in study.trials]
     assert labels == ["lamp@0.5", "uniform@0.5", "lamp@0.9", "uniform@0.9", None]  # 0.99: out
+    skipped = [r.getMessage() for r in caplog.records if "warm starts" in r.getMessage()]
+    # The space has no gradual schedule, so the gradual warm starts are skipped too.
+    assert len(skipped) == 1 and skipped[0].startswith(
+        "8 of 12 warm starts are outside the search space and were skipped: lamp@0.99, "
+        "uniform@0.99, lamp@0.5 gradual,"
+    )
     assert all(t.state == TrialState.COMPLETE for t in study.trials)
     layers = prunable_layers(tiny_task.model)
     for trial in study.trials[:4]:
