@@ -252,7 +252,7 @@ def test_digits_resnet_spec_parses() -> None:
     assert spec.objectives == ("accuracy", "macs", "latency_ms")
     assert spec.latency == Latency(batch_size=64, threads=1, repeats=20, warmup=3)
     assert spec.space.granularities == ("structured",)
-    assert spec.space.round_to == 4 and spec.space.blocks == ("stages.*.1",)
+    assert spec.space.round_to == 16 and spec.space.blocks == ("stages.*.1",)
     assert "bn_scale" in spec.space.channel_criteria
 
 

@@ -36,12 +36,18 @@ def tiny_resnet() -> nn.Module:
     return ResNet(in_channels=1, widths=(6, 8), blocks_per_stage=2, classes=3)
 
 
+def tiny_flat_resnet() -> nn.Module:
+    """As digits-resnet: no stage halves the resolution."""
+    return ResNet(in_channels=1, widths=(6, 8), blocks_per_stage=2, classes=3, downsample=False)
+
+
 # The built-in tasks' architectures (the real CNN and MLP are small already) and tiny versions.
 ARCHITECTURES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "tiny-cnn": (TinyCNN, (1, 8, 8)),
     "digits-cnn": (DigitsCNN, (1, 8, 8)),
     "digits-mlp": (digits_mlp_model, (64,)),
     "tiny-resnet": (tiny_resnet, (1, 8, 8)),
+    "tiny-flat-resnet": (tiny_flat_resnet, (1, 8, 8)),
 }
 
 

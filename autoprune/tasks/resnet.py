@@ -31,8 +31,12 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """A stem, stages of basic blocks (each stage after the first halves the resolution), a
-    global average pool and a linear classifier."""
+    """A stem, stages of basic blocks, a global average pool and a linear classifier.
+
+    With ``downsample`` each stage after the first halves the resolution (strided first
+    block); without it every stage keeps the input's resolution, which suits inputs as small
+    as 8×8.
+    """
 
     def __init__(
         self,
@@ -40,6 +44,7 @@ class ResNet(nn.Module):
         widths: tuple[int, ...] = (32, 64),
         blocks_per_stage: int = 2,
         classes: int = 10,
+        downsample: bool = True,
     ) -> None:
         super().__init__()
         self.stem = nn.Sequential(
@@ -49,7 +54,8 @@ class ResNet(nn.Module):
         )
         stages, channels = [], widths[0]
         for i, width in enumerate(widths):
-            blocks = [BasicBlock(channels, width, stride=1 if i == 0 else 2)]
+            stride = 2 if downsample and i > 0 else 1
+            blocks = [BasicBlock(channels, width, stride)]
             blocks += [BasicBlock(width, width) for _ in range(blocks_per_stage - 1)]
             stages.append(nn.Sequential(*blocks))
             channels = width
