@@ -41,13 +41,39 @@ def tiny_flat_resnet() -> nn.Module:
     return ResNet(in_channels=1, widths=(6, 8), blocks_per_stage=2, classes=3, downsample=False)
 
 
-# The built-in tasks' architectures (the real CNN and MLP are small already) and tiny versions.
+class TinyMobileNet(nn.Module):
+    """A stem and a MobileNetV2 inverted residual: 1x1 expansion, 3x3 depthwise (its channels
+    coupled to the expansion's), 1x1 projection back onto the residual stream."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
+        self.block = nn.Sequential(
+            nn.Conv2d(6, 12, 1, bias=False),
+            nn.BatchNorm2d(12),
+            nn.ReLU6(),
+            nn.Conv2d(12, 12, 3, padding=1, groups=12, bias=False),
+            nn.BatchNorm2d(12),
+            nn.ReLU6(),
+            nn.Conv2d(12, 6, 1, bias=False),
+            nn.BatchNorm2d(6),
+        )
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        return self.head(x + self.block(x))
+
+
+# The built-in tasks' architectures (the real CNN and MLP are small already), tiny versions,
+# and a depthwise-separable block as in the phone models structured pruning is for.
 ARCHITECTURES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "tiny-cnn": (TinyCNN, (1, 8, 8)),
     "digits-cnn": (DigitsCNN, (1, 8, 8)),
     "digits-mlp": (digits_mlp_model, (64,)),
     "tiny-resnet": (tiny_resnet, (1, 8, 8)),
     "tiny-flat-resnet": (tiny_flat_resnet, (1, 8, 8)),
+    "tiny-mobilenet": (TinyMobileNet, (1, 8, 8)),
 }
 
 
