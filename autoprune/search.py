@@ -16,7 +16,6 @@ from autoprune import measure, storages, structured
 from autoprune._version import __version__
 from autoprune.artifacts import ArtifactSpec, FrontWeights
 from autoprune.constraints import Constraints
-from autoprune.criteria import get_criterion
 from autoprune.errors import StorageError, TaskError, TrialFailed
 from autoprune.front_table import FrontTable
 from autoprune.heuristics import WarmStart, enqueue_warm_starts
@@ -26,6 +25,7 @@ from autoprune.policy import Policy
 from autoprune.samplers import make_sampler
 from autoprune.space import SearchSpace
 from autoprune.stopping import EarlyStop
+from autoprune.study_setup import check_same_setup, structured_setup
 from autoprune.task import Task
 from autoprune.train import evaluate
 
@@ -34,8 +34,6 @@ logger = logging.getLogger(__name__)
 # Key of the study user attr holding what the study was created with.
 STUDY_ATTR = "autoprune"
 Callback = Callable[[optuna.Study, FrozenTrial], None]
-# Setup keys newer than the first studies, as those studies were made: they still resume.
-_SETUP_DEFAULTS: dict[str, Any] = {"objectives": list(METRIC_NAMES)}
 # The sampler of a study whose spec names none (see autoprune.samplers.SAMPLERS).
 DEFAULT_SAMPLER = "tpe"
 
@@ -255,14 +253,14 @@ def open_study(
         "seed": seed,
         "model": model_fingerprint(task.model),
         "objectives": objectives,
-        **_structured_setup(task, space),
+        **structured_setup(task, space),
     }
     if "latency_ms" in objectives:
         setup["latency"] = (latency or measure.Latency()).to_dict()
     storage = storages.open_storage(storage, for_writing=True, heartbeat=heartbeat)
     existing = _load_existing(storage, study_name)
     if existing is not None:
-        _check_same_setup(existing, setup, study_name)
+        check_same_setup(existing.user_attrs.get(STUDY_ATTR), setup, study_name)
     n_before = len(existing.trials) if existing is not None else 0
     dense = None
     if existing is None:
@@ -313,36 +311,6 @@ def dense_metrics(
     if context is not None:
         metrics.update(measure.measure(task.model, objectives, context))
     return metrics
-
-
-def _structured_setup(task: Task, space: SearchSpace) -> dict[str, Any]:
-    """The channel groups and removable blocks a structured study searches (none otherwise).
-
-    Raises:
-        TaskError: If no channel group is left by the globs, a block cannot be removed, or a
-            BatchNorm criterion meets a group without BatchNorm.
-    """
-    if "structured" not in space.granularities:
-        return {}
-    example = structured.example_input(task.val)
-    groups = structured.channel_groups(task.model, example, space.include, space.exclude)
-    if not groups:
-        raise TaskError(
-            f"include {list(space.include)} / exclude {list(space.exclude)} leave no channel "
-            "group to prune (the output layer's channels are never removed)"
-        )
-    for name in space.channel_criteria:
-        if get_criterion(name).channel_source == "batchnorm":
-            for group in groups:
-                if not group.batchnorms:
-                    raise TaskError(
-                        f"channel criterion {name!r} needs a BatchNorm, and channel group "
-                        f"{group.name!r} has none"
-                    )
-    blocks = structured.removable_blocks(task.model, example, space.blocks)
-    if space.blocks and not blocks:
-        raise TaskError(f"blocks {list(space.blocks)} match no module with parameters")
-    return {"groups": [g.name for g in groups], "blocks": blocks}
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -428,24 +396,3 @@ def _load_existing(storage: Any, study_name: str | None) -> optuna.Study | None:
         if study_name not in optuna.get_all_study_names(storage):
             return None
         return optuna.load_study(study_name=study_name, storage=storage)
-
-
-def _check_same_setup(study: optuna.Study, setup: dict[str, Any], name: str | None) -> None:
-    stored = study.user_attrs.get(STUDY_ATTR)
-    if stored is None:
-        raise StorageError(f"study {name!r} exists but was not made by autoprune")
-    stored = dict(stored)
-    if "space" in stored:  # spaces stored before a key was added compare with its default
-        stored["space"] = SearchSpace.from_dict(stored["space"]).to_dict()
-    for key in [k for k in setup if k != "version"]:  # what a study was made with
-        if stored.get(key, _SETUP_DEFAULTS.get(key)) != setup[key]:
-            label = "dense model weights (fingerprint)" if key == "model" else key
-            hint = (
-                "resume with the model the study was made with, or use another study name"
-                if key == "model"
-                else "use another study name to search a different setup"
-            )
-            raise StorageError(
-                f"study {name!r} was created with {label} {stored.get(key)!r}, not "
-                f"{setup[key]!r}; {hint}"
-            )
