@@ -5,12 +5,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import optuna
-import sqlalchemy
 from optuna.trial import FrozenTrial
 from torch import nn
 
@@ -18,7 +16,6 @@ from autoprune import measure, storages, structured
 from autoprune._version import __version__
 from autoprune.artifacts import ArtifactSpec, FrontWeights
 from autoprune.constraints import Constraints
-from autoprune.criteria import get_criterion
 from autoprune.errors import StorageError, TaskError, TrialFailed
 from autoprune.front_table import FrontTable
 from autoprune.heuristics import WarmStart, enqueue_warm_starts
@@ -28,6 +25,7 @@ from autoprune.policy import Policy
 from autoprune.samplers import make_sampler
 from autoprune.space import SearchSpace
 from autoprune.stopping import EarlyStop
+from autoprune.study_setup import check_same_setup, structured_setup
 from autoprune.task import Task
 from autoprune.train import evaluate
 
@@ -36,8 +34,6 @@ logger = logging.getLogger(__name__)
 # Key of the study user attr holding what the study was created with.
 STUDY_ATTR = "autoprune"
 Callback = Callable[[optuna.Study, FrozenTrial], None]
-# Setup keys newer than the first studies, as those studies were made: they still resume.
-_SETUP_DEFAULTS: dict[str, Any] = {"objectives": list(METRIC_NAMES)}
 # The sampler of a study whose spec names none (see autoprune.samplers.SAMPLERS).
 DEFAULT_SAMPLER = "tpe"
 
@@ -257,14 +253,14 @@ def open_study(
         "seed": seed,
         "model": model_fingerprint(task.model),
         "objectives": objectives,
-        **_structured_setup(task, space),
+        **structured_setup(task, space),
     }
     if "latency_ms" in objectives:
         setup["latency"] = (latency or measure.Latency()).to_dict()
-    storage = _open_storage(storage, for_writing=True, heartbeat=heartbeat)
+    storage = storages.open_storage(storage, for_writing=True, heartbeat=heartbeat)
     existing = _load_existing(storage, study_name)
     if existing is not None:
-        _check_same_setup(existing, setup, study_name)
+        check_same_setup(existing.user_attrs.get(STUDY_ATTR), setup, study_name)
     n_before = len(existing.trials) if existing is not None else 0
     dense = None
     if existing is None:
@@ -275,7 +271,7 @@ def open_study(
     if not isinstance(sampler, optuna.samplers.BaseSampler):
         # A resumed run must not replay the first run's random draws.
         sampler = make_sampler(sampler or DEFAULT_SAMPLER, seed=seed + n_before, space=space)
-    with _storage_errors(storage):
+    with storages.storage_errors(storage):
         study = optuna.create_study(
             storage=storage,
             study_name=study_name,
@@ -315,36 +311,6 @@ def dense_metrics(
     if context is not None:
         metrics.update(measure.measure(task.model, objectives, context))
     return metrics
-
-
-def _structured_setup(task: Task, space: SearchSpace) -> dict[str, Any]:
-    """The channel groups and removable blocks a structured study searches (none otherwise).
-
-    Raises:
-        TaskError: If no channel group is left by the globs, a block cannot be removed, or a
-            BatchNorm criterion meets a group without BatchNorm.
-    """
-    if "structured" not in space.granularities:
-        return {}
-    example = structured.example_input(task.val)
-    groups = structured.channel_groups(task.model, example, space.include, space.exclude)
-    if not groups:
-        raise TaskError(
-            f"include {list(space.include)} / exclude {list(space.exclude)} leave no channel "
-            "group to prune (the output layer's channels are never removed)"
-        )
-    for name in space.channel_criteria:
-        if get_criterion(name).channel_source == "batchnorm":
-            for group in groups:
-                if not group.batchnorms:
-                    raise TaskError(
-                        f"channel criterion {name!r} needs a BatchNorm, and channel group "
-                        f"{group.name!r} has none"
-                    )
-    blocks = structured.removable_blocks(task.model, example, space.blocks)
-    if space.blocks and not blocks:
-        raise TaskError(f"blocks {list(space.blocks)} match no module with parameters")
-    return {"groups": [g.name for g in groups], "blocks": blocks}
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -402,123 +368,31 @@ def load_study(storage: str, study_name: str | None) -> optuna.Study:
         StorageError: If the storage cannot be opened, holds no such study, or the study was
             not made by autoprune.
     """
-    if _missing_sqlite_file(storage):  # opening it would leave an empty database behind
-        raise StorageError(f"storage {_describe(storage)} does not exist")
-    storage = _open_storage(storage)
-    with _storage_errors(storage):
+    if storages.missing_file(storage):  # opening it would leave an empty database behind
+        raise StorageError(f"storage {storages.describe(storage)} does not exist")
+    storage = storages.open_storage(storage)
+    with storages.storage_errors(storage):
         names = optuna.get_all_study_names(storage)
     if study_name is None:
         if len(names) != 1:
             listed = ", ".join(names) if names else "none"
             raise StorageError(
-                f"give --study-name: storage {_describe(storage)} holds "
+                f"give --study-name: storage {storages.describe(storage)} holds "
                 f"{len(names)} studies ({listed})"
             )
         study_name = names[0]
     if study_name not in names:
-        raise StorageError(f"no study named {study_name!r} in {_describe(storage)}")
+        raise StorageError(f"no study named {study_name!r} in {storages.describe(storage)}")
     study = optuna.load_study(study_name=study_name, storage=storage)
     if STUDY_ATTR not in study.user_attrs:
         raise StorageError(f"study {study_name!r} was not made by autoprune")
     return study
 
 
-def _open_storage(
-    storage: Any, *, for_writing: bool = False, heartbeat: int | None = storages.HEARTBEAT
-) -> Any:
-    """A URL becomes a storage object, opened once for all that follows.
-
-    ``journal:PATH`` opens a journal file (see :mod:`autoprune.storages`). An RDB opened for
-    writing (running trials) gets heartbeats every ``heartbeat`` seconds, and a SQLite file
-    is switched to write-ahead logging (see :func:`_sqlite_pragmas`); read-only commands
-    leave the file as they find it.
-    """
-    if not isinstance(storage, str):
-        return storage
-    with _storage_errors(storage):
-        if storages.is_journal(storage):
-            return storages.open_journal(storage)
-        opened = storages.open_rdb(storage, heartbeat=heartbeat if for_writing else None)
-    if for_writing and opened.engine.name == "sqlite":
-        sqlalchemy.event.listen(opened.engine, "connect", _sqlite_pragmas)
-        sqlalchemy.event.listen(opened.engine, "begin", _sqlite_begin)
-        opened.engine.dispose()  # reconnect, so that every pooled connection gets the pragmas
-    return opened
-
-
-def _sqlite_pragmas(connection: Any, _record: Any) -> None:
-    # A trial makes ~17 small commits. With WAL and synchronous=NORMAL a commit does not wait
-    # for the disk (measured: 2.6 -> 1.2 ms per user attr), and readers such as `autoprune
-    # report` do not block the search. A killed process loses nothing committed; a power cut
-    # may lose the last commits but never corrupts the file. WAL needs a local file system.
-    cursor = connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.close()
-    connection.isolation_level = None  # transactions begin in _sqlite_begin, not implicitly
-
-
-def _sqlite_begin(connection: Any) -> None:
-    # pysqlite begins a transaction only at the first write, so Optuna's read-then-update
-    # (claiming a WAITING trial) is not atomic: two workers could claim one enqueued trial
-    # and both run it. BEGIN IMMEDIATE takes the write lock first (SQLAlchemy's recipe).
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
-
-
 def _load_existing(storage: Any, study_name: str | None) -> optuna.Study | None:
     if storage is None or study_name is None:
         return None
-    with _storage_errors(storage):
+    with storages.storage_errors(storage):
         if study_name not in optuna.get_all_study_names(storage):
             return None
         return optuna.load_study(study_name=study_name, storage=storage)
-
-
-def _check_same_setup(study: optuna.Study, setup: dict[str, Any], name: str | None) -> None:
-    stored = study.user_attrs.get(STUDY_ATTR)
-    if stored is None:
-        raise StorageError(f"study {name!r} exists but was not made by autoprune")
-    stored = dict(stored)
-    if "space" in stored:  # spaces stored before a key was added compare with its default
-        stored["space"] = SearchSpace.from_dict(stored["space"]).to_dict()
-    for key in [k for k in setup if k != "version"]:  # what a study was made with
-        if stored.get(key, _SETUP_DEFAULTS.get(key)) != setup[key]:
-            label = "dense model weights (fingerprint)" if key == "model" else key
-            hint = (
-                "resume with the model the study was made with, or use another study name"
-                if key == "model"
-                else "use another study name to search a different setup"
-            )
-            raise StorageError(
-                f"study {name!r} was created with {label} {stored.get(key)!r}, not "
-                f"{setup[key]!r}; {hint}"
-            )
-
-
-def _missing_sqlite_file(storage: Any) -> bool:
-    return storages.missing_file(storage)
-
-
-@contextmanager
-def _storage_errors(storage: Any) -> Iterator[None]:
-    """Turn whatever the storage layer raises into one-line StorageErrors naming the URL."""
-    try:
-        yield
-    except Exception as e:
-        raise StorageError(f"cannot open storage {_describe(storage)}: {_first_line(e)}") from e
-
-
-def _describe(storage: Any) -> str:
-    """The storage's URL with any password hidden, for messages."""
-    url = storage if isinstance(storage, str) else getattr(storage, "url", None)
-    if url is None:
-        return type(storage).__name__
-    try:
-        return repr(sqlalchemy.engine.make_url(url).render_as_string(hide_password=True))
-    except Exception:  # not a URL SQLAlchemy can parse: say it as given
-        return repr(url)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

@@ -6,11 +6,17 @@ trials gets Optuna's heartbeats: every running trial records a heartbeat every
 killed, or its machine lost) is failed by the next worker that starts a trial, and retried
 (:data:`RETRY`). ``journal:PATH`` opens Optuna's journal file storage, which has no
 heartbeats (see the README for what it does keep safe).
+
+:func:`open_storage` opens a URL once for all that follows; whatever the storage layer raises
+becomes a one-line :class:`~autoprune.errors.StorageError` naming the URL, its password
+hidden (:func:`storage_errors`).
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +25,8 @@ import sqlalchemy
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial
+
+from autoprune.errors import StorageError
 
 JOURNAL_PREFIX = "journal:"
 HEARTBEAT = 10  # seconds between two heartbeats of a running trial
@@ -87,3 +95,70 @@ def missing_file(url: Any) -> bool:
     except Exception:  # a malformed URL: let Optuna say what is wrong with it
         return False
     return database not in (None, "", ":memory:") and not Path(database).exists()
+
+
+def open_storage(
+    storage: Any, *, for_writing: bool = False, heartbeat: int | None = HEARTBEAT
+) -> Any:
+    """A URL becomes a storage object, opened once for all that follows.
+
+    ``journal:PATH`` opens a journal file (see :func:`open_journal`). An RDB opened for
+    writing (running trials) gets heartbeats every ``heartbeat`` seconds, and a SQLite file
+    is switched to write-ahead logging (see :func:`_sqlite_pragmas`); read-only commands
+    leave the file as they find it.
+    """
+    if not isinstance(storage, str):
+        return storage
+    with storage_errors(storage):
+        if is_journal(storage):
+            return open_journal(storage)
+        opened = open_rdb(storage, heartbeat=heartbeat if for_writing else None)
+    if for_writing and opened.engine.name == "sqlite":
+        sqlalchemy.event.listen(opened.engine, "connect", _sqlite_pragmas)
+        sqlalchemy.event.listen(opened.engine, "begin", _sqlite_begin)
+        opened.engine.dispose()  # reconnect, so that every pooled connection gets the pragmas
+    return opened
+
+
+def _sqlite_pragmas(connection: Any, _record: Any) -> None:
+    # A trial makes ~17 small commits. With WAL and synchronous=NORMAL a commit does not wait
+    # for the disk (measured: 2.6 -> 1.2 ms per user attr), and readers such as `autoprune
+    # report` do not block the search. A killed process loses nothing committed; a power cut
+    # may lose the last commits but never corrupts the file. WAL needs a local file system.
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+    connection.isolation_level = None  # transactions begin in _sqlite_begin, not implicitly
+
+
+def _sqlite_begin(connection: Any) -> None:
+    # pysqlite begins a transaction only at the first write, so Optuna's read-then-update
+    # (claiming a WAITING trial) is not atomic: two workers could claim one enqueued trial
+    # and both run it. BEGIN IMMEDIATE takes the write lock first (SQLAlchemy's recipe).
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+@contextmanager
+def storage_errors(storage: Any) -> Iterator[None]:
+    """Turn whatever the storage layer raises into one-line StorageErrors naming the URL."""
+    try:
+        yield
+    except Exception as e:
+        raise StorageError(f"cannot open storage {describe(storage)}: {_first_line(e)}") from e
+
+
+def describe(storage: Any) -> str:
+    """The storage's URL with any password hidden, for messages."""
+    url = storage if isinstance(storage, str) else getattr(storage, "url", None)
+    if url is None:
+        return type(storage).__name__
+    try:
+        return repr(sqlalchemy.engine.make_url(url).render_as_string(hide_password=True))
+    except Exception:  # not a URL SQLAlchemy can parse: say it as given
+        return repr(url)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -24,7 +24,7 @@ from typing import Any
 import optuna
 import torch
 
-from autoprune.cli import _Progress
+from autoprune.cli.searching import _Progress
 from autoprune.errors import TrialFailed
 from autoprune.objective import Objective
 from autoprune.search import STUDY_ATTR, open_study

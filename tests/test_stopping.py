@@ -10,7 +10,7 @@ import pytest
 from optuna.trial import TrialState, create_trial
 
 from autoprune import SearchSpace, SpecError, Task
-from autoprune.cli import _print_counts
+from autoprune.cli._common import print_counts
 from autoprune.objective import DIRECTIONS
 from autoprune.search import open_study, optimize
 from autoprune.spec import StudySpec, spec_from_dict
@@ -62,7 +62,7 @@ def test_a_trial_far_below_the_front_stops_after_one_epoch(
         if stopped:
             epoch, accuracy, best = t.user_attrs["stopped_at"]
             assert epoch == 1 and best == front and accuracy < front - 0.5
-    _print_counts(study)
+    print_counts(study)
     assert ("2 stopped early" in capsys.readouterr().out) is stopped
 
 

@@ -23,9 +23,10 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autoprune.cli import main
 from autoprune.errors import TrialFailed
-from autoprune.search import STUDY_ATTR, _open_storage, open_study
+from autoprune.search import STUDY_ATTR, open_study
 from autoprune.space import SearchSpace
 from autoprune.spec import spec_from_dict
+from autoprune.storages import open_storage
 from autoprune.task import Task
 from autoprune.tasks import load_task
 from autoprune.worker import SURPLUS_ATTR, WORKER_ATTR, counted, run_worker
@@ -77,7 +78,7 @@ def create_study(storage: str, name: str, *, task: str, trials: int) -> optuna.S
 
 def trials_of(storage: str, name: str) -> list[FrozenTrial]:
     """The study's trials; none while the study does not exist yet."""
-    opened = _open_storage(storage)
+    opened = open_storage(storage)
     if name not in optuna.get_all_study_names(opened):
         return []
     return optuna.load_study(study_name=name, storage=opened).get_trials(deepcopy=False)
@@ -189,7 +190,7 @@ def test_a_killed_worker_s_trial_fails_and_is_retried(tmp_path: Path) -> None:
 def test_stale_heartbeat_is_failed_and_retried(tiny_task: Task, tmp_path: Path) -> None:
     """A trial of a worker lost on another machine: one heartbeat, then silence for longer
     than the grace period (3 heartbeats of 1 s). The next worker fails and retries it."""
-    storage = _open_storage(f"sqlite:///{tmp_path / 'h.db'}", for_writing=True, heartbeat=1)
+    storage = open_storage(f"sqlite:///{tmp_path / 'h.db'}", for_writing=True, heartbeat=1)
     study = open_study(tiny_task, space=SearchSpace(), storage=storage, study_name="h", seed=0)
     lost = study.ask()
     lost.set_user_attr(WORKER_ATTR, "elsewhere:1")  # not this machine: no pid to look at
@@ -255,7 +256,7 @@ def test_resume_after_a_crash_on_a_journal(
     assert all(trials[n].values == values for n, values in before.items())
     # The budget counted the completed trials: 4 in all, not 4 more.
     assert [t.state for t in counted(trials)] == [TrialState.COMPLETE] * 4
-    assert STUDY_ATTR in optuna.load_study(study_name="j", storage=_open_storage(url)).user_attrs
+    assert STUDY_ATTR in optuna.load_study(study_name="j", storage=open_storage(url)).user_attrs
     capsys.readouterr()
 
 

@@ -1,0 +1,102 @@
+"""What the commands share: argparse value types and arguments, and the text that describes
+a study (trial counts, status, Pareto front)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import optuna
+import pandas as pd
+from optuna.trial import TrialState
+
+from autoprune.status import StudyStatus
+
+DEFAULT_STORAGE = "sqlite:///autoprune.db"
+_STATE_WORDS = {TrialState.PRUNED: "stopped early"}
+
+
+def study_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--storage", default=DEFAULT_STORAGE, help=f"database URL (default: {DEFAULT_STORAGE})"
+    )
+    p.add_argument("--study-name", help="needed when the storage holds several studies")
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def sparsity(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
+    return value
+
+
+def print_counts(study: optuna.Study) -> None:
+    # A PRUNED trial is one that autoprune.stopping stopped early: say so in our words.
+    states = pd.Series(
+        [_STATE_WORDS.get(t.state, t.state.name.lower()) for t in study.get_trials(deepcopy=False)]
+    )
+    counts = ", ".join(f"{n} {state}" for state, n in states.value_counts().items())
+    print(f"study {study.study_name!r}: {len(states)} trials ({counts})")
+
+
+def status_text(status: StudyStatus) -> str:
+    states = ", ".join(f"{n} {word}" for word, n in status.states.items())
+    target = f" of a target of {status.target}" if status.target else ""
+    lines = [f"study {status.name!r}: {status.counted} trials{target} ({states})"]
+    pace = status.trials_per_hour
+    lines.append(
+        "pace: "
+        + (
+            "no trial finished in the last hour"
+            if pace is None
+            else f"{pace:.1f} trials/hour over the last hour"
+        )
+    )
+    hv = "" if status.hypervolume is None else f", hypervolume {status.hypervolume:.4f}"
+    lines.append(f"Pareto front: {status.front_size} trials{hv}")
+    for level, best in status.best_at_sparsity.items():
+        text = "no trial" if best is None else f"{best[0]:.4f} (trial {best[1]})"
+        lines.append(f"best val accuracy at sparsity >= {level:.0%}: {text}")
+    lines.append(f"workers seen in the last 15 minutes: {len(status.workers)}")
+    lines += [
+        f"  {w.worker}: {w.trials} trials, {w.running} running, "
+        f"last seen {w.last_seen_s:.0f} s ago"
+        for w in status.workers
+    ]
+    for number, worker, seconds in status.long_running:
+        lines.append(
+            f"trial {number} has run suspiciously long: {seconds / 60:.1f} min on {worker}"
+        )
+    return "\n".join(lines)
+
+
+def front_text(front: pd.DataFrame) -> str:
+    if front.empty:
+        return "the Pareto front is empty (no trial has completed)"
+    shown = front.rename(columns=lambda c: c.replace("sparsity:", "s:"))
+    return f"Pareto front ({len(front)} trials):\n" + shown.to_string(
+        index=False, float_format=lambda v: f"{v:.4f}", na_rep="-"
+    )

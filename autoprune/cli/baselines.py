@@ -1,0 +1,82 @@
+"""The commands that measure without searching: ``prune`` (a one-shot heuristic baseline)
+and ``sensitivity`` (per-layer curves)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from autoprune.allocation import ALLOCATIONS
+from autoprune.cli._common import DEFAULT_STORAGE, sparsity
+from autoprune.heuristics import baseline
+from autoprune.masks import prunable_layers
+from autoprune.search import open_study
+from autoprune.sensitivity import analyze
+from autoprune.spec import load_spec
+from autoprune.tasks import load_task
+
+
+def _prune(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec)
+    task = spec.finetune.apply(load_task(spec.task, seed=spec.seed))
+    layers = prunable_layers(task.model, spec.space.include, spec.space.exclude)
+    seed = spec.seed if args.seed is None else args.seed
+    result = baseline(task, args.policy, args.sparsity, seed=seed, layers=layers)
+    m = result.metrics
+    print(
+        f"{args.policy} at {args.sparsity:g} on {task.name}, {task.finetune_epochs} fine-tuning "
+        f"epochs: sparsity {m['sparsity']:.4f}, val accuracy {m['accuracy']:.4f}, test "
+        f"accuracy {m.get('test_accuracy', float('nan')):.4f}, "
+        f"{int(m['nonzero_params'])} of {int(m['total_params'])} weights left"
+    )
+    for layer, value in result.layer_sparsity.items():
+        print(f"  {layer}: sparsity {value:.4f}")
+    if args.out:
+        torch.save(result.model.state_dict(), args.out)
+        print(f"pruned model's state dict: {Path(args.out).resolve()}")
+    return 0
+
+
+def _sensitivity(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec)
+    storage = args.storage or spec.storage
+    study_name = args.study_name or spec.name
+    task = spec.finetune.apply(load_task(spec.task, seed=spec.seed))
+    study = open_study(
+        task,
+        space=spec.space,
+        storage=storage,
+        study_name=study_name,
+        seed=spec.seed,
+        sampler=spec.sampler,
+        warm_start=spec.warm_start,
+        budget=spec.trials,
+    )
+    curves, enqueued = analyze(study, task, spec.warm_start.sparsities)
+    table = pd.DataFrame(
+        {layer: {s: a for s, a in curve} for layer, curve in curves.items()}
+    ).T.rename(columns=lambda s: f"s={s:g}")
+    print("val accuracy with one layer pruned (magnitude, no fine-tuning):")
+    print(table.to_string(float_format=lambda v: f"{v:.4f}"))
+    print(f"stored in study {study_name!r} in {storage}; {enqueued} trials enqueued from it")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``prune`` and ``sensitivity`` to the subcommands ``sub``."""
+    p = sub.add_parser("prune", help="one-shot baseline: prune by a heuristic and fine-tune")
+    p.add_argument("spec", help="study spec (task, layers, fine-tuning recipe, seed)")
+    p.add_argument("--policy", required=True, choices=list(ALLOCATIONS), help="allocation")
+    p.add_argument("--sparsity", required=True, type=sparsity, help="target, e.g. 0.9")
+    p.add_argument("--seed", type=int, help="fine-tuning seed (default: the spec's)")
+    p.add_argument("--out", help="save the pruned model's state dict here")
+    p.set_defaults(run=_prune)
+
+    p = sub.add_parser("sensitivity", help="per-layer accuracy-vs-sparsity curves, stored")
+    p.add_argument("spec", help="study spec; the study is created if it does not exist")
+    p.add_argument("--storage", help=f"database URL (default: the spec's, else {DEFAULT_STORAGE})")
+    p.add_argument("--study-name", help="study name (default: the spec's)")
+    p.set_defaults(run=_sensitivity)

@@ -1,0 +1,137 @@
+"""The commands that read a study: ``front``, ``report``, ``pick`` and ``export``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from autoprune.artifacts import FrontWeights
+from autoprune.cli._common import DEFAULT_STORAGE, front_text, positive_float, study_arguments
+from autoprune.dashboard import watch_report, write_report
+from autoprune.errors import SpecError
+from autoprune.export import export, pick
+from autoprune.report import pareto_front
+from autoprune.search import load_study
+from autoprune.trial_metrics import metric_names, study_total_params, trial_metrics
+
+
+def _front(args: argparse.Namespace) -> int:
+    if args.csv and args.json:
+        raise SpecError("give --csv or --json, not both")
+    study = load_study(args.storage, args.study_name)
+    front = pareto_front(study)
+    if args.csv:
+        front.to_csv(args.csv, index=False)
+        print(f"wrote {len(front)} front trials to {args.csv}")
+    elif args.json:
+        front.to_json(args.json, orient="records", indent=2, double_precision=15)
+        print(f"wrote {len(front)} front trials to {args.json}")
+    else:
+        print(front_text(front))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    studies = [load_study(args.storage, name) for name in args.study_name or [None]]
+    out = Path(args.out or "-vs-".join(s.study_name for s in studies) + ".html")
+    if args.watch is None:
+        write_report(studies, out)
+        print(f"report: {out.resolve()}")
+        return 0
+    print(f"report: {out.resolve()} (rewritten every {args.watch:g} s; Ctrl-C stops)", flush=True)
+    try:
+        watch_report(studies, out, every=args.watch)
+    except KeyboardInterrupt:
+        print("stopped watching", file=sys.stderr)
+    return 0
+
+
+def _pick(args: argparse.Namespace) -> int:
+    study = load_study(args.storage, args.study_name)
+    trial = pick(
+        study,
+        min_accuracy=args.min_accuracy,
+        max_params=args.max_params,
+        max_size=args.max_size,
+        knee=args.knee,
+        by=args.by,
+    )
+    metrics = trial_metrics(trial, metric_names(study), total_params=study_total_params(study))
+    policy = trial.user_attrs.get("policy", {})
+    numbers = ", ".join(f"{k} {v:.6g}" for k, v in metrics.items())
+    weights = FrontWeights.find(study)
+    stored = weights is not None and weights.has(trial)
+    stored_text = "weights stored" if stored else "no stored weights (export replays it)"
+    print(
+        f"trial {trial.number}: {numbers}; criterion {policy.get('criterion')}, scope "
+        f"{policy.get('scope')}, rule {policy.get('rule')}; {stored_text}"
+    )
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    study = load_study(args.storage, args.study_name)
+    done = export(study, args.trial, args.out, task_ref=args.task, artifact_dir=args.artifact_dir)
+    m = done.metrics
+    how = "its stored weights" if done.source == "artifact" else "a replay (no stored weights)"
+    print(
+        f"exported trial {done.trial} from {how} to {done.directory}: val accuracy "
+        f"{m['accuracy']:.4f}, test accuracy {_number(m['test_accuracy'])}, "
+        f"{m['nonzero_params']} "
+        f"nonzero weights, {m['bytes']} bytes (dense {m['dense_bytes']}), {m['macs']} MACs"
+    )
+    return 0
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``front``, ``report``, ``pick`` and ``export`` to the subcommands ``sub``."""
+    for name, helptext in (
+        ("front", "print or export the Pareto front"),
+        ("report", "write the HTML report"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument(
+            "--storage", default=DEFAULT_STORAGE, help=f"database URL (default: {DEFAULT_STORAGE})"
+        )
+        if name == "front":
+            p.add_argument("--study-name", help="needed when the storage holds several studies")
+            p.add_argument("--csv", help="write the front to this CSV file")
+            p.add_argument("--json", help="write the front to this JSON file")
+            p.set_defaults(run=_front)
+        else:
+            p.add_argument(
+                "--study-name",
+                action="append",
+                help="study to show (repeat to compare studies on one front plot)",
+            )
+            p.add_argument("--out", help="HTML path (default: STUDY_NAME.html)")
+            p.add_argument(
+                "--watch",
+                type=positive_float,
+                metavar="SECONDS",
+                help="rewrite the page this often (during a search) until interrupted",
+            )
+            p.set_defaults(run=_report)
+
+    p = sub.add_parser("pick", help="choose one trial of the Pareto front and print it")
+    study_arguments(p)
+    rule = p.add_mutually_exclusive_group(required=True)
+    rule.add_argument("--min-accuracy", type=float, help="smallest model with this val accuracy")
+    rule.add_argument("--max-params", type=float, help="most accurate with <= this many nonzero")
+    rule.add_argument("--max-size", type=float, help="most accurate with its --by size <= this")
+    rule.add_argument("--knee", action="store_true", help="the knee of the front")
+    p.add_argument("--by", help="size objective (default: the study's first, e.g. nonzero_params)")
+    p.set_defaults(run=_pick)
+
+    p = sub.add_parser("export", help="write a trial's pruned model, policy and metrics")
+    p.add_argument("trial", type=int, help="trial number (see `autoprune pick` / `front`)")
+    p.add_argument("--out", required=True, help="directory to create")
+    p.add_argument("--task", help="task reference that rebuilds the model (default: the study's)")
+    p.add_argument("--artifact-dir", help="where the weights are (default: the study's record)")
+    study_arguments(p)
+    p.set_defaults(run=_export)

@@ -1,0 +1,240 @@
+"""The commands that run a search and watch it: ``search``, ``worker`` and ``status``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import torch
+from optuna.trial import FrozenTrial
+from tqdm import tqdm
+
+from autoprune.artifacts import resolve_dir
+from autoprune.cli._common import (
+    DEFAULT_STORAGE,
+    front_text,
+    positive_int,
+    print_counts,
+    status_text,
+    study_arguments,
+)
+from autoprune.dashboard import write_report
+from autoprune.export import record_task_ref
+from autoprune.parallel import run_workers
+from autoprune.report import pareto_front
+from autoprune.search import STUDY_ATTR, load_study, open_study
+from autoprune.spec import load_spec, parse_duration
+from autoprune.status import study_status
+from autoprune.storages import GRACE_FACTOR, HEARTBEAT
+from autoprune.tasks import load_task
+from autoprune.worker import join_study, run_worker
+
+
+class _Progress:
+    """Draws the whole study's progress on a tqdm bar, across all its workers: trials done
+    of the target, ETA, and complete / failed / stopped, front size and hypervolume.
+
+    Called as an Optuna callback after each trial, or with :meth:`refresh` by a parent that
+    watches worker processes.
+    """
+
+    # The front and hypervolume copy every trial, so a long study recounts them at most this
+    # often (seconds) instead of after every trial.
+    EVERY = 2.0
+
+    def __init__(self, total: int | None, *, initial: int = 0, disable: bool = False):
+        self.bar = tqdm(
+            total=total,
+            initial=initial,
+            unit="trial",
+            disable=disable,
+            dynamic_ncols=True,
+            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} "
+            "[{elapsed}<{remaining}, {rate_inv_fmt}{postfix}]",
+        )
+        self._counted = -math.inf
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial | None = None) -> None:
+        self.refresh(study)
+
+    def refresh(self, study: optuna.Study, *, force: bool = False) -> None:
+        """Recount the study (at most every ``EVERY`` seconds unless ``force``)."""
+        now = time.monotonic()
+        if self.bar.disable or (not force and now - self._counted < self.EVERY):
+            return
+        self._counted = now
+        status = study_status(study)
+        self.bar.update(max(0, status.done - self.bar.n))
+        hv = "-" if status.hypervolume is None else f"{status.hypervolume:.3f}"
+        states = status.states
+        self.bar.set_postfix_str(
+            f"complete={states['complete']}, failed={states['failed']}, "
+            f"stopped={states['stopped']}, front={status.front_size}, hv={hv}"
+        )
+
+    def close(self, study: optuna.Study) -> None:
+        self.refresh(study, force=True)
+        self.bar.close()
+
+
+def _search(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec)
+    spec = dataclasses.replace(
+        spec,
+        trials=args.trials or spec.trials,
+        timeout=parse_duration(args.timeout) if args.timeout is not None else spec.timeout,
+        storage=args.storage or spec.storage,
+        study_name=args.study_name or spec.name,
+    )
+    task = spec.finetune.apply(load_task(spec.task, seed=spec.seed))
+    # Opened (and the task checked) before the bar is drawn: bad input gives one line. The
+    # study exists before any worker starts.
+    study = open_study(
+        task,
+        space=spec.space,
+        storage=spec.storage,
+        study_name=spec.name,
+        seed=spec.seed,
+        sampler=spec.sampler,
+        warm_start=spec.warm_start,
+        budget=spec.trials,
+        spec=spec.to_dict(),
+        heartbeat=args.heartbeat,
+        objectives=spec.objectives,
+        latency=spec.latency,
+    )
+    weights_dir = resolve_dir(spec.storage, spec.artifacts)
+    record_task_ref(study, spec.task)  # so that `autoprune export` can rebuild the model
+    dense = study.user_attrs[STUDY_ATTR]["dense"]
+    print(
+        f"dense {task.name}: val accuracy {dense['accuracy']:.4f}, test accuracy "
+        f"{dense.get('test_accuracy', float('nan')):.4f}, "
+        f"{int(dense['nonzero_params'])} prunable weights"
+        + "".join(
+            f", {name} {dense[name]:.6g}"
+            for name in (study.metric_names or [])[1:]
+            if name != "nonzero_params" and name in dense
+        ),
+        flush=True,
+    )
+    progress = _Progress(spec.trials, initial=study_status(study).done, disable=args.quiet)
+    codes = [0]
+    try:
+        if args.workers == 1:
+            summary = run_worker(
+                study,
+                task,
+                target=spec.trials,
+                timeout=spec.timeout,
+                callbacks=[progress],
+                artifacts=spec.artifacts,
+                constraints=spec.constraints,
+                early_stop=spec.early_stop,
+            )
+            lines = [str(summary)]
+        else:
+            lines, codes = run_workers(
+                study,
+                spec.storage,
+                args.workers,
+                target=spec.trials,
+                timeout=spec.timeout,
+                heartbeat=args.heartbeat,
+                on_poll=progress.refresh,
+            )
+    finally:
+        progress.close(study)
+    print("\n".join(lines))
+    print_counts(study)
+    print(front_text(pareto_front(study)))
+    out = write_report(study, args.report or f"{spec.name}.html")
+    print(f"study {spec.name!r} in {spec.storage}")
+    if weights_dir is not None:
+        print(f"front weights: {_relative(weights_dir)}")
+    print(f"report: {out.resolve()}")
+    if any(codes):
+        print(f"autoprune: {sum(c != 0 for c in codes)} workers ended abnormally", file=sys.stderr)
+    return 1 if any(codes) else 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    study, spec, task = join_study(args.storage, args.study_name, heartbeat=args.heartbeat)
+    target = args.trials or spec.trials
+    timeout = parse_duration(args.timeout) if args.timeout is not None else None
+    progress = _Progress(target, initial=study_status(study).done, disable=args.quiet)
+    try:
+        summary = run_worker(
+            study,
+            task,
+            target=target,
+            timeout=timeout,
+            callbacks=[progress],
+            artifacts=spec.artifacts,
+            constraints=spec.constraints,
+            early_stop=spec.early_stop,
+        )
+    finally:
+        progress.close(study)
+    print(summary, flush=True)
+    print_counts(study)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    status = study_status(load_study(args.storage, args.study_name))
+    print(status_text(status))
+    return 0
+
+
+def _relative(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``search``, ``worker`` and ``status`` to the subcommands ``sub``."""
+    p = sub.add_parser("search", help="run (or resume) a search from a TOML study spec")
+    p.add_argument("spec", help="study spec, e.g. studies/digits_cnn.toml")
+    p.add_argument("--storage", help=f"database URL (default: the spec's, else {DEFAULT_STORAGE})")
+    p.add_argument("--study-name", help="study name (default: the spec's)")
+    p.add_argument(
+        "--trials", type=positive_int, help="trials the study holds in the end (its target)"
+    )
+    p.add_argument("--timeout", help="this run starts no trial after this long: 90, 30m, 8h")
+    p.add_argument("--workers", type=positive_int, default=1, help="worker processes (default: 1)")
+    p.add_argument("--report", help="HTML report path (default: STUDY_NAME.html)")
+    _heartbeat_and_quiet(p)
+    p.set_defaults(run=_search)
+
+    p = sub.add_parser("worker", help="join a study that `autoprune search` started")
+    p.add_argument("--storage", required=True, help="the study's database URL or journal:PATH")
+    p.add_argument("--study-name", help="needed when the storage holds several studies")
+    p.add_argument("--trials", type=positive_int, help="target (default: the study's)")
+    p.add_argument("--timeout", help="this worker starts no trial after this long")
+    p.add_argument("--threads", type=positive_int, help="torch threads (default: torch's)")
+    _heartbeat_and_quiet(p)
+    p.set_defaults(run=_worker)
+
+    p = sub.add_parser("status", help="trials by state, pace, front, workers, stuck trials")
+    study_arguments(p)
+    p.set_defaults(run=_status)
+
+
+def _heartbeat_and_quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--heartbeat",
+        type=positive_int,
+        default=HEARTBEAT,
+        help=f"seconds between heartbeats of a running trial (RDB storages; default: "
+        f"{HEARTBEAT}); one silent for {GRACE_FACTOR}x as long is failed and retried",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
