@@ -17,7 +17,7 @@ import logging
 import math
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,10 +61,14 @@ class Exported:
     metrics: dict[str, Any]
 
 
-def front_metrics(study: optuna.Study) -> list[tuple[FrozenTrial, dict[str, float]]]:
-    """The front trials (``study.best_trials``) with their numbers by name."""
+def front_metrics(
+    study: optuna.Study, *, front: Sequence[FrozenTrial] | None = None
+) -> list[tuple[FrozenTrial, dict[str, float]]]:
+    """The front trials (``study.best_trials``, or ``front`` if the caller has it already)
+    with their numbers by name."""
     names, total = metric_names(study), study_total_params(study)
-    return [(t, trial_metrics(t, names, total_params=total)) for t in study.best_trials]
+    front = study.best_trials if front is None else front
+    return [(t, trial_metrics(t, names, total_params=total)) for t in front]
 
 
 def pick(
@@ -75,6 +79,7 @@ def pick(
     max_size: float | None = None,
     knee: bool = False,
     by: str | None = None,
+    front: Sequence[FrozenTrial] | None = None,
 ) -> FrozenTrial:
     """Choose one front trial by exactly one rule.
 
@@ -84,6 +89,7 @@ def pick(
         max_size: The most accurate model whose ``by`` is at most this.
         knee: The knee of the front in (accuracy, log10 size) space.
         by: The size objective (default: the study's first one, e.g. ``nonzero_params``).
+        front: ``study.best_trials``, if the caller has it already.
 
     Raises:
         SpecError: If not exactly one rule is given, ``by`` is not a size objective of the
@@ -97,10 +103,10 @@ def pick(
     by = by or size_metric(study)
     if by not in sizes:
         raise SpecError(f"size objective must be one of {', '.join(sizes)}, got {by!r}")
-    front = front_metrics(study)
-    if not front:
+    numbers = front_metrics(study, front=front)
+    if not numbers:
         raise SpecError(f"study {study.study_name!r} has no completed trial to pick")
-    return _CHOOSERS[given[0]](front, by, rules.get(given[0]) or 0.0)
+    return _CHOOSERS[given[0]](numbers, by, rules.get(given[0]) or 0.0)
 
 
 Front = list[tuple[FrozenTrial, dict[str, float]]]

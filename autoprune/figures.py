@@ -5,10 +5,14 @@ Nothing here computes a number the page shows; a figure with nothing to draw say
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import optuna
 import pandas as pd
 import plotly.colors
 import plotly.graph_objects as go
+from optuna.trial import FrozenTrial
 
 PALETTE = plotly.colors.qualitative.Plotly
 _SIZE_TITLES = {
@@ -47,7 +51,7 @@ def pareto_figure(
                     name=prefix + name,
                     legendgroup=str(study),
                     opacity=opacity,
-                    text=[_hover(r) for _, r in part.iterrows()],
+                    text=[_hover(r) for r in part.to_dict("records")],
                     hovertemplate="%{text}<extra></extra>",
                     line={"shape": "hv", "color": PALETTE[i % len(PALETTE)]},
                     marker={"size": 9 if on_front else 7, "color": PALETTE[i % len(PALETTE)]},
@@ -63,7 +67,7 @@ def pareto_figure(
     return fig
 
 
-def _hover(row: pd.Series) -> str:
+def _hover(row: dict[str, Any]) -> str:
     lines = [f"{row['study']}: " if "study" in row else ""]
     lines[0] += f"trial {row['trial']}"
     lines += [
@@ -82,11 +86,17 @@ def _hover(row: pd.Series) -> str:
     return "<br>".join(lines)
 
 
-def loss_curves_figure(study: optuna.Study) -> go.Figure:
-    """Fine-tuning loss curves (train solid, validation dashed) of the front trials."""
+def loss_curves_figure(
+    study: optuna.Study, *, front: Sequence[FrozenTrial] | None = None
+) -> go.Figure:
+    """Fine-tuning loss curves (train solid, validation dashed) of the front trials.
+
+    Args:
+        front: ``study.best_trials``, if the caller has it already.
+    """
     fig = go.Figure()
-    front = sorted(study.best_trials, key=lambda t: t.values[1])
-    for i, trial in enumerate(front):
+    front = study.best_trials if front is None else front
+    for i, trial in enumerate(sorted(front, key=lambda t: t.values[1])):
         history = trial.user_attrs.get("history", {})
         density = trial.user_attrs.get("density", float("nan"))
         color = PALETTE[i % len(PALETTE)]  # a trial's train and val curves share a colour

@@ -70,26 +70,39 @@ __all__ = [
 ]
 
 
-def trials_frame(study: optuna.Study) -> pd.DataFrame:
-    """One row per complete trial, front and dominated alike; ``on_front`` marks the front."""
-    front = {t.number for t in study.best_trials}
+def trials_frame(
+    study: optuna.Study, *, front: Sequence[FrozenTrial] | None = None
+) -> pd.DataFrame:
+    """One row per complete trial, front and dominated alike; ``on_front`` marks the front.
+
+    Args:
+        front: ``study.best_trials``, if the caller has it already (computing it copies every
+            trial of the study).
+    """
+    numbers = {t.number for t in (study.best_trials if front is None else front)}
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     names, total = metric_names(study), study_total_params(study)
-    rows = [_row(t, t.number in front, names, total) for t in trials]
+    rows = [_row(t, t.number in numbers, names, total) for t in trials]
     frame = pd.DataFrame(rows, columns=[*COLUMNS, "on_front"] if not rows else None)
     return frame.sort_values("nonzero_params", kind="stable").reset_index(drop=True)
 
 
-def pareto_front(study: optuna.Study) -> pd.DataFrame:
+def pareto_front(
+    study: optuna.Study, *, front: Sequence[FrozenTrial] | None = None
+) -> pd.DataFrame:
     """The Pareto front (``study.best_trials``), one row per trial, smallest model first
     (by the study's first size objective).
 
     Columns: ``trial``, ``accuracy`` (validation), ``test_accuracy``, ``nonzero_params``,
     ``density``, ``sparsity``, ``criterion``, ``scope``, ``rule``, ``alpha``, ``schedule``, the
     study's other size objectives, then ``sparsity:<layer>`` (achieved) for every pruned layer.
+
+    Args:
+        front: ``study.best_trials``, if the caller has it already.
     """
     names, total = metric_names(study), study_total_params(study)
-    rows = [_row(t, True, names, total) for t in study.best_trials]
+    front = study.best_trials if front is None else front
+    rows = [_row(t, True, names, total) for t in front]
     if not rows:
         return pd.DataFrame(columns=COLUMNS)
     frame = pd.DataFrame(rows).drop(columns="on_front")
@@ -167,9 +180,7 @@ def hypervolume_history(study: optuna.Study) -> pd.DataFrame:
     for trial in trials:
         size = relative(trial)
         if size > 0 and math.isfinite(size):
-            point = (-math.log10(size), float(trial.values[0]))
-            # Only the points on the last staircase can matter to the next one.
-            staircase = [p for p in [*staircase, point] if not _covered(p, [*staircase, point])]
+            staircase = _step(staircase, (-math.log10(size), float(trial.values[0])))
         value = hypervolume_2d(staircase)
         rows.append(
             {"trial": trial.number, "completed": trial.datetime_complete, "hypervolume": value}
@@ -177,8 +188,19 @@ def hypervolume_history(study: optuna.Study) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["trial", "completed", "hypervolume"])
 
 
-def _covered(p: tuple[float, float], points: list[tuple[float, float]]) -> bool:
-    return any(q != p and q[0] >= p[0] and q[1] >= p[1] for q in points)
+def _step(
+    staircase: list[tuple[float, float]], point: tuple[float, float]
+) -> list[tuple[float, float]]:
+    """The staircase (points none of which another covers) after ``point`` is added: only its
+    points can matter to the next one. A point covers another that it equals or exceeds in both
+    coordinates, without being equal to it."""
+
+    def covers(q: tuple[float, float], p: tuple[float, float]) -> bool:
+        return q != p and q[0] >= p[0] and q[1] >= p[1]
+
+    if any(covers(q, point) for q in staircase):
+        return staircase
+    return [p for p in staircase if not covers(point, p)] + [point]
 
 
 def states_over_time(study: optuna.Study) -> pd.DataFrame:

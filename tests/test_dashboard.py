@@ -13,7 +13,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState, create_trial
 from test_cli import run
-from test_report import VALUES, hand_made_trial
+from test_report import TOTAL, VALUES, hand_made_trial
 
 from autoprune.dashboard import dashboard_data, dashboard_figures, watch_report, write_report
 from autoprune.errors import SpecError
@@ -63,6 +63,18 @@ def test_hypervolume_history() -> None:
     expected = 2 * 0.5 + 1 * 0.4 + math.log10(5) * 0.05 + math.log10(2.5) * 0.04
     assert history["hypervolume"].iloc[-1] == pytest.approx(expected)
     assert history["hypervolume"].iloc[0] == pytest.approx(1 * 0.9)
+
+
+def test_hypervolume_history_is_that_of_all_points_so_far() -> None:
+    # The history keeps only a staircase; each value must still be the area of every point.
+    rng = random.Random(1)
+    values = [(rng.uniform(0.1, 1.0), rng.choice([10, 20, 40, 80, 100, 200])) for _ in range(40)]
+    values += values[:5]  # equal points: neither covers the other
+    history = hypervolume_history(hand_made(values=values))
+    # No dense size in the study: a trial's relative size is its density, nonzero / TOTAL.
+    points = [(-math.log10(nonzero / TOTAL), accuracy) for accuracy, nonzero in values]
+    expected = [hypervolume_2d(points[: i + 1]) for i in range(len(points))]
+    assert list(history["hypervolume"]) == pytest.approx(expected, abs=1e-12)
 
 
 def test_states_and_share() -> None:
@@ -125,6 +137,22 @@ def test_dashboard_data_of_several_studies(tmp_path: Path) -> None:
         "a: dominated", "a: Pareto front", "b: dominated", "b: Pareto front"
     ]  # fmt: skip
     assert sorted(pareto.data[1].customdata) == sorted(f"a/{n}" for n in (0, 1, 3, 5, 6))
+
+
+def test_each_front_is_read_once(tmp_path: Path, monkeypatch) -> None:
+    # study.best_trials deep-copies every trial: the page asks for each study's front once.
+    storage = f"sqlite:///{tmp_path / 'x.db'}"
+    a, b = hand_made("a", storage), hand_made("b", storage, VALUES[:3])
+    calls: list[str] = []
+    best_trials = optuna.Study.best_trials.fget
+
+    def counted(study: optuna.Study) -> list:
+        calls.append(study.study_name)
+        return best_trials(study)
+
+    monkeypatch.setattr(optuna.Study, "best_trials", property(counted))
+    write_report([a, b], tmp_path / "r.html")
+    assert calls == ["a", "b"]
 
 
 def page_details(page: str) -> dict:
