@@ -32,6 +32,7 @@ from optuna.trial import FrozenTrial, TrialState
 from torch import Tensor
 
 from autoprune.errors import SpecError, StorageError
+from autoprune.front import front_trials
 from autoprune.model_file import pack_tensor, unpack_tensor
 from autoprune.objective import PruneResult
 from autoprune.storages import JOURNAL_PREFIX, is_journal, journal_path
@@ -213,7 +214,7 @@ class FrontWeights:
         """Remove the weights of trials that are no longer on the front (study callback)."""
         if self.keep != "front" or ARTIFACT_ID_ATTR not in trial.user_attrs:
             return  # a trial that uploaded nothing pushed nobody off the front
-        front = {t.number for t in study.best_trials}
+        front = {t.number for t in front_trials(study)}
         for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             artifact_id = other.user_attrs.get(ARTIFACT_ID_ATTR)
             if artifact_id is None or other.number in front or artifact_id in self._removed:

@@ -32,6 +32,7 @@ from autoprune.figures import (
     share_figure,
     states_figure,
 )
+from autoprune.front import front_trials
 from autoprune.report import (
     front_share,
     hypervolume_history,
@@ -90,8 +91,8 @@ def dashboard_data(studies: Sequence[optuna.Study]) -> DashboardData:
     size = sizes.pop() if len(sizes) == 1 else "density"
     trials, fronts, share, importances, reasons = [], [], [], [], []
     details: dict[str, dict[str, Any]] = {}
-    # Each study's front is read once: study.best_trials deep-copies every trial.
-    best = [study.best_trials for study in studies]
+    # Each study's front is read once, uncopied (study.best_trials deep-copies every trial).
+    best = [front_trials(study) for study in studies]
     for study, front in zip(studies, best, strict=True):
         frame = trials_frame(study, front=front)
         trials.append(frame.assign(study=study.study_name, key=_keys(study, frame["trial"])))

@@ -3,7 +3,8 @@
 After each completed trial that reaches the front, the study's rows are replaced in one
 transaction (SQLAlchemy Core, in the study's own database, next to but apart from Optuna's
 tables), so that Grafana, Metabase, Superset or ``pandas.read_sql`` can read the front without
-Optuna. The front itself is Optuna's (``study.best_trials``); this is only a copy of it.
+Optuna. The front itself is Optuna's (``study.best_trials``, read without copying every trial:
+:func:`autoprune.front.front_trials`); this is only a copy of it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sqlalchemy as sa
 from optuna.trial import FrozenTrial, TrialState
 
 from autoprune.artifacts import ARTIFACT_ID_ATTR, dominated, rdb_storage
+from autoprune.front import front_trials
 from autoprune.trial_metrics import metric_names, study_total_params, trial_metrics
 
 logger = logging.getLogger(__name__)
@@ -84,7 +86,7 @@ class FrontTable:
         names = metric_names(study)
         total = study_total_params(study)
         now = datetime.datetime.now(datetime.UTC)
-        rows = [_row(study.study_name, t, names, total, now) for t in study.best_trials]
+        rows = [_row(study.study_name, t, names, total, now) for t in front_trials(study)]
         if not self._created:
             self.table.create(self.engine, checkfirst=True)
             self._created = True

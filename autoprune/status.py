@@ -19,6 +19,7 @@ from optuna._hypervolume import compute_hypervolume  # Optuna's, not public API
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from autoprune.front import front_trials
 from autoprune.objective import METRIC_NAMES
 from autoprune.search import STUDY_ATTR
 from autoprune.worker import STATE_WORDS, WORKER_ATTR, counted
@@ -76,7 +77,7 @@ def study_status(
     setup = study.user_attrs.get(STUDY_ATTR, {})
     target = setup.get("spec", {}).get("trials")
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    front = study.best_trials if complete else []
+    front = front_trials(study) if complete else []
     return StudyStatus(
         name=study.study_name,
         target=target,

@@ -17,6 +17,7 @@ import optuna
 from torch import nn
 
 from autoprune.errors import SpecError
+from autoprune.front import front_trials
 from autoprune.masks import count_nonzero
 from autoprune.train import EpochHook
 
@@ -80,7 +81,7 @@ def front_accuracy(study: optuna.Study, density: float) -> float | None:
     """
     values = [
         t.values[0]
-        for t in study.best_trials
+        for t in front_trials(study)
         if t.user_attrs.get("density", math.inf) <= density + 1e-12
     ]
     return max(values) if values else None

@@ -41,7 +41,7 @@ from autoprune.search import STUDY_ATTR, load_study
 from autoprune.sensitivity import SENSITIVITY_ATTR
 
 LAYERS = ("features.0", "features.2", "classifier.1", "classifier.3")
-SIZES = (160, 4608, 32768, 640)  # digits-cnn's prunable weights per layer
+SIZES = (144, 4608, 32768, 640)  # digits-cnn's prunable weights per layer
 TOTAL = sum(SIZES)
 CRITERIA = ("magnitude", "random", "sensitivity", "taylor")
 EPOCHS, STEPS = 2, 4  # train-loss points per epoch, as digits-cnn records them

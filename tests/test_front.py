@@ -1,0 +1,41 @@
+"""front_trials: Optuna's best_trials, without its copy of every trial."""
+
+from __future__ import annotations
+
+import optuna
+from optuna.trial import TrialState, create_trial
+
+from autoprune.front import front_trials
+
+
+def numbers(trials: list[optuna.trial.FrozenTrial]) -> list[int]:
+    return [t.number for t in trials]
+
+
+def study_of(values: list[tuple[float, float]], constraints: list[float] | None = None):
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for i, v in enumerate(values):
+        extra = {} if constraints is None else {"constraints": {"c": constraints[i]}}
+        study.add_trial(create_trial(values=list(v), **extra))
+    study.add_trial(create_trial(state=TrialState.FAIL))
+    return study
+
+
+def test_front_trials_is_best_trials() -> None:
+    # Duplicates (both on the front), a dominated point, a failed trial.
+    values = [(0.9, 100.0), (0.95, 200.0), (0.9, 100.0), (0.8, 150.0), (0.5, 10.0)]
+    study = study_of(values)
+    assert numbers(front_trials(study)) == numbers(study.best_trials) == [0, 1, 2, 4]
+    assert front_trials(optuna.create_study(directions=["maximize", "minimize"])) == []
+
+
+def test_front_trials_leaves_infeasible_trials_out() -> None:
+    # Trial 1 would dominate trial 0 but violates its constraint.
+    study = study_of([(0.9, 100.0), (0.95, 50.0), (0.5, 10.0)], constraints=[0.0, 1.0, -1.0])
+    assert numbers(front_trials(study)) == numbers(study.best_trials) == [0, 2]
+
+
+def test_front_trials_are_not_copies() -> None:
+    study = study_of([(0.9, 100.0), (0.5, 10.0)])
+    stored = {t.number: t for t in study.get_trials(deepcopy=False)}
+    assert all(t is stored[t.number] for t in front_trials(study))
