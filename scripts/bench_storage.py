@@ -14,9 +14,11 @@ The setups are patched in here (the pragma and begin hooks of autoprune's SQLite
 in the library. Each trial's time is split by who spends it: Optuna's storage calls made by
 ``study.optimize`` and the objective (by method), the sampler (its reads included), the weights
 upload (objective hook), the weights and front-table callbacks (their reads included), and the
-rest (the model). Every SQL statement and transaction is counted where it is issued. Trial 0
-(the warm-up) is left out; the setups take turns, ``--repeat`` times, and each cell is the median
-over the repeats with the range beside it.
+rest (the model). The BEGIN IMMEDIATE statements are also timed alone, in the trial's thread
+and in the heartbeat's (waits for the lock included; in deferred setups the first write of a
+transaction takes that lock instead). Every SQL statement and transaction is counted where it
+is issued. Trial 0 (the warm-up) is left out; the setups take turns, ``--repeat`` times, and
+each cell is the median over the repeats with the range beside it.
 
 ``--prefill N`` first adds N synthetic trials shaped like digits-cnn's (see bench_report.py), to
 show what grows with the study.
@@ -53,6 +55,9 @@ SETUPS = ("current", "deferred", "nowal-immediate", "nowal-deferred", "memory")
 # Modules that may hold autoprune's SQLite hooks (they are looked up there by name).
 HOOK_MODULES = ("autoprune.search", "autoprune.storages")
 COLUMNS = ("storage", "sampler", "upload", "weights cb", "front table", "model+rest", "wall")
+# Also shown: the BEGIN IMMEDIATE statements alone (time in them, waits for the lock included),
+# in the trial's thread and in the heartbeat's (which overlaps the trial).
+BEGIN, HEARTBEAT_BEGIN = "BEGIN IMMEDIATE", "heartbeat's BEGIN"
 
 
 class Ledger:
@@ -114,8 +119,9 @@ class Ledger:
         self.trials.append(dict(now))
 
 
-def patch_setup(setup: str) -> None:
-    """Point autoprune's SQLite hooks at the setup's (they are read when a storage opens)."""
+def patch_setup(setup: str, ledger: Ledger) -> None:
+    """Point autoprune's SQLite hooks at the setup's (they are read when a storage opens);
+    the BEGIN IMMEDIATE statements are timed on their own, in ``ledger``."""
     wal = not setup.startswith("nowal")
     immediate = setup.endswith("current") or setup.endswith("immediate")
 
@@ -130,7 +136,10 @@ def patch_setup(setup: str) -> None:
 
     def begin(connection: Any) -> None:
         if immediate:
+            start = time.perf_counter()
             connection.exec_driver_sql("BEGIN IMMEDIATE")
+            heartbeat = threading.current_thread() is not ledger.main
+            ledger.now[HEARTBEAT_BEGIN if heartbeat else BEGIN] += time.perf_counter() - start
 
     for name in HOOK_MODULES:
         module = importlib.import_module(name)
@@ -141,8 +150,8 @@ def patch_setup(setup: str) -> None:
 def run(setup: str, task: Any, n_trials: int, prefill: int) -> list[dict[str, float]]:
     """One study of ``n_trials`` under ``setup``, after ``prefill`` synthetic trials; the
     ledger of each trial."""
-    patch_setup(setup)
     ledger = Ledger()
+    patch_setup(setup, ledger)
     with tempfile.TemporaryDirectory() as tmp:
         url = None if setup == "memory" else f"sqlite:///{tmp}/bench.db"
         study = open_study(task, space=SearchSpace(), storage=url, study_name="b", seed=0)
@@ -215,9 +224,10 @@ def main() -> int:
     print(f"digits-cnn, {args.trials} trials a study (trial 0 left out), after ", end="")
     print(f"{args.prefill} synthetic ones; {args.repeat} studies per setup")
     print("ms per trial: median over studies (min-max)\n")
-    print(f"{'setup':<17}" + "".join(f"{c:>20}" for c in COLUMNS))
+    shown = (*COLUMNS, BEGIN, HEARTBEAT_BEGIN)
+    print(f"{'setup':<17}" + "".join(f"{c:>20}" for c in shown))
     for setup in setups:
-        row = [cell([mean(r, c) for r in runs[setup]]) for c in COLUMNS]
+        row = [cell([mean(r, c) for r in runs[setup]]) for c in shown]
         print(f"{setup:<17}" + "".join(f"{c:>20}" for c in row))
     print("\nper trial: SQL statements / transactions begun, by who issued them (median)")
     issuers = sorted(
