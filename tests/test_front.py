@@ -13,10 +13,18 @@ def numbers(trials: list[optuna.trial.FrozenTrial]) -> list[int]:
 
 
 def study_of(values: list[tuple[float, float]], constraints: list[float] | None = None):
+    """A study of ``values``, each trial constrained as the objective records it (if given),
+    then a failed trial."""
     study = optuna.create_study(directions=["maximize", "minimize"])
-    for i, v in enumerate(values):
-        extra = {} if constraints is None else {"constraints": {"c": constraints[i]}}
-        study.add_trial(create_trial(values=list(v), **extra))
+    given = iter(zip(values, constraints or [None] * len(values), strict=True))
+
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        value, constraint = next(given)
+        if constraint is not None:
+            trial.set_constraint("c", constraint)
+        return value
+
+    study.optimize(objective, n_trials=len(values))
     study.add_trial(create_trial(state=TrialState.FAIL))
     return study
 
