@@ -27,7 +27,7 @@ import torch
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.storages.journal import JournalFileBackend
-from optuna.study import StudyDirection, _constrained_optimization
+from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 from torch import Tensor
 
@@ -47,7 +47,6 @@ ARTIFACTS_ATTR = "autoprune_artifacts"
 ARTIFACT_ID_ATTR = "artifact_id"
 FORMAT = 1
 # Where Optuna keeps a trial's constraint values (private; a rename fails loudly at import).
-_CONSTRAINTS_KEY = _constrained_optimization._CONSTRAINTS_KEY
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +140,7 @@ def dominated(study: optuna.Study, values: Sequence[float]) -> bool:
     signs = [1.0 if d == StudyDirection.MAXIMIZE else -1.0 for d in study.directions]
     mine = [s * v for s, v in zip(signs, values, strict=True)]
     for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if any(c > 0 for c in other.system_attrs.get(_CONSTRAINTS_KEY, ())):
+        if any(c > 0 for c in other.constraints.values()):  # infeasible
             continue
         theirs = [s * v for s, v in zip(signs, other.values, strict=True)]
         if all(t >= m for t, m in zip(theirs, mine, strict=True)) and theirs != mine:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
@@ -168,15 +169,21 @@ def test_keep_all_keeps_every_upload(tmp_path: Path) -> None:
         FrontWeights.find(study, tmp_path / "nowhere")
 
 
-def test_infeasible_trials_dominate_nothing() -> None:
+@pytest.mark.parametrize(
+    "constraints",
+    [
+        lambda c: {"constraints": [c]},  # Optuna's old list
+        lambda c: {"constraints:max_params": c},  # what trial.set_constraint stores
+    ],
+    ids=["list", "set_constraint"],
+)
+def test_infeasible_trials_dominate_nothing(constraints: Callable[[float], dict]) -> None:
     study = optuna.create_study(directions=["maximize", "minimize"])
-    infeasible = optuna.trial.create_trial(values=[0.9, 10.0], system_attrs={"constraints": [1.0]})
+    infeasible = optuna.trial.create_trial(values=[0.9, 10.0], system_attrs=constraints(1.0))
     study.add_trial(infeasible)
     assert study.best_trials == []  # Optuna's front leaves it out, and so does the upload rule
     assert not dominated(study, (0.5, 100.0))
-    study.add_trial(
-        optuna.trial.create_trial(values=[0.9, 10.0], system_attrs={"constraints": [0.0]})
-    )
+    study.add_trial(optuna.trial.create_trial(values=[0.9, 10.0], system_attrs=constraints(0.0)))
     assert dominated(study, (0.5, 100.0))
 
 
