@@ -1,8 +1,9 @@
 """Workers in real processes on real databases: budgets, kills, signals, resumes.
 
 The worker processes import ``worker_tasks`` (this directory) by task reference. Trials of
-``worker_tasks:tiny`` take milliseconds; those of ``worker_tasks:slow`` about two seconds,
-so that a test can hit a worker in mid-trial.
+``worker_tasks:tiny`` take milliseconds; a test that must hit a worker in mid-trial holds
+its trials there (``AUTOPRUNE_TEST_HOLD``), and one that must see workers run at once
+gathers them (``AUTOPRUNE_TEST_GATHER``): it waits on events, not on sleeps.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import FrozenTrial, TrialState
+from worker_tasks import GATHER, HOLD, held
 
 from autoprune.cli import main
 from autoprune.errors import TrialFailed
@@ -34,7 +36,7 @@ from autoprune.worker import SURPLUS_ATTR, WORKER_ATTR, counted, run_worker
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-# A narrow space: the sampler's cost, not the model's, is what 100 tiny trials pay for.
+# A narrow space, so that tiny trials cost little beyond the sampler and the storage.
 SPEC = """\
 task = "worker_tasks:{task}"
 trials = {trials}
@@ -49,15 +51,23 @@ epochs = 1
 """
 
 
-def env() -> dict[str, str]:
-    """The environment of worker processes: this checkout and the test tasks importable."""
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)])}
+def env(**extra: str) -> dict[str, str]:
+    """The environment of worker processes: this checkout and the test tasks importable, and
+    one torch thread unless told otherwise (``--threads``), as in this process (conftest):
+    threads that wait on each other make a tiny trial ten times slower on a busy machine."""
+    path = os.pathsep.join([str(ROOT), str(TESTS)])
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **extra}
 
 
-def autoprune(*args: str, cwd: Path) -> subprocess.Popen[str]:
+def autoprune(*args: str, cwd: Path, **extra_env: str) -> subprocess.Popen[str]:
     command = [sys.executable, "-m", "autoprune", *args]
     return subprocess.Popen(
-        command, cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        command,
+        cwd=cwd,
+        env=env(**extra_env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -94,14 +104,19 @@ def wait_for(condition: Callable[[], object], seconds: float, what: str) -> obje
     raise AssertionError(f"timed out after {seconds} s waiting for {what}")
 
 
-def running_of(storage: str, name: str, pid: int, at_least: float) -> FrozenTrial | None:
-    """A trial that worker ``pid`` has been running for ``at_least`` seconds."""
-    tag = f"{socket.gethostname()}:{pid}"
-    for t in trials_of(storage, name):
-        mine = t.state == TrialState.RUNNING and t.user_attrs.get(WORKER_ATTR) == tag
-        if mine and t.datetime_start and time.time() - t.datetime_start.timestamp() >= at_least:
-            return t
-    return None
+def held_trial(storage: str, name: str, proc: subprocess.Popen[str], hold: Path) -> FrozenTrial:
+    """The trial that worker ``proc`` holds in mid-trial (``AUTOPRUNE_TEST_HOLD``), its
+    policy drawn and applied."""
+    waiting = lambda: os.path.exists(held(hold, proc.pid)) or proc.poll() is not None  # noqa: E731
+    wait_for(waiting, 90, f"worker {proc.pid} to hold a trial")
+    assert proc.poll() is None, proc.communicate()
+    tag = f"{socket.gethostname()}:{proc.pid}"
+    (trial,) = [
+        t
+        for t in trials_of(storage, name)
+        if t.state == TrialState.RUNNING and t.user_attrs.get(WORKER_ATTR) == tag
+    ]
+    return trial
 
 
 def retry_of(trials: list[FrozenTrial], number: int) -> FrozenTrial:
@@ -138,11 +153,16 @@ def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[st
 def test_four_workers_run_exactly_the_target(
     storage: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """20 trials: the first 10 drawn at random, the rest by TPE. Every worker's first trial
+    waits until all four have one running, so that four run at once to the end, and the
+    last slots are raced for."""
     url, name = storage
-    (tmp_path / "spec.toml").write_text(SPEC.format(task="tiny", trials=100), encoding="utf-8")
+    (tmp_path / "spec.toml").write_text(SPEC.format(task="tiny", trials=20), encoding="utf-8")
+    (tmp_path / "gather").mkdir()
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(tmp_path)  # the workers' working directory too
         mp.setenv("PYTHONPATH", env()["PYTHONPATH"])
+        mp.setenv(GATHER, f"{tmp_path / 'gather'}:4")
         code = main(
             ["search", "spec.toml", "--workers", "4", "-q", "--storage", url]
             + ["--study-name", name, "--report", str(tmp_path / "r.html")]
@@ -151,7 +171,7 @@ def test_four_workers_run_exactly_the_target(
     assert code == 0, out
     trials = trials_of(url, name)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    assert len(complete) == 100 == len(counted(trials))
+    assert len(complete) == 20 == len(counted(trials))
     assert [t.number for t in trials] == list(range(len(trials)))  # unique, none lost
     # Any other trial is a surplus one, started in a race for the last slot and not run.
     assert all(t.user_attrs.get(SURPLUS_ATTR) for t in trials if t not in complete)
@@ -161,16 +181,23 @@ def test_four_workers_run_exactly_the_target(
 
 
 def test_a_killed_worker_s_trial_fails_and_is_retried(tmp_path: Path) -> None:
+    """The survivor completes one trial, then both workers' trials are held in mid-trial
+    until the victim is killed."""
     url, name = f"sqlite:///{tmp_path / 'k.db'}", "kill"
-    create_study(url, name, task="slow", trials=3)
+    create_study(url, name, task="tiny", trials=3)
+    hold = tmp_path / "hold"
+    hold.touch()
     args = ["worker", "--storage", url, "--study-name", name, "--heartbeat", "1", "-q"]
-    victim, survivor = autoprune(*args, cwd=tmp_path), autoprune(*args, cwd=tmp_path)
+    victim = autoprune(*args, cwd=tmp_path, **{HOLD: f"{hold}:0"})
+    survivor = autoprune(*args, cwd=tmp_path, **{HOLD: f"{hold}:1"})
     try:
-        hit = wait_for(lambda: running_of(url, name, victim.pid, 0.3), 90, "a running trial")
-        assert isinstance(hit, FrozenTrial)
+        hit = held_trial(url, name, victim, hold)
+        held_trial(url, name, survivor, hold)  # after its first trial
         before = {t.number: t.values for t in trials_of(url, name) if t.values is not None}
+        assert len(before) == 1
         victim.kill()
         victim.wait()
+        hold.unlink()
         out, err = survivor.communicate(timeout=120)
     finally:
         for proc in (victim, survivor):
@@ -179,8 +206,8 @@ def test_a_killed_worker_s_trial_fails_and_is_retried(tmp_path: Path) -> None:
     trials = trials_of(url, name)
     assert trials[hit.number].state == TrialState.FAIL
     retry = retry_of(trials, hit.number)
-    # The same policy again (`hit` may have been read before all its params were drawn).
-    assert retry.state == TrialState.COMPLETE and retry.params == trials[hit.number].params
+    # The same policy again.
+    assert retry.state == TrialState.COMPLETE and retry.params == hit.params
     assert all(trials[n].values == values for n, values in before.items())  # all kept
     assert [t.state for t in counted(trials)] == [TrialState.COMPLETE] * 3
     assert "3 complete" in out
@@ -206,11 +233,13 @@ def test_stale_heartbeat_is_failed_and_retried(tiny_task: Task, tmp_path: Path) 
 
 def test_sigterm_fails_the_running_trial_and_exits_cleanly(tmp_path: Path) -> None:
     url, name = f"sqlite:///{tmp_path / 't.db'}", "term"
-    create_study(url, name, task="slow", trials=5)
-    worker = autoprune("worker", "--storage", url, "--study-name", name, "-q", cwd=tmp_path)
+    create_study(url, name, task="tiny", trials=5)
+    hold = tmp_path / "hold"
+    hold.touch()  # the first trial waits in mid-trial for the signal
+    args = ["worker", "--storage", url, "--study-name", name, "-q"]
+    worker = autoprune(*args, cwd=tmp_path, **{HOLD: f"{hold}:0"})
     try:
-        hit = wait_for(lambda: running_of(url, name, worker.pid, 0.3), 90, "a running trial")
-        assert isinstance(hit, FrozenTrial)
+        hit = held_trial(url, name, worker, hold)
         worker.send_signal(signal.SIGTERM)
         out, err = worker.communicate(timeout=30)
     finally:
@@ -230,21 +259,23 @@ def test_sigterm_fails_the_running_trial_and_exits_cleanly(tmp_path: Path) -> No
 def test_resume_after_a_crash_on_a_journal(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A journal has no heartbeats: the resume on the same machine sees the dead pid."""
+    """A journal has no heartbeats: the resume on the same machine sees the dead pid. The
+    first run completes two trials; its third is held in mid-trial until it is killed."""
     url = f"journal:{tmp_path / 'j.log'}"
-    (tmp_path / "spec.toml").write_text(SPEC.format(task="slow", trials=4), encoding="utf-8")
+    (tmp_path / "spec.toml").write_text(SPEC.format(task="tiny", trials=4), encoding="utf-8")
     args = ["search", "spec.toml", "-q", "--storage", url, "--study-name", "j"]
-    first = autoprune(*args, cwd=tmp_path)
+    hold = tmp_path / "hold"
+    hold.touch()
+    first = autoprune(*args, cwd=tmp_path, **{HOLD: f"{hold}:2"})
     try:
-        done = lambda: sum(t.state == TrialState.COMPLETE for t in trials_of(url, "j")) >= 2  # noqa: E731
-        wait_for(done, 90, "two complete trials")
-        hit = wait_for(lambda: running_of(url, "j", first.pid, 0.2), 30, "a running trial")
-        assert isinstance(hit, FrozenTrial)
+        hit = held_trial(url, "j", first, hold)
         first.kill()
         first.wait()
     finally:
         first.kill()
+    hold.unlink()
     before = {t.number: t.values for t in trials_of(url, "j") if t.values is not None}
+    assert len(before) == 2
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(tmp_path)
         mp.setenv("PYTHONPATH", env()["PYTHONPATH"])

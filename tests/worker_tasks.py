@@ -3,42 +3,74 @@
 Importable from a subprocess whose PYTHONPATH holds this directory. The dense model is
 trained on one thread, so that every process builds the same weights (the study's
 fingerprint check holds).
+
+A test paces the workers it starts with two environment variables, read where a trial
+starts fine-tuning (the task's optimizer is built once per trial, after its policy is drawn
+and applied), so that it waits on events instead of on sleeps that must outlast them:
+
+- ``AUTOPRUNE_TEST_GATHER=DIR:N``: each process's first trial waits there until N processes'
+  first trials have arrived, so that N workers run trials at once however staggered their
+  starts were.
+- ``AUTOPRUNE_TEST_HOLD=PATH:K``: each process's trials after its first K wait there while
+  the file PATH exists, so that the test can signal or kill a worker in mid-trial. A process
+  that waits says so with a file ``PATH.PID`` (see :func:`held`): a signal sent before
+  then could land in a storage write, which the worker lets finish, trial and all.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import torch
 from conftest import make_task
-from torch import Tensor
-from torch.nn import functional as F
+from torch import nn
 
 import autoprune
+from autoprune.task import adam
 
-# Seconds each loss evaluation of the slow task sleeps: ~10 per trial (6 fine-tune batches,
-# 3 validation, 3 test), so that a test can signal or kill a worker in mid-trial.
-SLOW_BATCH = float(os.environ.get("AUTOPRUNE_TEST_SLOW_BATCH", "0.15"))
+GATHER, HOLD = "AUTOPRUNE_TEST_GATHER", "AUTOPRUNE_TEST_HOLD"
+WAIT_LIMIT = 120.0  # seconds; a test that never releases a worker fails instead of hanging
+_trials_started = 0  # in this process
 
 
 def tiny() -> autoprune.Task:
-    """The tiny CNN task of conftest: a trial takes a few milliseconds."""
+    """The tiny CNN task of conftest (a trial takes a few milliseconds), paced as above."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return make_task()
+        task = make_task()
     finally:
         torch.set_num_threads(threads)
+    return dataclasses.replace(task, optimizer=_paced_adam)
 
 
-def slow() -> autoprune.Task:
-    """The tiny task whose every batch waits ``SLOW_BATCH`` seconds (about 2 s per trial)."""
+def _paced_adam(params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    global _trials_started
+    _trials_started += 1
+    if _trials_started == 1 and os.environ.get(GATHER):
+        folder, _, n = os.environ[GATHER].rpartition(":")
+        (Path(folder) / str(os.getpid())).touch()
+        _wait(lambda: len(os.listdir(folder)) < int(n), f"{n} workers in {folder}")
+    if os.environ.get(HOLD):
+        path, _, free = os.environ[HOLD].rpartition(":")
+        if _trials_started > int(free):
+            Path(held(path, os.getpid())).touch()
+            _wait(lambda: os.path.exists(path), f"{path} to be removed")
+    return adam(params, lr)
 
-    def slow_loss(outputs: Tensor, targets: Tensor) -> Tensor:
-        time.sleep(SLOW_BATCH)
-        return F.cross_entropy(outputs, targets)
 
-    import dataclasses
+def held(path: str | os.PathLike[str], pid: int) -> str:
+    """The file whose existence says that process ``pid`` holds a trial at ``path``."""
+    return f"{path}.{pid}"
 
-    return dataclasses.replace(tiny(), loss=slow_loss, name="tiny-slow")
+
+def _wait(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT_LIMIT
+    while condition():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"waited {WAIT_LIMIT} s for {what}")
+        time.sleep(0.01)

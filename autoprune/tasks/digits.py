@@ -7,8 +7,6 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
 
 from autoprune.task import Task
@@ -27,6 +25,11 @@ _RESNET_EPOCHS = 10
 
 def digits_split() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Stratified 60/20/20 train/val/test split of the 1,797 digits; pixels scaled to [0, 1]."""
+    # Imported here: scikit-learn takes about a second to import, and every start of the CLI
+    # and of each worker process would pay it, most of them for tasks other than digits.
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
     data = load_digits()
     x, y = data.data.astype(np.float32) / 16.0, data.target.astype(np.int64)
     x_train, x_rest, y_train, y_rest = train_test_split(
