@@ -183,7 +183,7 @@ def instrument(clock: Clock) -> None:
             setattr(dashboard, name, clock.wrap(getattr(dashboard, name), name))
     go.Figure.to_html = clock.wrap(go.Figure.to_html, "Figure.to_html")  # type: ignore[method-assign]
     pd.DataFrame.to_html = clock.wrap(pd.DataFrame.to_html, "DataFrame.to_html")  # type: ignore[method-assign]
-    best = optuna.Study.best_trials.fget
+    best = optuna.Study.best_trials.fget  # type: ignore[attr-defined]
     optuna.Study.best_trials = property(clock.wrap(best, "Study.best_trials"))  # type: ignore[assignment, method-assign, arg-type]
 
 

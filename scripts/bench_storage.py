@@ -30,7 +30,6 @@ show what grows with the study.
 from __future__ import annotations
 
 import argparse
-import importlib
 import random
 import statistics
 import sys
@@ -38,13 +37,14 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
 from typing import Any
 
 import optuna
 import sqlalchemy
 import torch
+from bench_trial import Ledger as TrialLedger  # this script's folder is on sys.path
 
+from autoprune import storages
 from autoprune.artifacts import ArtifactSpec, FrontWeights, rdb_storage
 from autoprune.front_table import FrontTable
 from autoprune.search import open_study, study_objective
@@ -52,58 +52,20 @@ from autoprune.space import SearchSpace
 from autoprune.tasks import load_task
 
 SETUPS = ("current", "deferred", "nowal-immediate", "nowal-deferred", "memory")
-# Modules that may hold autoprune's SQLite hooks (they are looked up there by name).
-HOOK_MODULES = ("autoprune.search", "autoprune.storages")
 COLUMNS = ("storage", "sampler", "upload", "weights cb", "front table", "model+rest", "wall")
 # Also shown: the BEGIN IMMEDIATE statements alone (time in them, waits for the lock included),
 # in the trial's thread and in the heartbeat's (which overlaps the trial).
 BEGIN, HEARTBEAT_BEGIN = "BEGIN IMMEDIATE", "heartbeat's BEGIN"
 
 
-class Ledger:
-    """Exclusive seconds, SQL statements and transactions per bucket, per trial.
-
-    The outermost timed call owns what runs inside it (the sampler's storage reads are the
-    sampler's; a callback's are the callback's), except the objective, whose storage calls and
-    upload are charged to those buckets. Calls from other threads (the heartbeat) are counted
-    apart, since they overlap the trial."""
-
-    def __init__(self) -> None:
-        self.trials: list[dict[str, float]] = []
-        self.now: dict[str, float] = defaultdict(float)
-        self.stack: list[list[Any]] = []
-        self.mark = time.perf_counter()
-        self.main = threading.main_thread()
+class Ledger(TrialLedger):
+    """bench_trial's ledger (exclusive seconds per bucket, per trial; the heartbeat thread's
+    calls apart), plus SQL statements and transactions per bucket."""
 
     def bucket(self) -> str:
         if threading.current_thread() is not self.main:
             return "heartbeat thread"
         return self.stack[-1][0] if self.stack else "optimize loop"
-
-    def wrap(self, fn: Callable[..., Any], bucket: str) -> Callable[..., Any]:
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            if threading.current_thread() is not self.main:
-                start = time.perf_counter()
-                try:
-                    return fn(*args, **kwargs)
-                finally:
-                    self.now["heartbeat thread"] += time.perf_counter() - start
-            if self.stack and self.stack[-1][0] != "objective":
-                return fn(*args, **kwargs)
-            start = time.perf_counter()
-            if self.stack:  # pause the objective
-                self.now["objective"] += start - self.stack[-1][1]
-            self.stack.append([bucket, start])
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                end = time.perf_counter()
-                self.now[bucket] += end - self.stack.pop()[1]
-                self.now[f"calls:{bucket}"] += 1
-                if self.stack:
-                    self.stack[-1][1] = end
-
-        return timed
 
     def count(self, what: str) -> None:
         self.now[f"{what}:{self.bucket().split(':')[0]}"] += 1
@@ -141,10 +103,7 @@ def patch_setup(setup: str, ledger: Ledger) -> None:
             heartbeat = threading.current_thread() is not ledger.main
             ledger.now[HEARTBEAT_BEGIN if heartbeat else BEGIN] += time.perf_counter() - start
 
-    for name in HOOK_MODULES:
-        module = importlib.import_module(name)
-        if hasattr(module, "_sqlite_begin"):
-            module._sqlite_pragmas, module._sqlite_begin = pragmas, begin  # type: ignore[attr-defined]
+    storages._sqlite_pragmas, storages._sqlite_begin = pragmas, begin  # type: ignore[assignment]
 
 
 def run(setup: str, task: Any, n_trials: int, prefill: int) -> list[dict[str, float]]:

@@ -16,6 +16,7 @@ import contextlib
 import io
 import sys
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -41,16 +42,25 @@ TOLERANCE = 0.10  # the largest share of a trial's wall time that may go unaccou
 class Ledger:
     """Exclusive time per bucket and trial. A timed call made inside another is charged to the
     outer one (the sampler's storage reads are sampling; the callback's are the callback's),
-    except inside the objective, whose storage writes and sampler calls count as such."""
+    except inside the objective, whose storage writes and sampler calls count as such. Calls
+    from other threads (a heartbeat) overlap the trial: they go to "heartbeat thread" alone.
+    ``calls:<bucket>`` counts the timed calls."""
 
     def __init__(self) -> None:
         self.trials: list[dict[str, float]] = []
         self.now: dict[str, float] = defaultdict(float)
         self.stack: list[list[Any]] = []  # [bucket, when its current stretch began]
         self.mark = time.perf_counter()
+        self.main = threading.main_thread()
 
     def wrap(self, fn: Callable[..., Any], bucket: str) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
+            if threading.current_thread() is not self.main:
+                start = time.perf_counter()
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    self.now["heartbeat thread"] += time.perf_counter() - start
             if self.stack and self.stack[-1][0] != "objective":
                 return fn(*args, **kwargs)
             start = time.perf_counter()
@@ -62,6 +72,7 @@ class Ledger:
             finally:
                 end = time.perf_counter()
                 self.now[bucket] += end - self.stack.pop()[1]
+                self.now[f"calls:{bucket}"] += 1
                 if self.stack:
                     self.stack[-1][1] = end
 
