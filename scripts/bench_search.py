@@ -1,8 +1,12 @@
 """Searched fronts against the pruning heuristics, at the same per-trial fine-tuning budget.
 
 On digits-cnn and digits-mlp, for each seed (the dense model's and the study's): every
-heuristic allocation (uniform, global, lamp, erk) is swept over sparsities 0.5 to 0.98, and an
-autoprune study of at most 60 trials is run (the spec's defaults, in memory). Per method:
+heuristic allocation (uniform, global, lamp, erk) is swept over sparsities 0.5 to 0.98 with
+each heuristic schedule, and an autoprune study of at most 60 trials is run (the spec's
+defaults, in memory). The heuristic schedules are ``oneshot`` (pruned, then fine-tuned: rows
+``lamp``, ``global``, ...) and ``gradual`` (cubic AGP over the same fine-tuning, the schedule
+autoprune's space searches: rows ``lamp+gradual``, ...), both through ``autoprune prune``'s
+code path (:func:`autoprune.heuristics.baseline`). Per method:
 
 - best@s: the test accuracy of the point with the best VALIDATION accuracy among the method's
   front points with sparsity >= s (s = 0.8, 0.9, 0.95, 0.98); test accuracy never selects;
@@ -10,12 +14,16 @@ autoprune study of at most 60 trials is run (the spec's defaults, in memory). Pe
   from the reference point (accuracy 0.1 = chance, density 1);
 - wall: seconds for all of the method's fine-tunings (and the study's sampling).
 
-Means over seeds. Targets (issue 3), on each task: autoprune's best@0.9, @0.95 and @0.98 at
-least the best heuristic's + 0.01, and its hv above every heuristic's. Exits 1 if one is missed
-(with --quick, a smoke run of one seed and few trials, only sanity is checked).
+Means over seeds. Under the table, per task, autoprune's lead over the best heuristic row in
+each column (which row that is, in brackets), over the one-shot rows and over all rows.
+Targets (issue 3), on each task, against ALL heuristic rows (gradual ones included):
+autoprune's best@0.9, @0.95 and @0.98 at least the best heuristic's + 0.01, and its hv above
+every heuristic's. Exits 1 if one is missed (with --quick, a smoke run of one seed and few
+trials, only sanity is checked).
 
     python scripts/bench_search.py [--quick] [--seeds 0 1 2] [--trials 60]
         [--parametrization allocation] [--sampler tpe] [--tasks digits-cnn digits-mlp]
+        [--heuristic-schedules oneshot gradual] [--allocations uniform global lamp erk]
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from autoprune.allocation import ALLOCATIONS
 from autoprune.heuristics import baseline
 from autoprune.masks import prunable_layers
 from autoprune.objective import trial_seed
+from autoprune.policy import SCHEDULES
 from autoprune.search import search
 from autoprune.spec import StudySpec
 from autoprune.stopping import EarlyStop
@@ -47,6 +56,7 @@ from autoprune.tasks import load_task
 SWEEP = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)
 THRESHOLDS = (0.8, 0.9, 0.95, 0.98)
 TARGETED = (0.9, 0.95, 0.98)
+HEURISTIC_SCHEDULES = ("oneshot", "gradual")
 MARGIN = 0.01  # autoprune must beat the best heuristic by this much at each targeted level
 CHANCE = 0.1  # the hypervolume's reference accuracy (10 classes)
 Point = dict[str, float]  # val, test, sparsity
@@ -87,12 +97,21 @@ def hypervolume(points: list[Point]) -> float:
     return float(compute_hypervolume(np.array(losses), np.array([-CHANCE, 0.0])))
 
 
-def sweep(task: Any, allocation: str, seed: int, sparsities: tuple[float, ...]) -> list[Point]:
-    """The heuristic at each sparsity, fine-tuned as a study's trial would be."""
+def sweep(
+    task: Any,
+    allocation: str,
+    seed: int,
+    sparsities: tuple[float, ...],
+    schedule: str = "oneshot",
+) -> list[Point]:
+    """The heuristic at each sparsity, fine-tuned as a study's trial would be. Each schedule
+    gets the same seeds, so that rows differ by their schedule alone."""
     layers = prunable_layers(task.model)
     points = []
     for i, target in enumerate(sparsities):
-        m = baseline(task, allocation, target, seed=trial_seed(seed, i), layers=layers).metrics
+        seed_i = trial_seed(seed, i)
+        result = baseline(task, allocation, target, seed=seed_i, layers=layers, schedule=schedule)
+        m = result.metrics
         points.append(
             {"val": m["accuracy"], "test": m["test_accuracy"], "sparsity": m["sparsity"]}
         )
@@ -122,18 +141,28 @@ def study_points(task: Any, spec: StudySpec, seed: int, trials: int) -> tuple[li
     return points, sum(t.state == TrialState.PRUNED for t in study.trials)
 
 
-def run(args: argparse.Namespace, spec: StudySpec) -> dict[str, dict[str, list[dict[str, float]]]]:
+def method_name(allocation: str, schedule: str) -> str:
+    """A heuristic row's name: ``lamp`` (one-shot), ``lamp+gradual``."""
+    return allocation if schedule == "oneshot" else f"{allocation}+{schedule}"
+
+
+def run(args: argparse.Namespace, spec: StudySpec) -> Results:
     """``{task: {method: [per-seed row]}}``, each row holding best@s, hv and wall seconds."""
-    results: dict[str, dict[str, list[dict[str, float]]]] = {}
+    results: Results = {}
     for task_name in args.tasks:
         rows: dict[str, list[dict[str, float]]] = defaultdict(list)
         for seed in args.seeds:
             task = load_task(task_name, seed=seed)
             runs: dict[str, tuple[list[Point], float, int]] = {}
-            for allocation in ALLOCATIONS:
-                start = time.perf_counter()
-                points = sweep(task, allocation, seed, args.sweep)
-                runs[allocation] = (points, time.perf_counter() - start, 0)
+            for schedule in args.heuristic_schedules:
+                for allocation in args.allocations:
+                    start = time.perf_counter()
+                    points = sweep(task, allocation, seed, args.sweep, schedule)
+                    runs[method_name(allocation, schedule)] = (
+                        points,
+                        time.perf_counter() - start,
+                        0,
+                    )
             start = time.perf_counter()
             points, stopped = study_points(task, spec, seed, args.trials)
             runs["autoprune"] = (points, time.perf_counter() - start, stopped)
@@ -146,43 +175,87 @@ def run(args: argparse.Namespace, spec: StudySpec) -> dict[str, dict[str, list[d
     return results
 
 
-def table(results: dict[str, dict[str, list[dict[str, float]]]]) -> str:
+Results = dict[str, dict[str, list[dict[str, float]]]]  # {task: {method: [per-seed row]}}
+
+
+def means(rows: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """``{method: {column: mean over seeds}}``."""
+    return {
+        method: {c: statistics.fmean(r[c] for r in seeds) for c in seeds[0]}
+        for method, seeds in rows.items()
+    }
+
+
+def best_heuristic(heuristics: dict[str, dict[str, float]], column: str) -> tuple[str, float]:
+    """The heuristic row with the highest mean ``column``, and that mean."""
+    method = max(heuristics, key=lambda m: heuristics[m][column])
+    return method, heuristics[method][column]
+
+
+def table(results: Results) -> str:
     columns = [*(f"best@{t}" for t in THRESHOLDS), "hv", "wall", "stopped"]
+    width = max(len("method"), *(len(m) for rows in results.values() for m in rows)) + 1
     lines = []
     for task_name, rows in results.items():
         n = len(next(iter(rows.values())))
         lines.append(f"\n{task_name} (mean over {n} seeds; best@s = test accuracy, val-selected)")
-        lines.append(f"{'method':<11}" + "".join(f"{c:>12}" for c in columns))
-        for method, seeds in rows.items():
-            means = [statistics.fmean(r[c] for r in seeds) for c in columns]
-            cells = [f"{v:12.4f}" for v in means[:5]] + [f"{means[5]:11.1f}s", f"{means[6]:12.1f}"]
-            lines.append(f"{method:<11}" + "".join(cells))
+        lines.append(f"{'method':<{width}}" + "".join(f"{c:>12}" for c in columns))
+        for method, m in means(rows).items():
+            values = [m[c] for c in columns]
+            cells = [f"{v:12.4f}" for v in values[:5]]
+            cells += [f"{values[5]:11.1f}s", f"{values[6]:12.1f}"]
+            lines.append(f"{method:<{width}}" + "".join(cells))
+        lines.append(leads(means(rows)))
     return "\n".join(lines)
 
 
-def misses(results: dict[str, dict[str, list[dict[str, float]]]], quick: bool) -> list[str]:
-    """Sanity (always) and the issue's targets (not with --quick), as failure messages."""
+def leads(mean: dict[str, dict[str, float]]) -> str:
+    """autoprune's lead over the best one-shot heuristic row and over the best of all heuristic
+    rows (the targets' reference), per column, naming the row."""
+    heuristics = {m: v for m, v in mean.items() if m != "autoprune"}
+    groups = {
+        "best one-shot row": {m: v for m, v in heuristics.items() if "+" not in m},
+        "best of all rows": heuristics,
+    }
+    groups = {name: group for name, group in groups.items() if group}
+    header = f"{'lead':<10}{'autoprune':>10}" + "".join(
+        f"  {name:<23}{'lead':>8}" for name in groups
+    )
+    lines = [header]
+    for column in [*(f"best@{t}" for t in THRESHOLDS), "hv"]:
+        ours = mean["autoprune"][column]
+        line = f"{column:<10}{ours:10.4f}"
+        for group in groups.values():
+            method, best = best_heuristic(group, column)
+            line += f"  {method:<15}{best:8.4f}{ours - best:+8.4f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def misses(results: Results, quick: bool) -> list[str]:
+    """Sanity (always) and the issue's targets (not with --quick), as failure messages. The
+    targets compare with every heuristic row, one-shot and gradual."""
     failures = []
     for task_name, rows in results.items():
-        mean = {
-            method: {c: statistics.fmean(r[c] for r in seeds) for c in seeds[0]}
-            for method, seeds in rows.items()
-        }
-        ours = mean.pop("autoprune")
+        heuristics = means(rows)
+        ours = heuristics.pop("autoprune")
         if not all(0.0 <= ours[f"best@{t}"] <= 1.0 for t in THRESHOLDS):
             failures.append(f"{task_name}: autoprune has no front point at some level: {ours}")
         if quick:
             continue
         for t in TARGETED:
-            key, best = f"best@{t}", max(m[f"best@{t}"] for m in mean.values())
+            key = f"best@{t}"
+            method, best = best_heuristic(heuristics, key)
             if not ours[key] >= best + MARGIN:
                 failures.append(
-                    f"{task_name}: autoprune {key} {ours[key]:.4f} < best heuristic {best:.4f} "
-                    f"+ {MARGIN}"
+                    f"{task_name}: autoprune {key} {ours[key]:.4f} < best heuristic "
+                    f"({method}) {best:.4f} + {MARGIN}"
                 )
-        for method, m in mean.items():
+        for method, m in heuristics.items():
             if not ours["hv"] > m["hv"]:
-                failures.append(f"{task_name}: autoprune hv {ours['hv']:.4f} <= {method}'s")
+                failures.append(
+                    f"{task_name}: autoprune hv {ours['hv']:.4f} <= {method}'s {m['hv']:.4f}"
+                )
     return failures
 
 
@@ -198,6 +271,20 @@ def main() -> int:
     parser.add_argument("--schedules", nargs="+", help="searched schedules (override)")
     parser.add_argument("--warm-schedules", nargs="+", help="warm-start schedules (override)")
     parser.add_argument("--warm-allocations", nargs="+", help="warm-start allocations (override)")
+    parser.add_argument(
+        "--heuristic-schedules",
+        nargs="+",
+        default=list(HEURISTIC_SCHEDULES),
+        choices=SCHEDULES,
+        help="schedules each heuristic is swept with (the targets need the default)",
+    )
+    parser.add_argument(
+        "--allocations",
+        nargs="+",
+        default=list(ALLOCATIONS),
+        choices=list(ALLOCATIONS),
+        help="heuristic allocations swept (the targets need all)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     args = parser.parse_args()
     args.sweep = SWEEP
@@ -228,7 +315,8 @@ def main() -> int:
         margin = None if args.early_stop == "off" else float(args.early_stop)
         spec = dataclasses.replace(spec, early_stop=EarlyStop(margin=margin))
     print(
-        f"bench_search: seeds {args.seeds}, {args.trials} trials per study, sweep {args.sweep}, "
+        f"bench_search: seeds {args.seeds}, {args.trials} trials per study, sweep {args.sweep} "
+        f"of {args.allocations} with {args.heuristic_schedules}, "
         f"parametrization {spec.space.parametrization}, schedules {spec.space.schedules}, "
         f"sampler {spec.sampler}, "
         f"early stop margin {spec.early_stop.margin}, warm start {spec.warm_start.to_dict()}"
@@ -238,6 +326,12 @@ def main() -> int:
     failures = misses(results, args.quick)
     if len(args.seeds) < 3 and not args.quick:
         failures.append(f"the targets are means over at least 3 seeds, got {args.seeds}")
+    swept = (set(args.allocations), set(args.heuristic_schedules))
+    if swept != (set(ALLOCATIONS), set(HEURISTIC_SCHEDULES)) and not args.quick:
+        failures.append(
+            f"the targets are against allocations {list(ALLOCATIONS)} with schedules "
+            f"{list(HEURISTIC_SCHEDULES)}, got {args.allocations} with {args.heuristic_schedules}"
+        )
     for failure in failures:
         print(f"bench_search: MISSED: {failure}", file=sys.stderr)
     if not failures:
