@@ -20,7 +20,6 @@ from typing import Any
 import optuna
 import pandas as pd
 import plotly.graph_objects as go
-from optuna.trial import FrozenTrial
 
 from autoprune.errors import AutopruneError, SpecError
 from autoprune.figures import (
@@ -32,7 +31,6 @@ from autoprune.figures import (
     share_figure,
     states_figure,
 )
-from autoprune.front import front_trials
 from autoprune.report import (
     front_share,
     hypervolume_history,
@@ -79,8 +77,6 @@ class DashboardData:
     sensitivity: pd.DataFrame
     details: dict[str, dict[str, Any]]
     initial: str | None
-    # The first study's front trials, whose loss curves are drawn (None: read from the study).
-    front_trials: list[FrozenTrial] | None = None
 
 
 def dashboard_data(studies: Sequence[optuna.Study]) -> DashboardData:
@@ -91,12 +87,10 @@ def dashboard_data(studies: Sequence[optuna.Study]) -> DashboardData:
     size = sizes.pop() if len(sizes) == 1 else "density"
     trials, fronts, share, importances, reasons = [], [], [], [], []
     details: dict[str, dict[str, Any]] = {}
-    # Each study's front is read once, uncopied (study.best_trials deep-copies every trial).
-    best = [front_trials(study) for study in studies]
-    for study, front in zip(studies, best, strict=True):
-        frame = trials_frame(study, front=front)
+    for study in studies:
+        frame = trials_frame(study)
         trials.append(frame.assign(study=study.study_name, key=_keys(study, frame["trial"])))
-        fronts.append(pareto_front(study, front=front).assign(study=study.study_name))
+        fronts.append(pareto_front(study).assign(study=study.study_name))
         share.append(front_share(frame).assign(study=study.study_name))
         found, reason = param_importances(study)
         importances.append(found.assign(study=study.study_name))
@@ -117,8 +111,7 @@ def dashboard_data(studies: Sequence[optuna.Study]) -> DashboardData:
         importance_reason="; ".join(reasons),
         sensitivity=_stack([sensitivity_frame(s).assign(study=s.study_name) for s in studies]),
         details=details,
-        initial=_initial(studies[0], best[0]),
-        front_trials=best[0],
+        initial=_initial(studies[0]),
     )
 
 
@@ -131,12 +124,12 @@ def _stack(frames: list[pd.DataFrame]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def _initial(study: optuna.Study, front: list[FrozenTrial]) -> str | None:
+def _initial(study: optuna.Study) -> str | None:
     """The trial shown before any click: the knee of the first study's front."""
     from autoprune.export import pick
 
     try:
-        return f"{study.study_name}/{pick(study, knee=True, front=front).number}"
+        return f"{study.study_name}/{pick(study, knee=True).number}"
     except AutopruneError:  # an empty front
         return None
 
@@ -168,7 +161,7 @@ def dashboard_figures(
     }
     if not data.sensitivity.empty:
         figures["sensitivity"] = sensitivity_figure(data.sensitivity)
-    figures["loss-curves"] = loss_curves_figure(studies[0], front=data.front_trials)
+    figures["loss-curves"] = loss_curves_figure(studies[0])
     return figures
 
 

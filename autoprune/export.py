@@ -17,7 +17,7 @@ import logging
 import math
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from autoprune import measure, structured
 from autoprune._version import __version__
 from autoprune.artifacts import FrontWeights, load_weights, save_weights
 from autoprune.errors import SpecError, StorageError, TaskError
+from autoprune.front import front_trials
 from autoprune.masks import count_nonzero
 from autoprune.search import STUDY_ATTR, materialize, replay
 from autoprune.task import Task
@@ -61,14 +62,11 @@ class Exported:
     metrics: dict[str, Any]
 
 
-def front_metrics(
-    study: optuna.Study, *, front: Sequence[FrozenTrial] | None = None
-) -> list[tuple[FrozenTrial, dict[str, float]]]:
-    """The front trials (``study.best_trials``, or ``front`` if the caller has it already)
-    with their numbers by name."""
+def front_metrics(study: optuna.Study) -> list[tuple[FrozenTrial, dict[str, float]]]:
+    """The front trials (``study.best_trials``, uncopied: read them only) with their numbers
+    by name."""
     names, total = metric_names(study), study_total_params(study)
-    front = study.best_trials if front is None else front
-    return [(t, trial_metrics(t, names, total_params=total)) for t in front]
+    return [(t, trial_metrics(t, names, total_params=total)) for t in front_trials(study)]
 
 
 def pick(
@@ -79,7 +77,6 @@ def pick(
     max_size: float | None = None,
     knee: bool = False,
     by: str | None = None,
-    front: Sequence[FrozenTrial] | None = None,
 ) -> FrozenTrial:
     """Choose one front trial by exactly one rule.
 
@@ -89,7 +86,6 @@ def pick(
         max_size: The most accurate model whose ``by`` is at most this.
         knee: The knee of the front in (accuracy, log10 size) space.
         by: The size objective (default: the study's first one, e.g. ``nonzero_params``).
-        front: ``study.best_trials``, if the caller has it already.
 
     Raises:
         SpecError: If not exactly one rule is given, ``by`` is not a size objective of the
@@ -103,10 +99,10 @@ def pick(
     by = by or size_metric(study)
     if by not in sizes:
         raise SpecError(f"size objective must be one of {', '.join(sizes)}, got {by!r}")
-    numbers = front_metrics(study, front=front)
-    if not numbers:
+    front = front_metrics(study)
+    if not front:
         raise SpecError(f"study {study.study_name!r} has no completed trial to pick")
-    return _CHOOSERS[given[0]](numbers, by, rules.get(given[0]) or 0.0)
+    return copy.deepcopy(_CHOOSERS[given[0]](front, by, rules.get(given[0]) or 0.0))
 
 
 Front = list[tuple[FrozenTrial, dict[str, float]]]

@@ -5,14 +5,14 @@ Nothing here computes a number the page shows; a figure with nothing to draw say
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import optuna
 import pandas as pd
 import plotly.colors
 import plotly.graph_objects as go
-from optuna.trial import FrozenTrial
+
+from autoprune.front import front_trials
 
 PALETTE = plotly.colors.qualitative.Plotly
 _SIZE_TITLES = {
@@ -86,17 +86,10 @@ def _hover(row: dict[str, Any]) -> str:
     return "<br>".join(lines)
 
 
-def loss_curves_figure(
-    study: optuna.Study, *, front: Sequence[FrozenTrial] | None = None
-) -> go.Figure:
-    """Fine-tuning loss curves (train solid, validation dashed) of the front trials.
-
-    Args:
-        front: ``study.best_trials``, if the caller has it already.
-    """
+def loss_curves_figure(study: optuna.Study) -> go.Figure:
+    """Fine-tuning loss curves (train solid, validation dashed) of the front trials."""
     fig = go.Figure()
-    front = study.best_trials if front is None else front
-    for i, trial in enumerate(sorted(front, key=lambda t: t.values[1])):
+    for i, trial in enumerate(sorted(front_trials(study), key=lambda t: t.values[1])):
         history = trial.user_attrs.get("history", {})
         density = trial.user_attrs.get("density", float("nan"))
         color = PALETTE[i % len(PALETTE)]  # a trial's train and val curves share a colour

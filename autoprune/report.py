@@ -19,6 +19,7 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from autoprune.figures import loss_curves_figure, pareto_figure
+from autoprune.front import front_trials
 from autoprune.search import STUDY_ATTR
 from autoprune.sensitivity import SENSITIVITY_ATTR  # {layer: [[sparsity, accuracy], ...]}
 from autoprune.trial_metrics import (
@@ -70,16 +71,9 @@ __all__ = [
 ]
 
 
-def trials_frame(
-    study: optuna.Study, *, front: Sequence[FrozenTrial] | None = None
-) -> pd.DataFrame:
-    """One row per complete trial, front and dominated alike; ``on_front`` marks the front.
-
-    Args:
-        front: ``study.best_trials``, if the caller has it already (computing it copies every
-            trial of the study).
-    """
-    numbers = {t.number for t in (study.best_trials if front is None else front)}
+def trials_frame(study: optuna.Study) -> pd.DataFrame:
+    """One row per complete trial, front and dominated alike; ``on_front`` marks the front."""
+    numbers = {t.number for t in front_trials(study)}
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     names, total = metric_names(study), study_total_params(study)
     rows = [_row(t, t.number in numbers, names, total) for t in trials]
@@ -87,22 +81,16 @@ def trials_frame(
     return frame.sort_values("nonzero_params", kind="stable").reset_index(drop=True)
 
 
-def pareto_front(
-    study: optuna.Study, *, front: Sequence[FrozenTrial] | None = None
-) -> pd.DataFrame:
+def pareto_front(study: optuna.Study) -> pd.DataFrame:
     """The Pareto front (``study.best_trials``), one row per trial, smallest model first
     (by the study's first size objective).
 
     Columns: ``trial``, ``accuracy`` (validation), ``test_accuracy``, ``nonzero_params``,
     ``density``, ``sparsity``, ``criterion``, ``scope``, ``rule``, ``alpha``, ``schedule``, the
     study's other size objectives, then ``sparsity:<layer>`` (achieved) for every pruned layer.
-
-    Args:
-        front: ``study.best_trials``, if the caller has it already.
     """
     names, total = metric_names(study), study_total_params(study)
-    front = study.best_trials if front is None else front
-    rows = [_row(t, True, names, total) for t in front]
+    rows = [_row(t, True, names, total) for t in front_trials(study)]
     if not rows:
         return pd.DataFrame(columns=COLUMNS)
     frame = pd.DataFrame(rows).drop(columns="on_front")

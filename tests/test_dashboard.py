@@ -15,7 +15,6 @@ from optuna.trial import TrialState, create_trial
 from test_cli import run
 from test_report import TOTAL, VALUES, hand_made_trial
 
-from autoprune import dashboard
 from autoprune.dashboard import dashboard_data, dashboard_figures, watch_report, write_report
 from autoprune.errors import SpecError
 from autoprune.report import (
@@ -140,24 +139,20 @@ def test_dashboard_data_of_several_studies(tmp_path: Path) -> None:
     assert sorted(pareto.data[1].customdata) == sorted(f"a/{n}" for n in (0, 1, 3, 5, 6))
 
 
-def test_each_front_is_read_once_uncopied(tmp_path: Path, monkeypatch) -> None:
-    # study.best_trials deep-copies every trial: the page reads each study's front once,
-    # without the copies.
+def test_the_page_never_copies_every_trial(tmp_path: Path, monkeypatch) -> None:
+    # study.best_trials deep-copies every trial of the study (0.1 s at 1,000 trials): the
+    # page reads the fronts with front_trials instead.
     storage = f"sqlite:///{tmp_path / 'x.db'}"
     a, b = hand_made("a", storage), hand_made("b", storage, VALUES[:3])
-    calls: list[str] = []
+    copied: list[str] = []
 
-    def counted(what: str, read):
-        def read_front(study: optuna.Study) -> list:
-            calls.append(f"{what} {study.study_name}")
-            return read(study)
+    def best_trials(study: optuna.Study) -> list:
+        copied.append(study.study_name)
+        return []
 
-        return read_front
-
-    monkeypatch.setattr(optuna.Study, "best_trials", property(counted("copied", lambda s: [])))
-    monkeypatch.setattr(dashboard, "front_trials", counted("uncopied", dashboard.front_trials))
+    monkeypatch.setattr(optuna.Study, "best_trials", property(best_trials))
     write_report([a, b], tmp_path / "r.html")
-    assert calls == ["uncopied a", "uncopied b"]
+    assert copied == []
 
 
 def page_details(page: str) -> dict:

@@ -121,15 +121,6 @@ def test_trials_frame_marks_the_front(hand_made: optuna.Study) -> None:
     assert frame["nonzero_params"].is_monotonic_increasing
 
 
-def test_a_front_given_is_the_front_used(hand_made: optuna.Study) -> None:
-    best = hand_made.best_trials
-    assert trials_frame(hand_made, front=best).equals(trials_frame(hand_made))
-    assert pareto_front(hand_made, front=best).equals(pareto_front(hand_made))
-    (three,) = [t for t in best if t.number == 3]
-    assert list(trials_frame(hand_made, front=[three]).query("on_front")["trial"]) == [3]
-    assert list(pareto_front(hand_made, front=[three])["trial"]) == [3]
-
-
 def test_front_of_a_real_search(searched: optuna.Study) -> None:
     front = pareto_front(searched)
     assert len(front) >= 1
