@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import autoprune
+from autoprune.tasks.resnet import ResNet
 from autoprune.train import fit
 
 
@@ -87,3 +88,25 @@ def tiny_task(_trained_task: autoprune.Task) -> autoprune.Task:
     import dataclasses
 
     return dataclasses.replace(_trained_task, model=copy.deepcopy(_trained_task.model))
+
+
+def tiny_resnet() -> nn.Module:
+    return ResNet(in_channels=1, widths=(6, 8), blocks_per_stage=2, classes=3)
+
+
+@pytest.fixture(scope="module")
+def resnet_task() -> autoprune.Task:
+    """A tiny ResNet (BatchNorm, residual blocks) trained briefly on the three-class data."""
+    torch.manual_seed(0)
+    model = tiny_resnet()
+    task = autoprune.Task(
+        model=model,
+        train=make_data(192, 0),
+        val=make_data(96, 1),
+        test=make_data(96, 2),
+        finetune_epochs=1,
+        lr=1e-2,
+        name="tiny-resnet",
+    )
+    fit(model, task, epochs=3, seed=0)
+    return task

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_structured import build, resnet_task  # noqa: F401  (a fixture)
+from test_structured import build
 from torch import nn
 
 import autoprune
@@ -68,7 +68,7 @@ def test_loading_never_unpickles(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("granularity", ["structured", "unstructured"])
 def test_exported_trial_reproduces_its_recorded_accuracy(
-    resnet_task: autoprune.Task,  # noqa: F811
+    resnet_task: autoprune.Task,
     tmp_path: Path,
     granularity: str,
 ) -> None:

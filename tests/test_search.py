@@ -400,29 +400,7 @@ def test_load_study_does_not_create_a_database(tmp_path: Path) -> None:
 # --- structured studies and per-study objectives (issue 4) ---------------------------------
 
 
-@pytest.fixture(scope="module")
-def resnet(tmp_path_factory: pytest.TempPathFactory) -> Task:
-    from conftest import make_data
-    from test_structured import tiny_resnet
-
-    from autoprune.train import fit
-
-    torch.manual_seed(0)
-    model = tiny_resnet()
-    task = Task(
-        model=model,
-        train=make_data(192, 0),
-        val=make_data(96, 1),
-        test=make_data(96, 2),
-        finetune_epochs=1,
-        lr=1e-2,
-        name="tiny-resnet",
-    )
-    fit(model, task, epochs=3, seed=0)
-    return task
-
-
-def test_structured_study_with_macs_and_latency(resnet: Task, tmp_path: Path) -> None:
+def test_structured_study_with_macs_and_latency(resnet_task: Task, tmp_path: Path) -> None:
     from autoprune.measure import Context, Latency, macs
     from autoprune.report import write_report
 
@@ -430,7 +408,7 @@ def test_structured_study_with_macs_and_latency(resnet: Task, tmp_path: Path) ->
     objectives = ["accuracy", "macs", "latency_ms"]
     latency = Latency(batch_size=8, repeats=3, warmup=1)
     kwargs: dict[str, Any] = {"space": space, "objectives": objectives, "latency": latency}
-    study = search(resnet, n_trials=3, storage=url(tmp_path), study_name="s", **kwargs)
+    study = search(resnet_task, n_trials=3, storage=url(tmp_path), study_name="s", **kwargs)
     assert study.metric_names == objectives
     assert study.directions == [
         optuna.study.StudyDirection.MAXIMIZE,
@@ -454,19 +432,19 @@ def test_structured_study_with_macs_and_latency(resnet: Task, tmp_path: Path) ->
     write_report(study, tmp_path / "r.html")
     assert "multiply-adds per input" in (tmp_path / "r.html").read_text()
     # A replay rebuilds the recorded model; another objective list is another study.
-    context = Context(resnet.val[0][:1], tuple(setup["layers"]))
+    context = Context(resnet_task.val[0][:1], tuple(setup["layers"]))
     for trial in study.trials:
-        model = materialize(resnet, trial)
-        assert evaluate(model, resnet, "val")[0] == trial.values[0]
+        model = materialize(resnet_task, trial)
+        assert evaluate(model, resnet_task, "val")[0] == trial.values[0]
         assert macs(model, context) == trial.values[1]
     with pytest.raises(StorageError, match=r"created with objectives"):
-        search(resnet, n_trials=1, storage=url(tmp_path), study_name="s", space=space)
+        search(resnet_task, n_trials=1, storage=url(tmp_path), study_name="s", space=space)
 
 
-def test_granularity_is_searched_within_one_study(resnet: Task) -> None:
+def test_granularity_is_searched_within_one_study(resnet_task: Task) -> None:
     space = SearchSpace(granularities=["unstructured", "structured"])
     study = search(
-        resnet,
+        resnet_task,
         n_trials=6,
         space=space,
         objectives=["accuracy", "bytes"],
@@ -480,12 +458,12 @@ def test_granularity_is_searched_within_one_study(resnet: Task) -> None:
 
 
 def test_unstructured_pruning_with_macs_is_refused_before_the_storage(
-    resnet: Task, tmp_path: Path
+    resnet_task: Task, tmp_path: Path
 ) -> None:
     from autoprune.errors import SpecError
 
     with pytest.raises(SpecError, match=r"objective 'macs' is blind to unstructured zeros"):
-        search(resnet, n_trials=1, storage=url(tmp_path), objectives=["accuracy", "macs"])
+        search(resnet_task, n_trials=1, storage=url(tmp_path), objectives=["accuracy", "macs"])
     assert not (tmp_path / "x.db").exists()
 
 

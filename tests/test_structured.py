@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import TinyCNN, make_data
+from conftest import TinyCNN, tiny_resnet
 from torch import nn
 
 import autoprune
@@ -27,13 +27,8 @@ from autoprune.structured import (
 )
 from autoprune.tasks.digits import DigitsCNN, digits_mlp_model
 from autoprune.tasks.resnet import ResNet
-from autoprune.train import fit
 
 CHANNEL_CRITERIA = criteria_for("structured")
-
-
-def tiny_resnet() -> nn.Module:
-    return ResNet(in_channels=1, widths=(6, 8), blocks_per_stage=2, classes=3)
 
 
 def tiny_flat_resnet() -> nn.Module:
@@ -265,23 +260,6 @@ def test_plan_refuses_unknown_groups() -> None:
     policy = Policy({"classifier.3": 0.5}, criterion="l1", granularity="structured")
     with pytest.raises(TaskError, match=r"channel group 'classifier.3', which the model"):
         plan(model, policy, channel_groups(model, x[:2]))
-
-
-@pytest.fixture(scope="module")
-def resnet_task() -> autoprune.Task:
-    torch.manual_seed(0)
-    model = tiny_resnet()
-    task = autoprune.Task(
-        model=model,
-        train=make_data(192, 0),
-        val=make_data(96, 1),
-        test=make_data(96, 2),
-        finetune_epochs=1,
-        lr=1e-2,
-        name="tiny-resnet",
-    )
-    fit(model, task, epochs=3, seed=0)
-    return task
 
 
 def test_structured_trial_end_to_end(resnet_task: autoprune.Task) -> None:
