@@ -1,23 +1,29 @@
 """autoprune: search pruning policies of a PyTorch model with Optuna."""
 
 from autoprune._version import __version__
-from autoprune.allocation import ALLOCATIONS, allocate, heuristic_policy, register_allocation
-from autoprune.artifacts import ArtifactSpec
-from autoprune.constraints import Constraints
-from autoprune.criteria import CRITERIA, Criterion, get_criterion, register_criterion
-from autoprune.dashboard import write_report
+from autoprune.deploy.directory import export, load
+from autoprune.deploy.model_file import export_model, export_trial, load_model
 from autoprune.errors import AutopruneError, SpecError, StorageError, TaskError, TrialFailed
-from autoprune.export import export, load, pick
-from autoprune.heuristics import WarmStart, baseline
-from autoprune.masks import apply_masks, compute_masks, fold_masks, prunable_layers
-from autoprune.model_file import export_model, export_trial, load_model
-from autoprune.objective import PruneResult, prune_and_finetune
-from autoprune.policy import Policy
-from autoprune.report import pareto_front
-from autoprune.search import load_study, materialize, search
-from autoprune.space import SearchSpace, suggest_policy
-from autoprune.stopping import EarlyStop
+from autoprune.pruning.allocation import (
+    ALLOCATIONS,
+    allocate,
+    heuristic_policy,
+    register_allocation,
+)
+from autoprune.pruning.criteria import CRITERIA, Criterion, get_criterion, register_criterion
+from autoprune.pruning.masks import apply_masks, compute_masks, fold_masks, prunable_layers
+from autoprune.pruning.policy import Policy
+from autoprune.report.data import pareto_front
+from autoprune.report.page import write_report
+from autoprune.study.artifacts import ArtifactSpec
+from autoprune.study.constraints import Constraints
+from autoprune.study.pick import pick
+from autoprune.study.space import SearchSpace, suggest_policy
+from autoprune.study.stopping import EarlyStop
+from autoprune.study.study import load_study, materialize, search
+from autoprune.study.warm_start import WarmStart
 from autoprune.task import Task, accuracy
+from autoprune.trial import PruneResult, baseline, prune_and_finetune
 
 __all__ = [
     "ArtifactSpec",

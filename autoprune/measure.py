@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from autoprune.errors import SpecError
-from autoprune.masks import PRUNABLE_TYPES
-from autoprune.model_file import exported_bytes
+from autoprune.pruning.codec import exported_bytes
+from autoprune.pruning.masks import PRUNABLE_TYPES
 
 ACCURACY = "accuracy"
 DEFAULT_OBJECTIVES = (ACCURACY, "nonzero_params")

@@ -9,7 +9,7 @@ timeout = "10m"                  # optional: seconds, or a number with s, m, h o
 seed = 0
 objectives = ["accuracy", "nonzero_params"]  # then one or two of: nonzero_params, bytes,
                                  # macs, latency_ms (macs/latency_ms: structured only)
-sampler = "tpe"                  # tpe, nsga2, gp, random or auto (see autoprune.samplers)
+sampler = "tpe"                  # tpe, nsga2, gp, random or auto (see autoprune.study.samplers)
 early_stop = false               # the default; true, or a table: [early_stop] margin = 0.1
 
 [space]                          # see autoprune.SearchSpace
@@ -49,7 +49,7 @@ epochs = 2
 lr = 0.001
 batch_size = 32
 
-[artifacts]                      # weights of the front trials (autoprune.artifacts)
+[artifacts]                      # weights of the front trials (autoprune.study.artifacts)
 dir = "autoprune.artifacts"      # default: <database stem>.artifacts next to a SQLite file
 keep = "front"                   # "front" (drop those that leave it), "all" or "none"
 ```
@@ -65,14 +65,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from autoprune.artifacts import ArtifactSpec
-from autoprune.constraints import Constraints
 from autoprune.errors import SpecError
-from autoprune.heuristics import WarmStart
 from autoprune.measure import DEFAULT_OBJECTIVES, Latency, check_granularities, check_objectives
-from autoprune.samplers import SAMPLERS
-from autoprune.space import SearchSpace
-from autoprune.stopping import EarlyStop
+from autoprune.study.artifacts import ArtifactSpec
+from autoprune.study.constraints import Constraints
+from autoprune.study.samplers import SAMPLERS
+from autoprune.study.space import SearchSpace
+from autoprune.study.stopping import EarlyStop
+from autoprune.study.warm_start import WarmStart
 from autoprune.task import Task
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")

@@ -3,7 +3,7 @@
 Prunes the dense model of the task by magnitude (layer scope, no fine-tuning: only the zeros
 matter here) at several sparsities, and writes each state dict three ways: ``torch.save``
 dense, ``torch.save`` of torch's sparse COO tensors, and autoprune's format (bitmask +
-values, :func:`autoprune.artifacts.save_weights`). Also times the save and the
+values, :func:`autoprune.study.artifacts.save_weights`). Also times the save and the
 ``weights_only`` load. Exits non-zero unless autoprune's bytes shrink with every step of
 sparsity and, at 90 % sparsity, are under 30 % of the dense file.
 
@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from autoprune.artifacts import load_weights, save_weights
-from autoprune.masks import prunable_layers
-from autoprune.objective import prune_and_finetune
-from autoprune.policy import Policy
+from autoprune.pruning.masks import prunable_layers
+from autoprune.pruning.policy import Policy
+from autoprune.study.artifacts import load_weights, save_weights
 from autoprune.tasks import load_task
+from autoprune.trial import prune_and_finetune
 
 SPARSITIES = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98)
 TARGET_AT_90 = 0.30  # autoprune's bytes / dense bytes at 90 % sparsity must stay below this

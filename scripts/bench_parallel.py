@@ -25,9 +25,9 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from autoprune.parallel import cores, run_workers, threads_per_worker
-from autoprune.search import open_study
+from autoprune.run.parallel import cores, run_workers, threads_per_worker
 from autoprune.spec import load_spec
+from autoprune.study.study import open_study
 from autoprune.tasks import load_task
 
 SPEC = Path(__file__).resolve().parent.parent / "studies" / "digits_cnn.toml"

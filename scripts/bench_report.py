@@ -37,8 +37,8 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from autoprune import dashboard
-from autoprune.search import STUDY_ATTR, load_study
-from autoprune.sensitivity import SENSITIVITY_ATTR
+from autoprune.study.sensitivity import SENSITIVITY_ATTR
+from autoprune.study.study import STUDY_ATTR, load_study
 
 LAYERS = ("features.0", "features.2", "classifier.1", "classifier.3")
 SIZES = (144, 4608, 32768, 640)  # digits-cnn's prunable weights per layer
@@ -46,7 +46,7 @@ TOTAL = sum(SIZES)
 CRITERIA = ("magnitude", "random", "sensitivity", "taylor")
 EPOCHS, STEPS = 2, 4  # train-loss points per epoch, as digits-cnn records them
 START = datetime.datetime(2024, 1, 1, 12, 0, 0)
-# Functions of autoprune.dashboard timed when the dashboard has them (inclusive times).
+# Functions of autoprune.report.page timed when the dashboard has them (inclusive times).
 DATA = (
     "trials_frame",
     "pareto_front",

@@ -6,7 +6,7 @@ each heuristic schedule, and an autoprune study of at most 60 trials is run (the
 defaults, in memory). The heuristic schedules are ``oneshot`` (pruned, then fine-tuned: rows
 ``lamp``, ``global``, ...) and ``gradual`` (cubic AGP over the same fine-tuning, the schedule
 autoprune's space searches: rows ``lamp+gradual``, ...), both through ``autoprune prune``'s
-code path (:func:`autoprune.heuristics.baseline`). Per method:
+code path (:func:`autoprune.study.warm_start.baseline`). Per method:
 
 - best@s: the test accuracy of the point with the best VALIDATION accuracy among the method's
   front points with sparsity >= s (s = 0.8, 0.9, 0.95, 0.98); test accuracy never selects;
@@ -43,15 +43,14 @@ import torch
 from optuna._hypervolume import compute_hypervolume
 from optuna.trial import TrialState
 
-from autoprune.allocation import ALLOCATIONS
-from autoprune.heuristics import baseline
-from autoprune.masks import prunable_layers
-from autoprune.objective import trial_seed
-from autoprune.policy import SCHEDULES
-from autoprune.search import search
+from autoprune.pruning.allocation import ALLOCATIONS
+from autoprune.pruning.masks import prunable_layers
+from autoprune.pruning.policy import SCHEDULES
 from autoprune.spec import StudySpec
-from autoprune.stopping import EarlyStop
+from autoprune.study.stopping import EarlyStop
+from autoprune.study.study import search
 from autoprune.tasks import load_task
+from autoprune.trial import baseline, trial_seed
 
 SWEEP = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)
 THRESHOLDS = (0.8, 0.9, 0.95, 0.98)

@@ -45,10 +45,10 @@ import torch
 from bench_trial import Ledger as TrialLedger  # this script's folder is on sys.path
 
 from autoprune import storages
-from autoprune.artifacts import ArtifactSpec, FrontWeights, rdb_storage
-from autoprune.front_table import FrontTable
-from autoprune.search import open_study, study_objective
-from autoprune.space import SearchSpace
+from autoprune.study.artifacts import ArtifactSpec, FrontWeights, rdb_storage
+from autoprune.study.front_table import FrontTable
+from autoprune.study.space import SearchSpace
+from autoprune.study.study import open_study, study_objective
 from autoprune.tasks import load_task
 
 SETUPS = ("current", "deferred", "nowal-immediate", "nowal-deferred", "memory")

@@ -36,7 +36,7 @@ from torch import nn
 
 from autoprune import Policy, prune_and_finetune
 from autoprune.measure import Context, Latency, compare_latency, macs
-from autoprune.structured import (
+from autoprune.pruning.structured import (
     ChannelGroup,
     apply_plan,
     channel_groups,

@@ -27,9 +27,9 @@ import torch
 
 from autoprune.cli.searching import _Progress
 from autoprune.errors import TrialFailed
-from autoprune.objective import Objective
-from autoprune.search import STUDY_ATTR, open_study
-from autoprune.space import SearchSpace
+from autoprune.study.objective import Objective
+from autoprune.study.space import SearchSpace
+from autoprune.study.study import STUDY_ATTR, open_study
 from autoprune.tasks import load_task
 
 PHASES = ("scoring", "masking", "finetuning", "evaluation")

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from autoprune import Policy, SpecError, Task
-from autoprune.allocation import (
+from autoprune.pruning.allocation import (
     ALLOCATIONS,
     OFFSET_FACTOR,
     allocate,
@@ -20,7 +20,7 @@ from autoprune.allocation import (
     reallocate,
     register_allocation,
 )
-from autoprune.masks import compute_masks, prunable_layers, score
+from autoprune.pruning.masks import compute_masks, prunable_layers, score
 
 
 def _model() -> nn.Module:

@@ -14,7 +14,10 @@ from optuna.trial import TrialState
 from torch import nn
 
 from autoprune import Task, search
-from autoprune.artifacts import (
+from autoprune.errors import SpecError, StorageError
+from autoprune.pruning.policy import Policy
+from autoprune.spec import spec_from_dict
+from autoprune.study.artifacts import (
     ARTIFACT_ID_ATTR,
     ARTIFACTS_ATTR,
     ArtifactSpec,
@@ -24,11 +27,8 @@ from autoprune.artifacts import (
     resolve_dir,
     save_weights,
 )
-from autoprune.errors import SpecError, StorageError
-from autoprune.objective import PruneResult
-from autoprune.policy import Policy
-from autoprune.spec import spec_from_dict
 from autoprune.train import evaluate
+from autoprune.trial import PruneResult
 
 
 def sparse_state(sparsity: float, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -19,7 +19,7 @@ import optuna
 import pytest
 from test_dashboard import hand_made
 
-from autoprune.dashboard import write_report
+from autoprune.report.page import write_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(

@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 
 import autoprune
 from autoprune.cli import main
-from autoprune.report import pareto_front
+from autoprune.report.data import pareto_front
 from autoprune.tasks import load_task
 
 SPEC = """\

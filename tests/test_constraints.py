@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from autoprune import SearchSpace, SpecError, Task, search
-from autoprune.constraints import Constraints
 from autoprune.spec import StudySpec, spec_from_dict
+from autoprune.study.constraints import Constraints
 
 
 def test_violations_are_positive_when_a_bound_is_missed() -> None:

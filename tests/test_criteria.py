@@ -9,8 +9,8 @@ import torch
 
 import autoprune
 from autoprune import CRITERIA, Policy, SpecError, get_criterion, register_criterion
-from autoprune.criteria import calibration_gradients, criteria_for
-from autoprune.masks import compute_masks, prunable_layers, score
+from autoprune.pruning.criteria import calibration_gradients, criteria_for
+from autoprune.pruning.masks import compute_masks, prunable_layers, score
 
 
 def _weight_and_grad(task: autoprune.Task, layer: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,9 +15,8 @@ from optuna.trial import TrialState, create_trial
 from test_cli import run
 from test_report import TOTAL, VALUES, hand_made_trial
 
-from autoprune.dashboard import dashboard_data, dashboard_figures, watch_report, write_report
 from autoprune.errors import SpecError
-from autoprune.report import (
+from autoprune.report.data import (
     SENSITIVITY_ATTR,
     front_share,
     hypervolume_2d,
@@ -26,7 +25,13 @@ from autoprune.report import (
     states_over_time,
     trials_frame,
 )
-from autoprune.search import STUDY_ATTR
+from autoprune.report.page import (
+    dashboard_data,
+    dashboard_figures,
+    watch_report,
+    write_report,
+)
+from autoprune.study.study import STUDY_ATTR
 
 
 def hand_made(name: str = "hand", storage: object = None, values=VALUES) -> optuna.Study:

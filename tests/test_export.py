@@ -16,18 +16,18 @@ from torch import nn
 
 import autoprune
 from autoprune import Task, search
-from autoprune.artifacts import ARTIFACT_ID_ATTR, load_weights
-from autoprune.errors import SpecError, TaskError
-from autoprune.export import (
+from autoprune.deploy.directory import (
     FILES,
     TASK_REF_ATTR,
     default_task_ref,
     export,
     load,
     macs,
-    pick,
     record_task_ref,
 )
+from autoprune.errors import SpecError, TaskError
+from autoprune.study.artifacts import ARTIFACT_ID_ATTR, load_weights
+from autoprune.study.pick import pick
 from autoprune.train import evaluate
 
 REF = "conftest:make_task"  # tests/ is on sys.path: this rebuilds the tiny task

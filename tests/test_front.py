@@ -5,7 +5,7 @@ from __future__ import annotations
 import optuna
 from optuna.trial import TrialState, create_trial
 
-from autoprune.front import front_trials
+from autoprune.study.front import front_trials
 
 
 def numbers(trials: list[optuna.trial.FrozenTrial]) -> list[int]:

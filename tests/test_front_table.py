@@ -17,8 +17,8 @@ import sqlalchemy as sa
 from test_report import VALUES, hand_made_trial
 
 from autoprune import Task, search
-from autoprune.artifacts import ARTIFACT_ID_ATTR
-from autoprune.front_table import METRIC_COLUMNS, TABLE, FrontTable
+from autoprune.study.artifacts import ARTIFACT_ID_ATTR
+from autoprune.study.front_table import METRIC_COLUMNS, TABLE, FrontTable
 
 PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 

@@ -12,14 +12,14 @@ import torch
 from optuna.trial import TrialState
 
 from autoprune import SearchSpace, SpecError, Task, search, suggest_policy
-from autoprune.allocation import ALLOCATIONS, heuristic_policy
 from autoprune.cli import main
-from autoprune.heuristics import WarmStart, baseline
-from autoprune.masks import prunable_layers
-from autoprune.objective import prune_and_finetune
-from autoprune.samplers import SAMPLERS, make_sampler
-from autoprune.space import heuristic_params
+from autoprune.pruning.allocation import ALLOCATIONS, heuristic_policy
+from autoprune.pruning.masks import prunable_layers
 from autoprune.spec import StudySpec, spec_from_dict
+from autoprune.study.samplers import SAMPLERS, make_sampler
+from autoprune.study.space import heuristic_params
+from autoprune.study.warm_start import WarmStart
+from autoprune.trial import baseline, prune_and_finetune
 
 
 def url(tmp_path: Path) -> str:
@@ -74,7 +74,7 @@ def test_a_new_study_runs_the_warm_starts_first(
 ) -> None:
     space = SearchSpace(parametrization=parametrization, sparsity=(0.0, 0.95))
     warm = WarmStart(allocations=["lamp", "uniform"], sparsities=[0.5, 0.9, 0.99])
-    with caplog.at_level(logging.INFO, logger="autoprune.heuristics"):
+    with caplog.at_level(logging.INFO, logger="autoprune.study.warm_start"):
         study = search(
             tiny_task,
             n_trials=5,

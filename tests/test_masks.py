@@ -11,7 +11,7 @@ from conftest import TinyCNN
 from torch import nn
 
 from autoprune import Policy, TaskError, apply_masks, compute_masks, fold_masks, prunable_layers
-from autoprune.masks import count_nonzero, layer_sparsity
+from autoprune.pruning.masks import count_nonzero, layer_sparsity
 
 LAYERS = ["features.0", "classifier.1", "classifier.3"]
 SIZES = {"features.0": 36, "classifier.1": 1024, "classifier.3": 48}

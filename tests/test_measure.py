@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from autoprune import Policy, SpecError
-from autoprune.masks import apply_masks, fold_masks
 from autoprune.measure import (
     OBJECTIVES,
     Context,
@@ -22,7 +21,8 @@ from autoprune.measure import (
     measure,
     nonzero_params,
 )
-from autoprune.structured import channel_groups, prune_structured
+from autoprune.pruning.masks import apply_masks, fold_masks
+from autoprune.pruning.structured import channel_groups, prune_structured
 
 LAYERS = ("0", "2", "4")
 

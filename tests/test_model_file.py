@@ -12,9 +12,15 @@ from torch import nn
 
 import autoprune
 from autoprune import Policy, TaskError, search
-from autoprune.model_file import export_model, export_trial, load_model, pack_state, unpack_state
-from autoprune.space import SearchSpace
-from autoprune.structured import channel_groups, prune_structured
+from autoprune.deploy.model_file import (
+    export_model,
+    export_trial,
+    load_model,
+    pack_state,
+    unpack_state,
+)
+from autoprune.pruning.structured import channel_groups, prune_structured
+from autoprune.study.space import SearchSpace
 from autoprune.train import evaluate
 
 

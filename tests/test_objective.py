@@ -10,8 +10,8 @@ from torch import nn
 
 import autoprune
 from autoprune import Policy, prune_and_finetune
-from autoprune.criteria import calibration_gradients, criteria_for
-from autoprune.masks import compute_masks, score
+from autoprune.pruning.criteria import calibration_gradients, criteria_for
+from autoprune.pruning.masks import compute_masks, score
 
 LAYERS = ["features.0", "classifier.1", "classifier.3"]
 SIZES = {"features.0": 36, "classifier.1": 1024, "classifier.3": 48}
@@ -102,7 +102,7 @@ def test_metrics_are_present_and_consistent(tiny_task: autoprune.Task) -> None:
     assert metrics["sparsity"] == 1.0 - metrics["density"]
     assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["test_accuracy"] <= 1.0
     assert metrics["accuracy"] == autoprune.train.evaluate(result.model, tiny_task, "val")[0]
-    assert result.layer_sparsity == autoprune.masks.layer_sparsity(result.model, LAYERS)
+    assert result.layer_sparsity == autoprune.pruning.masks.layer_sparsity(result.model, LAYERS)
     assert set(result.timings) == {"scoring", "masking", "finetuning", "evaluation"}
     assert all(t >= 0 for t in result.timings.values())
     assert len(result.history["val"]) == tiny_task.finetune_epochs + 1

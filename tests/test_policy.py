@@ -8,7 +8,7 @@ import math
 import pytest
 
 from autoprune import Policy, SpecError
-from autoprune.criteria import criteria_for
+from autoprune.pruning.criteria import criteria_for
 
 SPARSITY = {"features.0": 0.25, "classifier.1": 0.9, "classifier.3": 0.0}
 

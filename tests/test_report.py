@@ -12,8 +12,8 @@ import pytest
 from optuna.trial import TrialState, create_trial
 
 from autoprune import Task, pareto_front, search, write_report
-from autoprune.report import COLUMNS, trials_frame
-from autoprune.search import STUDY_ATTR
+from autoprune.report.data import COLUMNS, trials_frame
+from autoprune.study.study import STUDY_ATTR
 
 LAYERS = ["features.0", "classifier.1", "classifier.3"]
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from autoprune import Policy, SearchSpace, SpecError, Task, suggest_policy
-from autoprune.masks import count_nonzero, prunable_layers, score
-from autoprune.objective import prune_and_finetune
-from autoprune.schedule import AGP_END, SCHEDULE_FUNCTIONS, agp_fraction, steps_per_epoch
+from autoprune.pruning.masks import count_nonzero, prunable_layers, score
+from autoprune.pruning.schedule import AGP_END, SCHEDULE_FUNCTIONS, agp_fraction, steps_per_epoch
+from autoprune.trial import prune_and_finetune
 
 
 def test_agp_fraction_is_a_cubic_ramp() -> None:

@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from autoprune import SearchSpace, Task, load_study, materialize, pareto_front, search
 from autoprune.errors import StorageError, TaskError
-from autoprune.masks import count_nonzero, prunable_layers
-from autoprune.search import STUDY_ATTR
+from autoprune.pruning.masks import count_nonzero, prunable_layers
+from autoprune.study.study import STUDY_ATTR
 from autoprune.train import evaluate
 
 LAYERS = ["features.0", "classifier.1", "classifier.3"]
@@ -402,7 +402,7 @@ def test_load_study_does_not_create_a_database(tmp_path: Path) -> None:
 
 def test_structured_study_with_macs_and_latency(resnet_task: Task, tmp_path: Path) -> None:
     from autoprune.measure import Context, Latency, macs
-    from autoprune.report import write_report
+    from autoprune.report.page import write_report
 
     space = SearchSpace(granularities=["structured"], blocks=["stages.*.1"], round_to=2)
     objectives = ["accuracy", "macs", "latency_ms"]

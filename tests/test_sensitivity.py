@@ -8,14 +8,14 @@ import pytest
 
 from autoprune import SearchSpace, Task
 from autoprune.cli import main
-from autoprune.masks import prunable_layers
-from autoprune.search import open_study, optimize
-from autoprune.sensitivity import (
+from autoprune.pruning.masks import prunable_layers
+from autoprune.study.sensitivity import (
     SENSITIVITY_ATTR,
     analyze,
     layer_sensitivity,
     sensitivity_offsets,
 )
+from autoprune.study.study import open_study, optimize
 from autoprune.train import evaluate
 
 

@@ -10,7 +10,7 @@ import optuna
 import pytest
 
 from autoprune import Policy, SearchSpace, SpecError, suggest_policy
-from autoprune.policy import RULES, SCOPES
+from autoprune.pruning.policy import RULES, SCOPES
 
 LAYERS = ["features.0", "classifier.1", "classifier.3"]
 

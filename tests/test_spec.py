@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from autoprune.errors import SpecError
-from autoprune.space import SearchSpace
 from autoprune.spec import Finetune, StudySpec, load_spec, parse_duration, spec_from_dict
+from autoprune.study.space import SearchSpace
 
 STUDIES = Path(__file__).resolve().parent.parent / "studies"
 
@@ -121,7 +121,7 @@ def test_rejections_name_key_and_value(tmp_path: Path, text: str, expected: str)
     assert spec_error(path) == f"{path}: {expected}"
 
 
-# Messages of the search space's own checks (worded in autoprune.space): the spec prefixes
+# Messages of the search space's own checks (worded in autoprune.study.space): the spec prefixes
 # them with the file and "[space]"; here only the key and the bad value are pinned.
 @pytest.mark.parametrize(
     ("text", "key", "value"),

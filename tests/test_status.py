@@ -11,11 +11,11 @@ import optuna
 import pytest
 
 from autoprune.cli import main
-from autoprune.search import open_study
-from autoprune.space import SearchSpace
-from autoprune.status import hypervolume, study_status
+from autoprune.run.status import hypervolume, study_status
+from autoprune.run.worker import run_worker, worker_id
+from autoprune.study.space import SearchSpace
+from autoprune.study.study import open_study
 from autoprune.task import Task
-from autoprune.worker import run_worker, worker_id
 
 pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed")
 

@@ -11,10 +11,10 @@ from optuna.trial import TrialState, create_trial
 
 from autoprune import SearchSpace, SpecError, Task
 from autoprune.cli._common import print_counts
-from autoprune.objective import DIRECTIONS
-from autoprune.search import open_study, optimize
 from autoprune.spec import StudySpec, spec_from_dict
-from autoprune.stopping import EarlyStop, front_accuracy
+from autoprune.study.objective import DIRECTIONS
+from autoprune.study.stopping import EarlyStop, front_accuracy
+from autoprune.study.study import open_study, optimize
 
 
 def _trial(accuracy: float, nonzero: float, density: float) -> optuna.trial.FrozenTrial:

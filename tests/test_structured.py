@@ -14,8 +14,8 @@ from torch import nn
 
 import autoprune
 from autoprune import Policy, SpecError, TaskError, prune_and_finetune
-from autoprune.criteria import criteria_for, get_criterion
-from autoprune.structured import (
+from autoprune.pruning.criteria import criteria_for, get_criterion
+from autoprune.pruning.structured import (
     Plan,
     apply_plan,
     channel_groups,
@@ -91,7 +91,7 @@ def fake_grads(model: nn.Module) -> dict[str, torch.Tensor]:
     return {
         name: torch.rand(m.weight.shape, generator=g)
         for name, m in model.named_modules()
-        if isinstance(m, autoprune.masks.PRUNABLE_TYPES)
+        if isinstance(m, autoprune.pruning.masks.PRUNABLE_TYPES)
     }
 
 

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from autoprune import Task, TaskError
-from autoprune.masks import prunable_layers
-from autoprune.search import model_fingerprint
+from autoprune.pruning.masks import prunable_layers
+from autoprune.study.study import model_fingerprint
 from autoprune.tasks import TASKS, load_task
 from autoprune.tasks import _cache as cache
 from autoprune.train import evaluate

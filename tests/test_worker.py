@@ -25,13 +25,13 @@ from worker_tasks import GATHER, HOLD, held
 
 from autoprune.cli import main
 from autoprune.errors import TrialFailed
-from autoprune.search import STUDY_ATTR, open_study
-from autoprune.space import SearchSpace
+from autoprune.run.worker import SURPLUS_ATTR, WORKER_ATTR, counted, run_worker
 from autoprune.spec import spec_from_dict
-from autoprune.storages import open_storage
+from autoprune.study.space import SearchSpace
+from autoprune.study.storages import open_storage
+from autoprune.study.study import STUDY_ATTR, open_study
 from autoprune.task import Task
 from autoprune.tasks import load_task
-from autoprune.worker import SURPLUS_ATTR, WORKER_ATTR, counted, run_worker
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -326,8 +326,8 @@ def test_counted_leaves_out_retried_and_surplus_trials() -> None:
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed")
 def test_a_trial_past_the_target_is_surplus_and_not_run(tiny_task: Task, tmp_path) -> None:
-    from autoprune.objective import Objective
-    from autoprune.worker import _Stop, _WorkerObjective
+    from autoprune.run.worker import _Stop, _WorkerObjective
+    from autoprune.study.objective import Objective
 
     study = in_process_study(tiny_task, tmp_path, 1)
     setup = study.user_attrs[STUDY_ATTR]
@@ -370,7 +370,7 @@ def test_a_worker_that_differs_is_refused(
 def test_recover_orphans_fails_and_retries_trials_of_dead_local_workers(
     tiny_task: Task, tmp_path: Path
 ) -> None:
-    from autoprune.worker import recover_orphans
+    from autoprune.run.worker import recover_orphans
 
     study = in_process_study(tiny_task, tmp_path, 5)
     dead = subprocess.Popen(["true"])

@@ -10,7 +10,7 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from autoprune.status import StudyStatus
+from autoprune.run.status import StudyStatus
 
 DEFAULT_STORAGE = "sqlite:///autoprune.db"
 _STATE_WORDS = {TrialState.PRUNED: "stopped early"}
@@ -54,7 +54,7 @@ def sparsity(text: str) -> float:
 
 
 def print_counts(study: optuna.Study) -> None:
-    # A PRUNED trial is one that autoprune.stopping stopped early: say so in our words.
+    # A PRUNED trial is one that autoprune.study.stopping stopped early: say so in our words.
     states = pd.Series(
         [_STATE_WORDS.get(t.state, t.state.name.lower()) for t in study.get_trials(deepcopy=False)]
     )

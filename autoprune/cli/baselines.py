@@ -9,14 +9,14 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from autoprune.allocation import ALLOCATIONS
 from autoprune.cli._common import DEFAULT_STORAGE, sparsity
-from autoprune.heuristics import baseline
-from autoprune.masks import prunable_layers
-from autoprune.search import open_study
-from autoprune.sensitivity import analyze
+from autoprune.pruning.allocation import ALLOCATIONS
+from autoprune.pruning.masks import prunable_layers
 from autoprune.spec import load_spec
+from autoprune.study.sensitivity import analyze
+from autoprune.study.study import open_study
 from autoprune.tasks import load_task
+from autoprune.trial import baseline
 
 
 def _prune(args: argparse.Namespace) -> int:

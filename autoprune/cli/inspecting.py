@@ -6,14 +6,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from autoprune.artifacts import FrontWeights
 from autoprune.cli._common import DEFAULT_STORAGE, front_text, positive_float, study_arguments
-from autoprune.dashboard import watch_report, write_report
+from autoprune.deploy.directory import export
 from autoprune.errors import SpecError
-from autoprune.export import export, pick
-from autoprune.report import pareto_front
-from autoprune.search import load_study
-from autoprune.trial_metrics import metric_names, study_total_params, trial_metrics
+from autoprune.report.data import pareto_front
+from autoprune.report.page import watch_report, write_report
+from autoprune.study.artifacts import FrontWeights
+from autoprune.study.pick import pick
+from autoprune.study.study import load_study
+from autoprune.study.trial_metrics import metric_names, study_total_params, trial_metrics
 
 
 def _front(args: argparse.Namespace) -> int:

@@ -14,7 +14,6 @@ import torch
 from optuna.trial import FrozenTrial
 from tqdm import tqdm
 
-from autoprune.artifacts import resolve_dir
 from autoprune.cli._common import (
     DEFAULT_STORAGE,
     front_text,
@@ -23,16 +22,17 @@ from autoprune.cli._common import (
     status_text,
     study_arguments,
 )
-from autoprune.dashboard import write_report
-from autoprune.export import record_task_ref
-from autoprune.parallel import run_workers
-from autoprune.report import pareto_front
-from autoprune.search import STUDY_ATTR, load_study, open_study
+from autoprune.deploy.directory import record_task_ref
+from autoprune.report.data import pareto_front
+from autoprune.report.page import write_report
+from autoprune.run.parallel import run_workers
+from autoprune.run.status import study_status
+from autoprune.run.worker import join_study, run_worker
 from autoprune.spec import load_spec, parse_duration
-from autoprune.status import study_status
-from autoprune.storages import GRACE_FACTOR, HEARTBEAT
+from autoprune.study.artifacts import resolve_dir
+from autoprune.study.storages import GRACE_FACTOR, HEARTBEAT
+from autoprune.study.study import STUDY_ATTR, load_study, open_study
 from autoprune.tasks import load_task
-from autoprune.worker import join_study, run_worker
 
 
 class _Progress:

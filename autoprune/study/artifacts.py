@@ -32,10 +32,10 @@ from optuna.trial import FrozenTrial, TrialState
 from torch import Tensor
 
 from autoprune.errors import SpecError, StorageError
-from autoprune.front import front_trials
-from autoprune.model_file import pack_tensor, unpack_tensor
-from autoprune.objective import PruneResult
-from autoprune.storages import JOURNAL_PREFIX, is_journal, journal_path
+from autoprune.pruning.codec import pack_tensor, unpack_tensor
+from autoprune.study.front import front_trials
+from autoprune.study.storages import JOURNAL_PREFIX, is_journal, journal_path
+from autoprune.trial import PruneResult
 
 logger = logging.getLogger(__name__)
 

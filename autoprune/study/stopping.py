@@ -17,8 +17,8 @@ import optuna
 from torch import nn
 
 from autoprune.errors import SpecError
-from autoprune.front import front_trials
-from autoprune.masks import count_nonzero
+from autoprune.pruning.masks import count_nonzero
+from autoprune.study.front import front_trials
 from autoprune.train import EpochHook
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import optuna
 
 from autoprune.errors import SpecError
-from autoprune.space import SearchSpace
+from autoprune.study.space import SearchSpace
 
 SamplerFactory = Callable[[int, SearchSpace], optuna.samplers.BaseSampler]
 

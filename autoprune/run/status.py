@@ -19,10 +19,10 @@ from optuna._hypervolume import compute_hypervolume  # Optuna's, not public API
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from autoprune.front import front_trials
-from autoprune.objective import METRIC_NAMES
-from autoprune.search import STUDY_ATTR
-from autoprune.worker import STATE_WORDS, WORKER_ATTR, counted
+from autoprune.run.worker import STATE_WORDS, WORKER_ATTR, counted
+from autoprune.study.front import front_trials
+from autoprune.study.objective import METRIC_NAMES
+from autoprune.study.study import STUDY_ATTR
 
 SPARSITY_LEVELS = (0.5, 0.75, 0.9, 0.95)
 

@@ -10,10 +10,10 @@ from typing import Any
 import optuna
 from torch import nn
 
-from autoprune.allocation import allocate, get_allocation, reallocate
-from autoprune.criteria import CRITERIA, GRANULARITIES, get_criterion
 from autoprune.errors import SpecError
-from autoprune.policy import RULES, SCHEDULES, SCOPES, Policy
+from autoprune.pruning.allocation import allocate, get_allocation, reallocate
+from autoprune.pruning.criteria import CRITERIA, GRANULARITIES, get_criterion
+from autoprune.pruning.policy import RULES, SCHEDULES, SCOPES, Policy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,10 +43,10 @@ class SearchSpace:
             sparsity (searched on a log-density scale within ``sparsity``), a base allocation
             from ``allocations`` and one offset per layer that moves its density by up to
             ``OFFSET_FACTOR`` either way; the target is always hit exactly.
-        allocations: Names of registered allocations (see :mod:`autoprune.allocation`) the
+        allocations: Names of registered allocations (see :mod:`autoprune.pruning.allocation`) the
             ``allocation`` parametrization starts from.
         schedules: Any of ``"oneshot"``, ``"gradual"``, ``"gradual-regrow"`` (see
-            :mod:`autoprune.schedule`); searched as a categorical when there are several.
+            :mod:`autoprune.pruning.schedule`); searched as a categorical when there are several.
 
     Raises:
         SpecError: Naming the first bad argument and its value.
@@ -164,8 +164,8 @@ def suggest_policy(
     model: nn.Module | None = None,
 ) -> Policy:
     """Draw a policy for ``layers`` (unstructured) or channel ``groups`` (structured, see
-    :func:`autoprune.structured.channel_groups`) from ``trial``; structured trials may remove
-    any of the residual ``blocks``.
+    :func:`autoprune.pruning.structured.channel_groups`) from ``trial``; structured trials may
+    remove any of the residual ``blocks``.
 
     Works on a live ``Trial`` (sampling) and on a ``FrozenTrial`` (replaying its params), so
     any finished trial's policy can be rebuilt from ``trial.params``.

@@ -15,9 +15,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
-from autoprune.criteria import get_criterion
 from autoprune.errors import TaskError
-from autoprune.policy import Policy
+from autoprune.pruning.criteria import get_criterion
+from autoprune.pruning.policy import Policy
 
 PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 

@@ -1,4 +1,4 @@
-"""Plotly figures of the report: each draws a frame that :mod:`autoprune.report` computed.
+"""Plotly figures of the report: each draws a frame that :mod:`autoprune.report.data` computed.
 
 Nothing here computes a number the page shows; a figure with nothing to draw says why.
 """
@@ -12,7 +12,7 @@ import pandas as pd
 import plotly.colors
 import plotly.graph_objects as go
 
-from autoprune.front import front_trials
+from autoprune.study.front import front_trials
 
 PALETTE = plotly.colors.qualitative.Plotly
 _SIZE_TITLES = {
@@ -29,7 +29,7 @@ def pareto_figure(
     """Validation accuracy against a size objective (log); dominated trials faded.
 
     Args:
-        frame: :func:`autoprune.report.trials_frame` output; with a ``study`` column, each
+        frame: :func:`autoprune.report.data.trials_frame` output; with a ``study`` column, each
             study gets its own colour, and a ``key`` column becomes each point's
             ``customdata`` (what a click handler receives; the trial number otherwise).
         size: The column on the x axis.

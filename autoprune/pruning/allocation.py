@@ -24,8 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from autoprune.errors import SpecError
-from autoprune.masks import compute_masks, weights
-from autoprune.policy import Policy
+from autoprune.pruning.masks import compute_masks, weights
+from autoprune.pruning.policy import Policy
 
 # ``(weights by layer, target sparsity) -> pruned weights by layer``
 AllocationFn = Callable[[Mapping[str, Tensor], float], dict[str, int]]
@@ -143,7 +143,7 @@ def _check_target(target: float) -> None:
 
 def _ranked(scores: Mapping[str, Tensor], target: float) -> dict[str, int]:
     """Pruned counts of one global ranking of ``scores`` (the global scope of
-    :func:`autoprune.masks.compute_masks`), each layer's best weight kept."""
+    :func:`autoprune.pruning.masks.compute_masks`), each layer's best weight kept."""
     guarded = {}
     for k, s in scores.items():
         s = s.flatten().float().clone()

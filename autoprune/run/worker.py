@@ -39,21 +39,21 @@ from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
 from autoprune._version import __version__
-from autoprune.artifacts import ArtifactSpec
-from autoprune.constraints import Constraints
 from autoprune.errors import SpecError, StorageError, TrialFailed
-from autoprune.objective import Objective
-from autoprune.samplers import make_sampler
-from autoprune.search import (
+from autoprune.spec import StudySpec, spec_from_dict
+from autoprune.study.artifacts import ArtifactSpec
+from autoprune.study.constraints import Constraints
+from autoprune.study.objective import Objective
+from autoprune.study.samplers import make_sampler
+from autoprune.study.stopping import EarlyStop
+from autoprune.study.storages import HEARTBEAT, retried_numbers, retry_callback
+from autoprune.study.study import (
     STUDY_ATTR,
     Callback,
     load_study,
     open_study,
     study_objective,
 )
-from autoprune.spec import StudySpec, spec_from_dict
-from autoprune.stopping import EarlyStop
-from autoprune.storages import HEARTBEAT, retried_numbers, retry_callback
 from autoprune.task import Task
 from autoprune.tasks import load_task
 
@@ -175,10 +175,10 @@ def run_worker(
     constraints: Constraints | None = None,
     early_stop: EarlyStop | None = None,
 ) -> WorkerSummary:
-    """Run trials of ``study`` (opened by :func:`autoprune.search.open_study`) until it holds
+    """Run trials of ``study`` (opened by :func:`autoprune.study.study.open_study`) until it holds
     ``target`` counted trials, ``timeout`` seconds pass (no trial starts after), or SIGINT or
     SIGTERM arrive (see the module docstring). Front weights and the ``autoprune_front``
-    table are kept as :func:`autoprune.search.optimize` keeps them. Returns what this
+    table are kept as :func:`autoprune.study.study.optimize` keeps them. Returns what this
     worker did."""
     if target < 1:
         raise ValueError(f"target must be >= 1, got {target}")

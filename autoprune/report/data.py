@@ -1,7 +1,8 @@
 """Report data: the front and the trials as tables, and what the dashboard draws from them.
 
 Computing is kept apart from drawing: everything here is a plain DataFrame or dict (tested on
-its own); :mod:`autoprune.figures` draws them and :mod:`autoprune.dashboard` lays out the page.
+its own); :mod:`autoprune.report.figures` draws them and :mod:`autoprune.report.page` lays
+out the page.
 """
 
 from __future__ import annotations
@@ -9,8 +10,7 @@ from __future__ import annotations
 import datetime
 import math
 import warnings
-from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import optuna
@@ -18,11 +18,11 @@ import pandas as pd
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from autoprune.figures import loss_curves_figure, pareto_figure
-from autoprune.front import front_trials
-from autoprune.search import STUDY_ATTR
-from autoprune.sensitivity import SENSITIVITY_ATTR  # {layer: [[sparsity, accuracy], ...]}
-from autoprune.trial_metrics import (
+from autoprune.report.figures import loss_curves_figure, pareto_figure
+from autoprune.study.front import front_trials
+from autoprune.study.sensitivity import SENSITIVITY_ATTR  # {layer: [[sparsity, accuracy], ...]}
+from autoprune.study.study import STUDY_ATTR
+from autoprune.study.trial_metrics import (
     ACCURACY,
     metric_names,
     size_metric,
@@ -67,7 +67,6 @@ __all__ = [
     "states_over_time",
     "trial_details",
     "trials_frame",
-    "write_report",
 ]
 
 
@@ -308,13 +307,3 @@ def trial_details(study: optuna.Study, *, key_prefix: str = "") -> dict[str, dic
             "history": trial.user_attrs.get("history", {}),
         }
     return details
-
-
-def write_report(
-    studies: optuna.Study | Sequence[optuna.Study], path: str | Path, **kwargs: Any
-) -> Path:
-    """Write the HTML dashboard of one or more studies (:func:`autoprune.dashboard.write_report`;
-    kept here, where it always was)."""
-    from autoprune.dashboard import write_report as write
-
-    return write(studies, path, **kwargs)

@@ -22,16 +22,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from autoprune.errors import AutopruneError, SpecError
-from autoprune.figures import (
-    hypervolume_figure,
-    importance_figure,
-    loss_curves_figure,
-    pareto_figure,
-    sensitivity_figure,
-    share_figure,
-    states_figure,
-)
-from autoprune.report import (
+from autoprune.report.data import (
     front_share,
     hypervolume_history,
     param_importances,
@@ -41,8 +32,18 @@ from autoprune.report import (
     trial_details,
     trials_frame,
 )
-from autoprune.search import STUDY_ATTR
-from autoprune.trial_metrics import size_metric
+from autoprune.report.figures import (
+    hypervolume_figure,
+    importance_figure,
+    loss_curves_figure,
+    pareto_figure,
+    sensitivity_figure,
+    share_figure,
+    states_figure,
+)
+from autoprune.study.pick import pick
+from autoprune.study.study import STUDY_ATTR
+from autoprune.study.trial_metrics import size_metric
 
 logger = logging.getLogger(__name__)
 
@@ -126,8 +127,6 @@ def _stack(frames: list[pd.DataFrame]) -> pd.DataFrame:
 
 def _initial(study: optuna.Study) -> str | None:
     """The trial shown before any click: the knee of the first study's front."""
-    from autoprune.export import pick
-
     try:
         return f"{study.study_name}/{pick(study, knee=True).number}"
     except AutopruneError:  # an empty front

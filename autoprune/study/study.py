@@ -12,29 +12,32 @@ import optuna
 from optuna.trial import FrozenTrial
 from torch import nn
 
-from autoprune import measure, storages, structured
+from autoprune import measure
 from autoprune._version import __version__
-from autoprune.artifacts import ArtifactSpec, FrontWeights
-from autoprune.constraints import Constraints
 from autoprune.errors import StorageError, TaskError, TrialFailed
-from autoprune.front_table import FrontTable
-from autoprune.heuristics import WarmStart, enqueue_warm_starts
-from autoprune.masks import count_nonzero, prunable_layers
-from autoprune.objective import METRIC_NAMES, Objective, PruneResult, prune_and_finetune
-from autoprune.policy import Policy
-from autoprune.samplers import make_sampler
-from autoprune.space import SearchSpace
-from autoprune.stopping import EarlyStop
-from autoprune.study_setup import check_same_setup, structured_setup
+from autoprune.pruning import structured
+from autoprune.pruning.masks import count_nonzero, prunable_layers
+from autoprune.pruning.policy import Policy
+from autoprune.study import storages
+from autoprune.study.artifacts import ArtifactSpec, FrontWeights
+from autoprune.study.constraints import Constraints
+from autoprune.study.front_table import FrontTable
+from autoprune.study.objective import METRIC_NAMES, Objective
+from autoprune.study.samplers import make_sampler
+from autoprune.study.setup import check_same_setup, structured_setup
+from autoprune.study.space import SearchSpace
+from autoprune.study.stopping import EarlyStop
+from autoprune.study.warm_start import WarmStart, enqueue_warm_starts
 from autoprune.task import Task
 from autoprune.train import evaluate
+from autoprune.trial import PruneResult, prune_and_finetune
 
 logger = logging.getLogger(__name__)
 
 # Key of the study user attr holding what the study was created with.
 STUDY_ATTR = "autoprune"
 Callback = Callable[[optuna.Study, FrozenTrial], None]
-# The sampler of a study whose spec names none (see autoprune.samplers.SAMPLERS).
+# The sampler of a study whose spec names none (see autoprune.study.samplers.SAMPLERS).
 DEFAULT_SAMPLER = "tpe"
 
 
@@ -70,7 +73,7 @@ def search(
         study_name: Name of the study; an existing study of that name is resumed.
         seed: Seeds the sampler and every trial's fine-tuning.
         space: The search space; :class:`SearchSpace` defaults if None.
-        sampler: A sampler, or the name of one in :data:`autoprune.samplers.SAMPLERS`
+        sampler: A sampler, or the name of one in :data:`autoprune.study.samplers.SAMPLERS`
             (seeded); None: ``DEFAULT_SAMPLER``.
         warm_start: Heuristic policies a new study tries first (``WarmStart()``: LAMP, global
             magnitude and ERK over a spread of sparsities, the spec's default); None: none.
@@ -78,7 +81,7 @@ def search(
         early_stop: Stops hopeless trials after their first epoch (state PRUNED); None: never.
         callbacks: Called as ``callback(study, trial)`` after each trial.
         artifacts: Where the weights of front trials are kept (see
-            :class:`autoprune.artifacts.ArtifactSpec`; default: next to a SQLite file).
+            :class:`autoprune.study.artifacts.ArtifactSpec`; default: next to a SQLite file).
         front_table: Keep the ``autoprune_front`` table of a database storage up to date.
         objectives: ``"accuracy"``, then one or two of :data:`autoprune.measure.OBJECTIVES`.
         latency: How ``latency_ms`` is measured (batch size, threads, repeats).
@@ -222,9 +225,9 @@ def open_study(
     Args:
         spec: The run's study spec (:meth:`autoprune.spec.StudySpec.to_dict`), stored with
             the study together with this autoprune version, so that workers can join it
-            without a file (see :mod:`autoprune.worker`); each run stores its own.
+            without a file (see :mod:`autoprune.run.worker`); each run stores its own.
         heartbeat: Seconds between heartbeats of running trials, for an RDB URL (None: no
-            heartbeats); see :mod:`autoprune.storages`.
+            heartbeats); see :mod:`autoprune.study.storages`.
         warm_start: Heuristic trials enqueued when the study is created (see :func:`search`).
         budget: The trials the study is to run, if known: warm starts take at most half.
 

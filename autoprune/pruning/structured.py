@@ -8,7 +8,7 @@ per group, one score per channel summed over the group's layers.
 
 A structured policy becomes a :class:`Plan` (which channels of which group, which blocks go):
 plain data that can be stored, and replayed on the base architecture to rebuild the pruned
-model's shapes without unpickling anything (see :mod:`autoprune.export`).
+model's shapes without unpickling anything (see :mod:`autoprune.deploy.directory`).
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from autoprune.criteria import calibration_gradients, get_criterion
 from autoprune.errors import TaskError
-from autoprune.masks import PRUNABLE_TYPES, compute_masks
-from autoprune.policy import Policy
+from autoprune.pruning.criteria import calibration_gradients, get_criterion
+from autoprune.pruning.masks import PRUNABLE_TYPES, compute_masks
+from autoprune.pruning.policy import Policy
 from autoprune.task import Task
 
 _NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)

@@ -1,6 +1,6 @@
 """What a study is made with, and the check that a resumed study was made with the same.
 
-:func:`autoprune.search.open_study` stores the setup (task, fine-tuning recipe, layers,
+:func:`autoprune.study.study.open_study` stores the setup (task, fine-tuning recipe, layers,
 space, seed, model fingerprint, objectives; for a structured space, its channel groups and
 blocks) in the study's ``autoprune`` user attr; a run that resumes the study must bring the
 same setup.
@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from autoprune import structured
-from autoprune.criteria import get_criterion
 from autoprune.errors import StorageError, TaskError
-from autoprune.objective import METRIC_NAMES
-from autoprune.space import SearchSpace
+from autoprune.pruning import structured
+from autoprune.pruning.criteria import get_criterion
+from autoprune.study.objective import METRIC_NAMES
+from autoprune.study.space import SearchSpace
 from autoprune.task import Task
 
 # Setup keys newer than the first studies, as those studies were made: they still resume.

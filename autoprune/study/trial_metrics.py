@@ -12,7 +12,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial
 
-from autoprune.objective import METRIC_NAMES
+from autoprune.study.objective import METRIC_NAMES
 
 ACCURACY = "accuracy"
 # User attrs that are bookkeeping, not measurements.
@@ -48,7 +48,7 @@ def trial_metrics(
 
 def study_total_params(study: optuna.Study) -> float | None:
     """The dense model's prunable weights, as recorded in an autoprune study."""
-    from autoprune.search import STUDY_ATTR
+    from autoprune.study.study import STUDY_ATTR
 
     dense = study.user_attrs.get(STUDY_ATTR, {}).get("dense", {})
     return dense.get("total_params")

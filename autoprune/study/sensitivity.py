@@ -15,9 +15,9 @@ from collections.abc import Mapping, Sequence
 
 import optuna
 
-from autoprune.masks import apply_masks, compute_masks, score
-from autoprune.policy import Policy
-from autoprune.space import SearchSpace, heuristic_params
+from autoprune.pruning.masks import apply_masks, compute_masks, score
+from autoprune.pruning.policy import Policy
+from autoprune.study.space import SearchSpace, heuristic_params
 from autoprune.task import Task
 from autoprune.train import evaluate
 
@@ -83,7 +83,7 @@ def analyze(
 ) -> tuple[Curves, int]:
     """Compute the curves of the study's layers, store them in the study, and enqueue the prior
     at ``prior_sparsities`` (see :func:`enqueue_prior`); return the curves and that count."""
-    from autoprune.search import STUDY_ATTR  # search imports the objective: import it late
+    from autoprune.study.study import STUDY_ATTR  # search imports the objective: import it late
 
     setup = study.user_attrs[STUDY_ATTR]
     curves = layer_sensitivity(task, setup["layers"])

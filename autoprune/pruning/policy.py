@@ -8,12 +8,12 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from autoprune.criteria import GRANULARITIES, get_criterion
 from autoprune.errors import SpecError
+from autoprune.pruning.criteria import GRANULARITIES, get_criterion
 
 SCOPES = ("layer", "global")
 RULES = ("ratio", "mean")
-# When the sparsity is reached during fine-tuning (see autoprune.schedule).
+# When the sparsity is reached during fine-tuning (see autoprune.pruning.schedule).
 SCHEDULES = ("oneshot", "gradual", "gradual-regrow")
 
 
@@ -25,7 +25,8 @@ class Policy:
         sparsity: Layer name (module path, e.g. ``"features.0"``) → fraction of its weights to
             prune. With the ``ratio`` rule this is the target; with the ``mean`` rule it is the
             most that layer may be pruned. Only the named layers are pruned.
-        criterion: Name of a registered criterion (see :data:`autoprune.criteria.CRITERIA`).
+        criterion: Name of a registered criterion (see
+            :data:`autoprune.pruning.criteria.CRITERIA`).
         scope: ``"layer"``: each layer is ranked on its own. ``"global"``: one threshold over
             all layers' scores; with the ``ratio`` rule the total pruned count is
             ``sum(sparsity[l] * size(l))`` and the split between layers follows the scores.
@@ -35,14 +36,14 @@ class Policy:
         granularity: ``"unstructured"``: zero single weights (masks). ``"structured"``:
             remove whole output channels/neurons, so the model gets smaller and faster. Then
             ``sparsity`` is keyed by channel group (the first layer of a set of layers whose
-            output channels are coupled, see :mod:`autoprune.structured`) and is the fraction
-            of the group's channels removed, and ``criterion`` must score channels.
+            output channels are coupled, see :mod:`autoprune.pruning.structured`) and is the
+            fraction of the group's channels removed, and ``criterion`` must score channels.
         round_to: Structured only: kept channel counts are rounded to a multiple of this.
         removed_blocks: Structured only: module paths of residual blocks removed as a whole
             (replaced by the identity path).
         schedule: ``"oneshot"``: pruned before fine-tuning. ``"gradual"``: pruned step by step
             on a cubic ramp during fine-tuning; ``"gradual-regrow"``: the same, letting pruned
-            weights come back when their score recovers (see :mod:`autoprune.schedule`).
+            weights come back when their score recovers (see :mod:`autoprune.pruning.schedule`).
 
     Raises:
         SpecError: On an unknown criterion, scope, rule, granularity or schedule, a criterion

@@ -1,35 +1,29 @@
-"""One trial: policy → pruned copy → fine-tune → numbers."""
+"""One trial: policy → pruned copy → fine-tune → numbers. Pure torch; no Optuna.
+
+:func:`prune_and_finetune` is the whole trial; :func:`baseline` is the same trial for a
+heuristic policy of the literature (``autoprune prune``).
+"""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Literal
 
-import optuna
 import torch
 from torch import Tensor, nn
 
-from autoprune import measure, structured
-from autoprune.constraints import Constraints
-from autoprune.criteria import calibration_gradients, get_criterion
-from autoprune.errors import TrialFailed
-from autoprune.masks import fold_masks, prunable_layers, score
-from autoprune.policy import Policy
-from autoprune.schedule import SCHEDULE_FUNCTIONS, steps_per_epoch
-from autoprune.space import SearchSpace, suggest_policy
-from autoprune.stopping import EarlyStop
+from autoprune import measure
+from autoprune.pruning import structured
+from autoprune.pruning.allocation import heuristic_policy
+from autoprune.pruning.criteria import calibration_gradients, get_criterion
+from autoprune.pruning.masks import fold_masks, prunable_layers, score
+from autoprune.pruning.policy import Policy
+from autoprune.pruning.schedule import SCHEDULE_FUNCTIONS, steps_per_epoch
 from autoprune.task import Task
 from autoprune.train import EpochHook, StepHook, evaluate, fit
-
-# The default objectives, in order; a study stores its own (``study.metric_names``).
-METRIC_NAMES = measure.DEFAULT_OBJECTIVES
-DIRECTIONS: list[Literal["maximize", "minimize"]] = measure.directions(METRIC_NAMES)
-# Called with (trial, result, values) once a trial's numbers are in, e.g. to store its weights.
-ResultHook = Callable[[optuna.Trial, "PruneResult", Sequence[float]], object]
 
 
 @dataclasses.dataclass
@@ -142,102 +136,34 @@ def _layer_sparsity(model: nn.Module, dense: nn.Module, layers: Sequence[str]) -
     return sparsity
 
 
-class Objective:
-    """The Optuna objective: ``objective(trial) -> (val accuracy, size, [size])``.
-
-    The size objectives are named in ``objectives`` (see :mod:`autoprune.measure`).
-    Everything a trial produces besides its values is kept in its user attrs: the policy,
-    its seed, test accuracy, density, per-layer sparsity, loss curves and a time split.
-    ``on_result(trial, result, values)``, if given, is called before the values are returned
-    (it is how the weights of front trials are stored).
-    ``constraints`` are recorded with ``trial.set_constraint``; ``early_stop`` may end a
-    hopeless trial after its first epoch with ``optuna.TrialPruned``.
-    """
-
-    def __init__(
-        self,
-        task: Task,
-        space: SearchSpace,
-        layers: Sequence[str],
-        *,
-        seed: int = 0,
-        objectives: Sequence[str] = METRIC_NAMES,
-        latency: measure.Latency | None = None,
-        groups: Sequence[str] = (),
-        blocks: Sequence[str] = (),
-        on_result: ResultHook | None = None,
-        constraints: Constraints | None = None,
-        early_stop: EarlyStop | None = None,
-    ):
-        self.task, self.space, self.layers, self.seed = task, space, list(layers), seed
-        self.constraints, self.early_stop = constraints, early_stop
-        self.objectives = measure.check_objectives(objectives)
-        self.groups, self.blocks = list(groups), list(blocks)
-        example = structured.example_input(task.val)[:1]
-        self.context = measure.Context(example, tuple(layers), latency or measure.Latency())
-        self.on_result = on_result
-        self._grads: dict[str, Tensor] | None = None
-
-    def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
-        policy = suggest_policy(
-            trial, self.space, self.layers, self.groups, self.blocks, model=self.task.model
-        )
-        seed = trial_seed(self.seed, trial.number)
-        trial.set_user_attr("policy", policy.to_dict())
-        trial.set_user_attr("seed", seed)
-        hook = self.early_stop.hook(trial, self.layers) if self.early_stop else None
-        try:
-            result = prune_and_finetune(
-                self.task,
-                policy,
-                seed=seed,
-                grads=self._grads_for(policy),
-                count=self.layers,
-                on_epoch=hook,
-            )
-        except TrialFailed as e:
-            trial.set_user_attr("fail_reason", str(e))
-            raise
-        for key, value in _user_attrs(result).items():
-            trial.set_user_attr(key, value)
-        measured = {
-            **result.metrics,
-            **measure.measure(result.model, self.objectives, self.context),
-        }
-        values = tuple(measured[name] for name in self.objectives)
-        if self.constraints is not None:
-            for key, value in self.constraints.violations(result.metrics).items():
-                trial.set_constraint(key, value)
-        if self.on_result is not None:
-            self.on_result(trial, result, values)
-        return values
-
-    def _grads_for(self, policy: Policy) -> dict[str, Tensor] | None:
-        # The dense model's gradients are the same for every trial: compute them once, for
-        # every layer (a channel group may reach beyond the searched layers).
-        if not get_criterion(policy.criterion).needs_grad:
-            return None
-        if self._grads is None:
-            layers = sorted(set(prunable_layers(self.task.model)) | set(self.layers))
-            self._grads = calibration_gradients(self.task.model, self.task, layers)
-        return self._grads
-
-
 def trial_seed(study_seed: int, trial_number: int) -> int:
     """The seed of one trial's random criterion and batch order."""
     return study_seed * 1_000_003 + trial_number
 
 
-def _user_attrs(result: PruneResult) -> dict[str, Any]:
-    # Each attr is one storage commit, so what can be derived is not stored: sparsity is
-    # 1 - density, the total is the study's, the final val loss ends the val curve.
-    attrs: dict[str, Any] = {"density": result.metrics["density"]}
-    if "test_accuracy" in result.metrics:
-        attrs["test_accuracy"] = result.metrics["test_accuracy"]
-    attrs["layer_sparsity"] = result.layer_sparsity
-    attrs["history"] = result.history
-    attrs["timings"] = result.timings
-    return attrs
+def baseline(
+    task: Task,
+    allocation: str,
+    target: float,
+    *,
+    seed: int = 0,
+    layers: Sequence[str] | None = None,
+    schedule: str = "oneshot",
+) -> PruneResult:
+    """Prune ``task.model`` by the heuristic ``allocation`` at ``target`` sparsity (magnitude
+    within each layer), fine-tune with the task's recipe, and measure: the one-shot baseline.
+
+    Args:
+        layers: The layers to prune; default: every prunable layer.
+
+    Raises:
+        SpecError: On an unknown allocation or a target outside [0, 1).
+    """
+    layers = list(layers) if layers is not None else prunable_layers(task.model)
+    policy = dataclasses.replace(
+        heuristic_policy(allocation, task.model, layers, target), schedule=schedule
+    )
+    return prune_and_finetune(task, policy, seed=seed)
 
 
 @contextmanager

@@ -1,10 +1,11 @@
-"""Pick one trial of the Pareto front, export its pruned model, and load an export back.
+"""Export the pruned model of a trial to a directory, and load an export back.
 
 An export directory holds ``model.pt`` (the state dict with the masks folded in, stored sparse:
-see :func:`autoprune.artifacts.save_weights`), ``policy.json``, ``metrics.json`` and
+see :func:`autoprune.study.artifacts.save_weights`), ``policy.json``, ``metrics.json`` and
 ``export.json`` (the task reference that rebuilds the architecture). Exporting reads the
-trial's stored weights (see :mod:`autoprune.artifacts`); a trial without them (an old study, or
-``keep = "none"``) is replayed with :func:`autoprune.search.materialize` instead.
+trial's stored weights (see :mod:`autoprune.study.artifacts`); a trial without them (an
+old study, or ``keep = "none"``) is replayed with
+:func:`autoprune.study.study.materialize` instead.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import logging
 import math
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,23 +26,22 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
-from autoprune import measure, structured
+from autoprune import measure
 from autoprune._version import __version__
-from autoprune.artifacts import FrontWeights, load_weights, save_weights
 from autoprune.errors import SpecError, StorageError, TaskError
-from autoprune.front import front_trials
-from autoprune.masks import count_nonzero
-from autoprune.search import STUDY_ATTR, materialize, replay
-from autoprune.task import Task
-from autoprune.tasks import load_task
-from autoprune.train import evaluate
-from autoprune.trial_metrics import (
+from autoprune.pruning import structured
+from autoprune.pruning.masks import count_nonzero
+from autoprune.study.artifacts import FrontWeights, load_weights, save_weights
+from autoprune.study.study import STUDY_ATTR, materialize, replay
+from autoprune.study.trial_metrics import (
     ACCURACY,
     metric_names,
-    size_metric,
     study_total_params,
     trial_metrics,
 )
+from autoprune.task import Task
+from autoprune.tasks import load_task
+from autoprune.train import evaluate
 
 logger = logging.getLogger(__name__)
 
@@ -60,101 +59,6 @@ class Exported:
     trial: int
     source: str
     metrics: dict[str, Any]
-
-
-def front_metrics(study: optuna.Study) -> list[tuple[FrozenTrial, dict[str, float]]]:
-    """The front trials (``study.best_trials``, uncopied: read them only) with their numbers
-    by name."""
-    names, total = metric_names(study), study_total_params(study)
-    return [(t, trial_metrics(t, names, total_params=total)) for t in front_trials(study)]
-
-
-def pick(
-    study: optuna.Study,
-    *,
-    min_accuracy: float | None = None,
-    max_params: float | None = None,
-    max_size: float | None = None,
-    knee: bool = False,
-    by: str | None = None,
-) -> FrozenTrial:
-    """Choose one front trial by exactly one rule.
-
-    Args:
-        min_accuracy: The smallest model (by ``by``) with at least this val accuracy.
-        max_params: The most accurate model with at most this many nonzero prunable weights.
-        max_size: The most accurate model whose ``by`` is at most this.
-        knee: The knee of the front in (accuracy, log10 size) space.
-        by: The size objective (default: the study's first one, e.g. ``nonzero_params``).
-
-    Raises:
-        SpecError: If not exactly one rule is given, ``by`` is not a size objective of the
-            study, or no front trial qualifies (the message says the closest there is).
-    """
-    rules = {"min_accuracy": min_accuracy, "max_params": max_params, "max_size": max_size}
-    given = [name for name, value in rules.items() if value is not None] + ["knee"] * knee
-    if len(given) != 1:
-        raise SpecError(f"give exactly one of {', '.join([*rules, 'knee'])}, got {given or 0}")
-    sizes = [name for name in metric_names(study) if name != ACCURACY]
-    by = by or size_metric(study)
-    if by not in sizes:
-        raise SpecError(f"size objective must be one of {', '.join(sizes)}, got {by!r}")
-    front = front_metrics(study)
-    if not front:
-        raise SpecError(f"study {study.study_name!r} has no completed trial to pick")
-    return copy.deepcopy(_CHOOSERS[given[0]](front, by, rules.get(given[0]) or 0.0))
-
-
-Front = list[tuple[FrozenTrial, dict[str, float]]]
-
-
-def _smallest_above(front: Front, by: str, bar: float) -> FrozenTrial:
-    ok = [(m[by], -m[ACCURACY], t.number, t) for t, m in front if m[ACCURACY] >= bar]
-    if not ok:
-        best = max(m[ACCURACY] for _, m in front)
-        raise SpecError(f"no front trial has val accuracy >= {bar:g} (the best has {best:.4f})")
-    return min(ok, key=lambda row: row[:3])[3]
-
-
-def _most_accurate_under(key: str | None) -> Callable[[Front, str, float], FrozenTrial]:
-    """The most accurate trial whose ``key`` (None: the size objective ``by``) is <= bar."""
-
-    def choose(front: Front, by: str, bar: float) -> FrozenTrial:
-        metric = key or by
-        ok = [(-m[ACCURACY], m[metric], t.number, t) for t, m in front if m[metric] <= bar]
-        if not ok:
-            least = min(m[metric] for _, m in front)
-            raise SpecError(f"no front trial has {metric} <= {bar:g} (the smallest has {least:g})")
-        return min(ok, key=lambda row: row[:3])[3]
-
-    return choose
-
-
-def _knee(front: Front, by: str, _: float) -> FrozenTrial:
-    """The point farthest above the chord joining the two ends of the front, in normalised
-    (log10 size, accuracy); with no point above it, the one nearest (smallest, most accurate).
-    """
-    points = sorted((math.log10(max(m[by], 1e-12)), m[ACCURACY], t.number, t) for t, m in front)
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-
-    def scaled(v: float, vs: list[float]) -> float:
-        return (v - min(vs)) / (max(vs) - min(vs)) if max(vs) > min(vs) else 0.0
-
-    norm = [(scaled(x, xs), scaled(y, ys), p[3]) for x, y, p in zip(xs, ys, points, strict=True)]
-    (x0, y0), (x1, y1) = norm[0][:2], norm[-1][:2]
-    gaps = [((y - y0) * (x1 - x0) - (x - x0) * (y1 - y0), t) for x, y, t in norm]
-    best_gap, best_trial = max(gaps, key=lambda a: (a[0], -a[1].number))
-    if best_gap > 1e-12:
-        return best_trial
-    return min(norm, key=lambda p: (math.hypot(p[0], 1.0 - p[1]), p[2].number))[2]
-
-
-_CHOOSERS: dict[str, Callable[[Front, str, float], FrozenTrial]] = {
-    "min_accuracy": _smallest_above,
-    "max_params": _most_accurate_under("nonzero_params"),
-    "max_size": _most_accurate_under(None),
-    "knee": _knee,
-}
 
 
 def record_task_ref(study: optuna.Study, ref: str) -> None:

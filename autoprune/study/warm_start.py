@@ -14,40 +14,13 @@ from typing import Any
 
 import optuna
 
-from autoprune.allocation import get_allocation, heuristic_policy
 from autoprune.errors import SpecError
-from autoprune.masks import prunable_layers
-from autoprune.objective import PruneResult, prune_and_finetune
-from autoprune.policy import SCHEDULES
-from autoprune.space import SearchSpace, heuristic_params
+from autoprune.pruning.allocation import get_allocation
+from autoprune.pruning.policy import SCHEDULES
+from autoprune.study.space import SearchSpace, heuristic_params
 from autoprune.task import Task
 
 logger = logging.getLogger(__name__)
-
-
-def baseline(
-    task: Task,
-    allocation: str,
-    target: float,
-    *,
-    seed: int = 0,
-    layers: Sequence[str] | None = None,
-    schedule: str = "oneshot",
-) -> PruneResult:
-    """Prune ``task.model`` by the heuristic ``allocation`` at ``target`` sparsity (magnitude
-    within each layer), fine-tune with the task's recipe, and measure: the one-shot baseline.
-
-    Args:
-        layers: The layers to prune; default: every prunable layer.
-
-    Raises:
-        SpecError: On an unknown allocation or a target outside [0, 1).
-    """
-    layers = list(layers) if layers is not None else prunable_layers(task.model)
-    policy = dataclasses.replace(
-        heuristic_policy(allocation, task.model, layers, target), schedule=schedule
-    )
-    return prune_and_finetune(task, policy, seed=seed)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 The file holds plain data only (strings, ints, tensors), read with ``weights_only=True``:
 
-- the policy (JSON) and, for structured pruning, the :class:`~autoprune.structured.Plan`
+- the policy (JSON) and, for structured pruning, the :class:`~autoprune.pruning.structured.Plan`
   (JSON: which channels of which layers and which blocks were removed);
 - the shape of one input, to trace the dependency graph when the plan is replayed;
 - the state dict, where a weight with enough exact zeros is stored as a packed bitmask and
@@ -15,84 +15,25 @@ channel indices, no scores), which gives the smaller model's shapes, then loads 
 from __future__ import annotations
 
 import copy
-import io
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from autoprune.errors import TaskError
+from autoprune.pruning.codec import pack_state, unpack_state
+from autoprune.pruning.structured import Plan, apply_plan, example_input
+from autoprune.study.study import replay
 
 if TYPE_CHECKING:
     from optuna.trial import FrozenTrial
 
-    from autoprune.policy import Policy
-    from autoprune.structured import Plan
+    from autoprune.pruning.policy import Policy
     from autoprune.task import Task
 
 FORMAT = "autoprune-export/1"
-_MASK, _VALUES, _SHAPE = "::mask", "::values", "::shape"
-
-
-def pack_tensor(tensor: Tensor) -> dict[str, Tensor] | None:
-    """A float tensor as ``{"mask": packed bits of its nonzeros, "values", "shape"}`` when that
-    is smaller than the tensor itself; None when it is not (store it dense)."""
-    tensor = tensor.detach().cpu()
-    nonzero = tensor != 0
-    nnz, n = int(nonzero.sum()), tensor.numel()
-    if not tensor.is_floating_point() or tensor.dim() < 1:
-        return None
-    if (n + 7) // 8 + nnz * tensor.element_size() >= n * tensor.element_size():
-        return None
-    return {
-        "mask": torch.from_numpy(np.packbits(nonzero.flatten().numpy(), bitorder="little")),
-        "values": tensor[nonzero].clone(),
-        "shape": torch.tensor(tensor.shape, dtype=torch.int64),
-    }
-
-
-def unpack_tensor(mask: Tensor, values: Tensor, shape: Tensor) -> Tensor:
-    """The inverse of :func:`pack_tensor`."""
-    size = torch.Size(shape.tolist())
-    bits = np.unpackbits(mask.numpy(), count=size.numel(), bitorder="little").astype(bool)
-    dense = torch.zeros(size.numel(), dtype=values.dtype)
-    dense[torch.from_numpy(bits)] = values
-    return dense.reshape(size)
-
-
-def pack_state(model: nn.Module) -> dict[str, Tensor]:
-    """``model``'s state dict, each float tensor stored sparse when that is smaller."""
-    packed: dict[str, Tensor] = {}
-    for key, tensor in model.state_dict().items():
-        part = pack_tensor(tensor)
-        if part is None:
-            packed[key] = tensor.detach().cpu().clone()
-        else:
-            packed |= {key + _MASK: part["mask"], key + _VALUES: part["values"]}
-            packed[key + _SHAPE] = part["shape"]
-    return packed
-
-
-def unpack_state(packed: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The inverse of :func:`pack_state`."""
-    state: dict[str, Tensor] = {}
-    for key, tensor in packed.items():
-        if key.endswith(_MASK):
-            name = key[: -len(_MASK)]
-            state[name] = unpack_tensor(tensor, packed[name + _VALUES], packed[name + _SHAPE])
-        elif not key.endswith((_VALUES, _SHAPE)):
-            state[key] = tensor
-    return state
-
-
-def exported_bytes(model: nn.Module) -> int:
-    """Bytes of ``model``'s packed state as :func:`torch.save` writes it."""
-    buffer = io.BytesIO()
-    torch.save(pack_state(model), buffer)
-    return buffer.tell()
 
 
 def export_model(
@@ -125,8 +66,6 @@ def load_model(path: str | Path, base: nn.Module) -> nn.Module:
     Raises:
         TaskError: If the file is not an autoprune export or does not fit ``base``.
     """
-    from autoprune.structured import Plan, apply_plan
-
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -145,14 +84,12 @@ def load_model(path: str | Path, base: nn.Module) -> nn.Module:
 
 
 def export_trial(task: Task, trial: FrozenTrial, path: str | Path) -> Path:
-    """Replay a finished trial (see :func:`autoprune.search.materialize`) and export its model.
+    """Replay a finished trial (see :func:`autoprune.study.study.materialize`) and export
+    its model.
 
     Raises:
         TaskError: If ``trial`` holds no autoprune policy or does not fit the task's model.
     """
-    from autoprune.search import replay
-    from autoprune.structured import example_input
-
     result = replay(task, trial)
     example = example_input(task.val)
     return export_model(

@@ -21,9 +21,9 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from autoprune.criteria import get_criterion
-from autoprune.masks import apply_masks, compute_masks
-from autoprune.policy import SCHEDULES, Policy
+from autoprune.pruning.criteria import get_criterion
+from autoprune.pruning.masks import apply_masks, compute_masks
+from autoprune.pruning.policy import SCHEDULES, Policy
 from autoprune.task import Task
 from autoprune.train import StepHook
 

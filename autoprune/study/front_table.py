@@ -4,7 +4,7 @@ After each completed trial that reaches the front, the study's rows are replaced
 transaction (SQLAlchemy Core, in the study's own database, next to but apart from Optuna's
 tables), so that Grafana, Metabase, Superset or ``pandas.read_sql`` can read the front without
 Optuna. The front itself is Optuna's (``study.best_trials``, read without copying every trial:
-:func:`autoprune.front.front_trials`); this is only a copy of it.
+:func:`autoprune.study.front.front_trials`); this is only a copy of it.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import optuna
 import sqlalchemy as sa
 from optuna.trial import FrozenTrial, TrialState
 
-from autoprune.artifacts import ARTIFACT_ID_ATTR, dominated, rdb_storage
-from autoprune.front import front_trials
-from autoprune.trial_metrics import metric_names, study_total_params, trial_metrics
+from autoprune.study.artifacts import ARTIFACT_ID_ATTR, dominated, rdb_storage
+from autoprune.study.front import front_trials
+from autoprune.study.trial_metrics import metric_names, study_total_params, trial_metrics
 
 logger = logging.getLogger(__name__)
 

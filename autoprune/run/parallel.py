@@ -4,7 +4,7 @@ The study is created (and the dense model trained) once, by the caller, before a
 starts: workers that create a new SQLite database together race on its tables. Each worker
 is a separate ``python -m autoprune worker`` process that joins the study by name, with
 ``cores // N`` torch threads. The parent watches: it fails and retries at once the trial of
-a worker that dies (see :func:`autoprune.worker.recover_orphans`), forwards SIGINT/SIGTERM to
+a worker that dies (see :func:`autoprune.run.worker.recover_orphans`), forwards SIGINT/SIGTERM to
 the workers and waits for them, and draws the study's progress.
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 
 import optuna
 
-from autoprune.worker import SIGNALS, recover_orphans
+from autoprune.run.worker import SIGNALS, recover_orphans
 
 logger = logging.getLogger(__name__)
 
