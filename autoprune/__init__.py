@@ -15,12 +15,14 @@ from autoprune.pruning.masks import apply_masks, compute_masks, fold_masks, prun
 from autoprune.pruning.policy import Policy
 from autoprune.report.data import pareto_front
 from autoprune.report.page import write_report
+from autoprune.run.searching import search
 from autoprune.study.artifacts import ArtifactSpec
 from autoprune.study.constraints import Constraints
 from autoprune.study.pick import pick
+from autoprune.study.setup import StudySetup, make_setup, read_setup
 from autoprune.study.space import SearchSpace, suggest_policy
 from autoprune.study.stopping import EarlyStop
-from autoprune.study.study import load_study, materialize, search
+from autoprune.study.study import load_study, materialize
 from autoprune.study.warm_start import WarmStart
 from autoprune.task import Task, accuracy
 from autoprune.trial import PruneResult, baseline, prune_and_finetune
@@ -37,6 +39,7 @@ __all__ = [
     "PruneResult",
     "SearchSpace",
     "SpecError",
+    "StudySetup",
     "StorageError",
     "Task",
     "TaskError",
@@ -57,6 +60,8 @@ __all__ = [
     "load_model",
     "heuristic_policy",
     "load_study",
+    "make_setup",
+    "read_setup",
     "materialize",
     "pareto_front",
     "pick",

@@ -25,8 +25,8 @@ channel_criteria = ["l1", "l2", "fpgm", "taylor", "random"]  # also "bn_scale"
 channel_sparsity = [0.0, 0.9]
 round_to = 1
 blocks = []                      # globs of residual blocks a trial may remove
-parametrization = "allocation"   # the spec's default; or "per-layer" (SearchSpace's default)
-schedules = ["oneshot", "gradual"]  # the spec's default; SearchSpace's: ["oneshot"]
+parametrization = "allocation"   # or "per-layer"
+schedules = ["oneshot", "gradual"]  # and/or "gradual-regrow"
 allocations = ["lamp", "erk", "global", "uniform"]
 
 [latency]                        # how latency_ms is measured
@@ -70,16 +70,14 @@ from autoprune.measure import DEFAULT_OBJECTIVES, Latency, check_granularities, 
 from autoprune.study.artifacts import ArtifactSpec
 from autoprune.study.constraints import Constraints
 from autoprune.study.samplers import SAMPLERS
+from autoprune.study.setup import DEFAULT_SAMPLER, DEFAULT_TRIALS, StudySetup, make_setup
 from autoprune.study.space import SearchSpace
 from autoprune.study.stopping import EarlyStop
-from autoprune.study.warm_start import WarmStart
+from autoprune.study.warm_start import DEFAULT_WARM_START, WarmStart
 from autoprune.task import Task
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-# What a spec's [space] is when it does not say: the best on scripts/bench_search.py (the
-# SearchSpace defaults stay per-layer and one-shot, as they were).
-SPACE_DEFAULTS = {"parametrization": "allocation", "schedules": ("oneshot", "gradual")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,14 +105,12 @@ class StudySpec:
     task: str = "digits-cnn"
     study_name: str | None = None
     storage: str = "sqlite:///autoprune.db"
-    trials: int = 40
+    trials: int = DEFAULT_TRIALS
     timeout: float | None = None
     seed: int = 0
-    sampler: str = "tpe"
-    space: SearchSpace = dataclasses.field(
-        default_factory=lambda: SearchSpace(**SPACE_DEFAULTS)  # type: ignore[arg-type]
-    )
-    warm_start: WarmStart = dataclasses.field(default_factory=WarmStart)
+    sampler: str = DEFAULT_SAMPLER
+    space: SearchSpace = dataclasses.field(default_factory=SearchSpace)
+    warm_start: WarmStart = DEFAULT_WARM_START
     constraints: Constraints = dataclasses.field(default_factory=Constraints)
     # Off: under a trial budget, stopped trials cost the front more than the time they save.
     early_stop: EarlyStop = dataclasses.field(default_factory=lambda: EarlyStop(margin=None))
@@ -127,6 +123,29 @@ class StudySpec:
     def name(self) -> str:
         """The study name: ``study_name``, or the task reference."""
         return self.study_name or self.task
+
+    def setup(self, task: Task) -> StudySetup:
+        """The setup of this spec's study of ``task`` (built from ``self.task``, with the
+        ``[finetune]`` overrides applied): the same function makes it as for
+        :func:`autoprune.search`.
+
+        Raises:
+            TaskError: As :func:`autoprune.study.setup.make_setup`.
+        """
+        return make_setup(
+            task,
+            task_ref=self.task,
+            trials=self.trials,
+            seed=self.seed,
+            sampler=self.sampler,
+            space=self.space,
+            warm_start=self.warm_start,
+            constraints=self.constraints,
+            early_stop=self.early_stop,
+            artifacts=self.artifacts,
+            objectives=self.objectives,
+            latency=self.latency,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as TOML-shaped plain data: ``spec_from_dict(spec.to_dict()) == spec``.
@@ -190,7 +209,7 @@ def load_spec(path: str | Path) -> StudySpec:
 
 # Spec tables read by a ``from_dict``; their errors are prefixed with the table's name.
 _TABLES: dict[str, Callable[[dict[str, Any]], Any]] = {
-    "space": lambda table: SearchSpace.from_dict({**SPACE_DEFAULTS, **table}),
+    "space": SearchSpace.from_dict,
     "warm_start": WarmStart.from_dict,
     "constraints": Constraints.from_dict,
     "artifacts": ArtifactSpec.from_dict,

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import optuna
 import pytest
 import torch
 from torch import nn
 
 import autoprune
+from autoprune.study.study import open_study
 from autoprune.tasks.resnet import ResNet
 from autoprune.train import fit
 
@@ -110,3 +114,17 @@ def resnet_task() -> autoprune.Task:
     )
     fit(model, task, epochs=3, seed=0)
     return task
+
+
+def new_study(
+    task: autoprune.Task,
+    *,
+    storage: str | optuna.storages.BaseStorage | None = None,
+    study_name: str | None = None,
+    **settings: Any,
+) -> optuna.Study:
+    """A study of ``task`` opened as ``autoprune search`` opens one (``settings`` are
+    :func:`autoprune.make_setup`'s), without the default warm starts unless asked for."""
+    settings.setdefault("warm_start", None)
+    setup = autoprune.make_setup(task, **settings)
+    return open_study(setup, task, storage=storage, study_name=study_name)

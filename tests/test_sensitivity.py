@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import new_study
 
 from autoprune import SearchSpace, Task
 from autoprune.cli import main
@@ -15,7 +16,7 @@ from autoprune.study.sensitivity import (
     layer_sensitivity,
     sensitivity_offsets,
 )
-from autoprune.study.study import open_study, optimize
+from autoprune.run.worker import run_worker
 from autoprune.train import evaluate
 
 
@@ -42,11 +43,11 @@ def test_offsets_favour_the_robust_layers() -> None:
 
 def test_analyze_stores_the_curves_and_enqueues_the_prior(tiny_task: Task) -> None:
     space = SearchSpace(parametrization="allocation", schedules=["oneshot", "gradual"])
-    study = open_study(tiny_task, space=space, storage=None, study_name=None, seed=0)
+    study = new_study(tiny_task, space=space)
     curves, enqueued = analyze(study, tiny_task, [0.5, 0.9])
     assert study.user_attrs[SENSITIVITY_ATTR] == curves
     assert enqueued == 4  # 2 targets x 2 schedules
-    optimize(study, tiny_task, n_trials=4)
+    run_worker(study, tiny_task, target=4)
     labels = [t.user_attrs["warm_start"] for t in study.trials]
     assert labels == ["sensitivity@0.5", "sensitivity@0.9"] + [
         "sensitivity@0.5 gradual",
@@ -57,7 +58,7 @@ def test_analyze_stores_the_curves_and_enqueues_the_prior(tiny_task: Task) -> No
         k[len("offset:") :]: v for k, v in study.trials[0].params.items() if "offset" in k
     } == (pytest.approx(offsets))
     # The per-layer parametrization has no offsets: curves only.
-    other = open_study(tiny_task, space=SearchSpace(), storage=None, study_name=None, seed=0)
+    other = new_study(tiny_task, space=SearchSpace(parametrization="per-layer"))
     assert analyze(other, tiny_task, [0.5])[1] == 0
 
 

@@ -9,12 +9,13 @@ import time
 import numpy as np
 import optuna
 import pytest
+from conftest import new_study
 
 from autoprune.cli import main
 from autoprune.run.status import hypervolume, study_status
 from autoprune.run.worker import run_worker, worker_id
+from autoprune.study.setup import read_setup
 from autoprune.study.space import SearchSpace
-from autoprune.study.study import open_study
 from autoprune.task import Task
 
 pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed")
@@ -25,9 +26,7 @@ def db(tmp_path_factory: pytest.TempPathFactory, _trained_task: Task) -> str:
     """Four complete trials of the tiny task and one left running, with a target of 6."""
     url = f"sqlite:///{tmp_path_factory.mktemp('status') / 's.db'}"
     task = dataclasses.replace(_trained_task, model=copy.deepcopy(_trained_task.model))
-    study = open_study(
-        task, space=SearchSpace(), storage=url, study_name="s", seed=0, spec={"trials": 6}
-    )
+    study = new_study(task, space=SearchSpace(), storage=url, study_name="s", trials=6)
     run_worker(study, task, target=4)
     study.ask()  # running, with no worker recorded
     return url
@@ -79,7 +78,7 @@ def test_long_running_trials_and_old_workers(study: optuna.Study) -> None:
 
 
 def test_hypervolume_of_a_known_front(study: optuna.Study) -> None:
-    dense = study.user_attrs["autoprune"]["dense"]["nonzero_params"]
+    dense = read_setup(study).dense["nonzero_params"]
     front = study.best_trials
     points = [(t.values[0], t.values[1] / dense) for t in front]
     assert hypervolume(study, front) == pytest.approx(_area(points))

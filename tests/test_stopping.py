@@ -7,6 +7,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import new_study
 from optuna.trial import TrialState, create_trial
 
 from autoprune import SearchSpace, SpecError, Task
@@ -14,7 +15,7 @@ from autoprune.cli._common import print_counts
 from autoprune.spec import StudySpec, spec_from_dict
 from autoprune.study.objective import DIRECTIONS
 from autoprune.study.stopping import EarlyStop, front_accuracy
-from autoprune.study.study import open_study, optimize
+from autoprune.run.worker import run_worker
 
 
 def _trial(accuracy: float, nonzero: float, density: float) -> optuna.trial.FrozenTrial:
@@ -33,11 +34,12 @@ def test_front_accuracy_is_the_best_at_that_density_or_lower() -> None:
     assert front_accuracy(study, 0.01) is None
 
 
-def _study_with_front(task: Task, tmp_path: Path, accuracy: float) -> optuna.Study:
+def _study_with_front(
+    task: Task, tmp_path: Path, accuracy: float, early_stop: EarlyStop
+) -> optuna.Study:
     space = SearchSpace(criteria=["magnitude"], sparsity=(0.3, 0.6))
-    study = open_study(
-        task, space=space, storage=f"sqlite:///{tmp_path / 's.db'}", study_name="s", seed=0
-    )
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    study = new_study(task, space=space, storage=storage, study_name="s", early_stop=early_stop)
     study.add_trial(_trial(accuracy, 0.0, 0.0))  # a model with no weight at that accuracy
     return study
 
@@ -51,8 +53,8 @@ def test_a_trial_far_below_the_front_stops_after_one_epoch(
     stopped: bool,
 ) -> None:
     task = dataclasses.replace(tiny_task, finetune_epochs=3)
-    study = _study_with_front(task, tmp_path, front)
-    optimize(study, task, n_trials=2, early_stop=EarlyStop(margin=0.5))
+    study = _study_with_front(task, tmp_path, front, EarlyStop(margin=0.5))
+    run_worker(study, task, target=3)  # the hand-made front trial, then two
     trials = study.trials[1:]
     expected = TrialState.PRUNED if stopped else TrialState.COMPLETE
     assert [t.state for t in trials] == [expected] * 2
@@ -67,8 +69,8 @@ def test_a_trial_far_below_the_front_stops_after_one_epoch(
 
 
 def test_without_early_stop_nothing_stops(tiny_task: Task, tmp_path: Path) -> None:
-    study = _study_with_front(tiny_task, tmp_path, 2.0)
-    optimize(study, tiny_task, n_trials=1, early_stop=EarlyStop(margin=None))
+    study = _study_with_front(tiny_task, tmp_path, 2.0, EarlyStop(margin=None))
+    run_worker(study, tiny_task, target=2)
     assert study.trials[-1].state == TrialState.COMPLETE
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import new_study
 from optuna.trial import FrozenTrial, TrialState
 from worker_tasks import GATHER, HOLD, held
 
@@ -29,7 +30,8 @@ from autoprune.run.worker import SURPLUS_ATTR, WORKER_ATTR, counted, run_worker
 from autoprune.spec import spec_from_dict
 from autoprune.study.space import SearchSpace
 from autoprune.study.storages import open_storage
-from autoprune.study.study import STUDY_ATTR, open_study
+from autoprune.study.setup import STUDY_ATTR, read_setup
+from autoprune.study.study import open_study
 from autoprune.task import Task
 from autoprune.tasks import load_task
 
@@ -76,14 +78,7 @@ def create_study(storage: str, name: str, *, task: str, trials: int) -> optuna.S
     spec = spec_from_dict({"task": f"worker_tasks:{task}", "trials": trials})
     spec = spec_from_dict({**spec.to_dict(), "storage": storage, "study_name": name})
     loaded = spec.finetune.apply(load_task(spec.task))
-    return open_study(
-        loaded,
-        space=spec.space,
-        storage=storage,
-        study_name=name,
-        seed=spec.seed,
-        spec=spec.to_dict(),
-    )
+    return open_study(spec.setup(loaded), loaded, storage=storage, study_name=name)
 
 
 def trials_of(storage: str, name: str) -> list[FrozenTrial]:
@@ -178,6 +173,111 @@ def test_four_workers_run_exactly_the_target(
     workers = {t.user_attrs[WORKER_ATTR] for t in trials}
     assert len(workers) == 4
     assert out.count("worker ") >= 4 and "complete" in out
+
+
+STRUCTURED_SPEC = """\
+task = "worker_tasks:tiny_resnet_task"
+trials = 4
+objectives = ["accuracy", "macs", "latency_ms"]
+
+[space]
+granularities = ["structured"]
+channel_criteria = ["l1", "bn_scale"]
+scopes = ["layer"]
+rules = ["ratio"]
+blocks = ["stages.*.1"]
+
+[latency]
+batch_size = 8
+repeats = 2
+warmup = 0
+"""
+CONSTRAINED_SPEC = SPEC + """
+[constraints]
+min_accuracy = 0.5
+
+[early_stop]
+margin = 0.2
+"""
+
+
+def run_search(tmp_path: Path, spec: str, *args: str, **extra_env: str) -> tuple[int, str, str]:
+    """``autoprune search spec.toml -q ARGS`` in this process, on a SQLite file in tmp_path;
+    returns the exit code, stdout and stderr."""
+    (tmp_path / "spec.toml").write_text(spec, encoding="utf-8")
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    command = ["search", "spec.toml", "-q", "--storage", url, "--study-name", "s", *args]
+    capture = subprocess.run(
+        [sys.executable, "-m", "autoprune", *command],
+        cwd=tmp_path,
+        env=env(**extra_env),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    return capture.returncode, capture.stdout, capture.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("spec", "objectives"),
+    [
+        (STRUCTURED_SPEC, ["accuracy", "macs", "latency_ms"]),
+        (CONSTRAINED_SPEC.format(task="tiny", trials=4), ["accuracy", "nonzero_params"]),
+    ],
+    ids=["structured-macs-latency", "constraints-early-stop"],
+)
+def test_workers_run_every_kind_of_study(tmp_path: Path, spec: str, objectives: list[str]) -> None:
+    """The workers join from the stored setup: objectives, latency, channel groups,
+    constraints and early stop reach them, and the study gets exactly its target."""
+    code, out, err = run_search(tmp_path, spec, "--workers", "2")
+    assert code == 0, out + err
+    trials = trials_of(f"sqlite:///{tmp_path / 's.db'}", "s")
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == 4 == len(counted(trials))
+    assert len({t.user_attrs[WORKER_ATTR] for t in trials}) == 2
+    assert out.count("worker ") == 2 and "ended with" not in out
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 's.db'}")
+    assert study.metric_names == objectives
+    setup = read_setup(study)
+    if "macs" in objectives:
+        assert all(t.user_attrs["policy"]["granularity"] == "structured" for t in finished)
+        assert setup.groups and setup.latency is not None
+    else:
+        assert setup.constraints is not None and setup.constraints.min_accuracy == 0.5
+        assert setup.early_stop is not None and setup.early_stop.margin == 0.2
+        complete = [t for t in finished if t.state == TrialState.COMPLETE]
+        assert all(any(k.startswith("constraints") for k in t.system_attrs) for t in complete)
+
+
+@pytest.mark.slow
+def test_workers_that_cannot_run_fail_the_search_loudly(tmp_path: Path) -> None:
+    """The parent builds the task, its workers cannot: the search says so and exits 1."""
+    spec = SPEC.format(task="parent_only", trials=2)
+    (tmp_path / "spec.toml").write_text(spec, encoding="utf-8")
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    command = [sys.executable, "-c", PARENT_MAIN, "spec.toml", url]
+    capture = subprocess.run(
+        command, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600
+    )
+    assert capture.returncode == 1, capture.stdout + capture.stderr
+    lines = [line for line in capture.stdout.splitlines() if line.startswith("worker pid")]
+    assert len(lines) == 2
+    for line in lines:
+        assert "ended with exit code 2" in line
+        assert "only the parent process builds this task" in line
+    assert "no worker could run" in capture.stderr
+    assert all(t.state == TrialState.WAITING for t in trials_of(url, "s"))  # warm starts
+
+
+# The parent of the test above: it may build worker_tasks:parent_only, its workers may not.
+PARENT_MAIN = """
+import os, sys
+os.environ["AUTOPRUNE_TEST_PARENT"] = str(os.getpid())
+from autoprune.cli import main
+spec, url = sys.argv[1:]
+sys.exit(main(["search", spec, "-q", "--workers", "2", "--storage", url, "--study-name", "s"]))
+"""
 
 
 def test_a_killed_worker_s_trial_fails_and_is_retried(tmp_path: Path) -> None:
@@ -292,13 +392,13 @@ def test_resume_after_a_crash_on_a_journal(
 
 
 def in_process_study(task: Task, tmp_path: Path, target: int) -> optuna.Study:
-    return open_study(
+    return new_study(
         task,
         space=SearchSpace(),
         storage=f"sqlite:///{tmp_path / 'p.db'}",
         study_name="p",
-        seed=0,
-        spec={"task": "tiny", "trials": target},
+        trials=target,
+        task_ref="worker_tasks:tiny",
     )
 
 
@@ -330,8 +430,7 @@ def test_a_trial_past_the_target_is_surplus_and_not_run(tiny_task: Task, tmp_pat
     from autoprune.study.objective import Objective
 
     study = in_process_study(tiny_task, tmp_path, 1)
-    setup = study.user_attrs[STUDY_ATTR]
-    objective = Objective(tiny_task, SearchSpace(), setup["layers"])
+    objective = Objective(tiny_task, SearchSpace(), read_setup(study).layers)
     wrapped = _WorkerObjective(objective, 1, _Stop(), "here:1")
     study.ask()  # another worker's trial 0 takes the one slot
     late = study.ask()
@@ -350,7 +449,10 @@ def test_a_trial_past_the_target_is_surplus_and_not_run(tiny_task: Task, tmp_pat
             "this worker differs from the study: study 'r' was created with "
             "dense model weights (fingerprint) '0000000000000000'",
         ),
-        ({"spec": None}, "study 'r' holds no spec to join"),
+        (
+            {"task_ref": None},
+            "study 'r' was given its task as a Python object: workers need a task reference",
+        ),
     ],
 )
 def test_a_worker_that_differs_is_refused(
@@ -358,12 +460,12 @@ def test_a_worker_that_differs_is_refused(
 ) -> None:
     url = f"sqlite:///{tmp_path / 'r.db'}"
     study = create_study(url, "r", task="tiny", trials=2)
-    setup = {**study.user_attrs[STUDY_ATTR], **change}
-    study.set_user_attr(STUDY_ATTR, {k: v for k, v in setup.items() if v is not None})
+    study.set_user_attr(STUDY_ATTR, {**read_setup(study).to_dict(), **change})
     code = main(["worker", "--storage", url, "--study-name", "r", "-q"])
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
-    assert len(optuna.load_study(study_name="r", storage=url).trials) == 0
+    trials = optuna.load_study(study_name="r", storage=url).trials
+    assert all(t.state == TrialState.WAITING for t in trials)  # the warm start: none ran
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed")

@@ -26,13 +26,15 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
-from conftest import make_task
+from conftest import make_data, make_task, tiny_resnet
 from torch import nn
 
 import autoprune
 from autoprune.task import adam
+from autoprune.train import fit
 
 GATHER, HOLD = "AUTOPRUNE_TEST_GATHER", "AUTOPRUNE_TEST_HOLD"
+PARENT = "AUTOPRUNE_TEST_PARENT"
 WAIT_LIMIT = 120.0  # seconds; a test that never releases a worker fails instead of hanging
 _trials_started = 0  # in this process
 
@@ -46,6 +48,36 @@ def tiny() -> autoprune.Task:
     finally:
         torch.set_num_threads(threads)
     return dataclasses.replace(task, optimizer=_paced_adam)
+
+
+def tiny_resnet_task() -> autoprune.Task:
+    """The tiny ResNet of conftest (BatchNorm, residual blocks), for structured studies."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model = tiny_resnet()
+        task = autoprune.Task(
+            model=model,
+            train=make_data(192, 0),
+            val=make_data(96, 1),
+            test=make_data(96, 2),
+            finetune_epochs=1,
+            lr=1e-2,
+            name="tiny-resnet",
+        )
+        fit(model, task, epochs=3, seed=0)
+    finally:
+        torch.set_num_threads(threads)
+    return task
+
+
+def parent_only() -> autoprune.Task:
+    """The tiny task, built only in the process named by ``AUTOPRUNE_TEST_PARENT``: a
+    worker process cannot build it, as on a machine that lacks the user's code."""
+    if os.environ.get(PARENT) != str(os.getpid()):
+        raise RuntimeError("only the parent process builds this task")
+    return tiny()
 
 
 def _paced_adam(params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:

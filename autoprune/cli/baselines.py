@@ -45,16 +45,7 @@ def _sensitivity(args: argparse.Namespace) -> int:
     storage = args.storage or spec.storage
     study_name = args.study_name or spec.name
     task = spec.finetune.apply(load_task(spec.task, seed=spec.seed))
-    study = open_study(
-        task,
-        space=spec.space,
-        storage=storage,
-        study_name=study_name,
-        seed=spec.seed,
-        sampler=spec.sampler,
-        warm_start=spec.warm_start,
-        budget=spec.trials,
-    )
+    study = open_study(spec.setup(task), task, storage=storage, study_name=study_name)
     curves, enqueued = analyze(study, task, spec.warm_start.sparsities)
     table = pd.DataFrame(
         {layer: {s: a for s, a in curve} for layer, curve in curves.items()}

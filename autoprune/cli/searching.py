@@ -22,7 +22,6 @@ from autoprune.cli._common import (
     status_text,
     study_arguments,
 )
-from autoprune.deploy.directory import record_task_ref
 from autoprune.report.data import pareto_front
 from autoprune.report.page import write_report
 from autoprune.run.parallel import run_workers
@@ -30,8 +29,9 @@ from autoprune.run.status import study_status
 from autoprune.run.worker import join_study, run_worker
 from autoprune.spec import load_spec, parse_duration
 from autoprune.study.artifacts import resolve_dir
+from autoprune.study.setup import read_setup
 from autoprune.study.storages import GRACE_FACTOR, HEARTBEAT
-from autoprune.study.study import STUDY_ATTR, load_study, open_study
+from autoprune.study.study import load_study, open_study
 from autoprune.tasks import load_task
 
 
@@ -95,22 +95,14 @@ def _search(args: argparse.Namespace) -> int:
     # Opened (and the task checked) before the bar is drawn: bad input gives one line. The
     # study exists before any worker starts.
     study = open_study(
+        spec.setup(task),
         task,
-        space=spec.space,
         storage=spec.storage,
         study_name=spec.name,
-        seed=spec.seed,
-        sampler=spec.sampler,
-        warm_start=spec.warm_start,
-        budget=spec.trials,
-        spec=spec.to_dict(),
         heartbeat=args.heartbeat,
-        objectives=spec.objectives,
-        latency=spec.latency,
     )
     weights_dir = resolve_dir(spec.storage, spec.artifacts)
-    record_task_ref(study, spec.task)  # so that `autoprune export` can rebuild the model
-    dense = study.user_attrs[STUDY_ATTR]["dense"]
+    dense = read_setup(study).dense
     print(
         f"dense {task.name}: val accuracy {dense['accuracy']:.4f}, test accuracy "
         f"{dense.get('test_accuracy', float('nan')):.4f}, "
@@ -127,14 +119,7 @@ def _search(args: argparse.Namespace) -> int:
     try:
         if args.workers == 1:
             summary = run_worker(
-                study,
-                task,
-                target=spec.trials,
-                timeout=spec.timeout,
-                callbacks=[progress],
-                artifacts=spec.artifacts,
-                constraints=spec.constraints,
-                early_stop=spec.early_stop,
+                study, task, target=spec.trials, timeout=spec.timeout, callbacks=[progress]
             )
             lines = [str(summary)]
         else:
@@ -157,29 +142,22 @@ def _search(args: argparse.Namespace) -> int:
     if weights_dir is not None:
         print(f"front weights: {_relative(weights_dir)}")
     print(f"report: {out.resolve()}")
-    if any(codes):
-        print(f"autoprune: {sum(c != 0 for c in codes)} workers ended abnormally", file=sys.stderr)
+    failed = sum(c != 0 for c in codes)
+    if failed:
+        what = "no worker could run" if failed == len(codes) else f"{failed} workers failed"
+        print(f"autoprune: {what} (see the worker lines above)", file=sys.stderr)
     return 1 if any(codes) else 0
 
 
 def _worker(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    study, spec, task = join_study(args.storage, args.study_name, heartbeat=args.heartbeat)
-    target = args.trials or spec.trials
+    study, setup, task = join_study(args.storage, args.study_name, heartbeat=args.heartbeat)
+    target = args.trials or setup.trials
     timeout = parse_duration(args.timeout) if args.timeout is not None else None
     progress = _Progress(target, initial=study_status(study).done, disable=args.quiet)
     try:
-        summary = run_worker(
-            study,
-            task,
-            target=target,
-            timeout=timeout,
-            callbacks=[progress],
-            artifacts=spec.artifacts,
-            constraints=spec.constraints,
-            early_stop=spec.early_stop,
-        )
+        summary = run_worker(study, task, target=target, timeout=timeout, callbacks=[progress])
     finally:
         progress.close(study)
     print(summary, flush=True)

@@ -32,7 +32,8 @@ from autoprune.errors import SpecError, StorageError, TaskError
 from autoprune.pruning import structured
 from autoprune.pruning.masks import count_nonzero
 from autoprune.study.artifacts import FrontWeights, load_weights, save_weights
-from autoprune.study.study import STUDY_ATTR, materialize, replay
+from autoprune.study.setup import read_setup, study_task
+from autoprune.study.study import materialize, replay
 from autoprune.study.trial_metrics import (
     ACCURACY,
     metric_names,
@@ -46,9 +47,6 @@ from autoprune.train import evaluate
 logger = logging.getLogger(__name__)
 
 FILES = ("model.pt", "policy.json", "metrics.json", "export.json")
-# Study user attr: the task reference (built-in name or package.module:function) it was
-# searched with, when the task's own name is not one.
-TASK_REF_ATTR = "autoprune_task_ref"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,35 +59,10 @@ class Exported:
     metrics: dict[str, Any]
 
 
-def record_task_ref(study: optuna.Study, ref: str) -> None:
-    """Remember the reference that builds ``study``'s task, for exports (no-op if the task's
-    name is that reference)."""
-    if ref != study.user_attrs[STUDY_ATTR]["task"] and study.user_attrs.get(TASK_REF_ATTR) != ref:
-        study.set_user_attr(TASK_REF_ATTR, ref)
-
-
 def default_task_ref(study: optuna.Study) -> str:
-    """The recorded task reference of ``study``, else its task's name (right for built-ins)."""
-    return study.user_attrs.get(TASK_REF_ATTR) or study.user_attrs[STUDY_ATTR]["task"]
-
-
-def study_task(study: optuna.Study, task_ref: str | None = None) -> Task:
-    """The task a study searched, rebuilt from its reference with the study's recipe.
-
-    Raises:
-        TaskError: If the reference (``task_ref``, else the task name stored in the study)
-            does not build a task.
-    """
-    setup = study.user_attrs[STUDY_ATTR]
-    task = load_task(task_ref or default_task_ref(study), seed=setup["seed"])
-    recipe = setup["finetune"]
-    return dataclasses.replace(
-        task,
-        finetune_epochs=recipe["epochs"],
-        lr=recipe["lr"],
-        batch_size=recipe["batch_size"],
-        calibration_batches=recipe["calibration_batches"],
-    )
+    """The task reference of ``study``'s setup, else its task's name (right for built-ins)."""
+    setup = read_setup(study)
+    return setup.task_ref or setup.task
 
 
 def export(
@@ -119,11 +92,11 @@ def export(
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SpecError(f"output directory {str(out)!r} exists and is not empty")
-    setup = study.user_attrs[STUDY_ATTR]
-    task_ref = task_ref or default_task_ref(study)
-    task = task or study_task(study, task_ref)
+    setup = read_setup(study)
+    task_ref = task_ref or setup.task_ref or setup.task
+    task = task or study_task(setup, task_ref)
     model, source, plan = _trial_model(study, trial, task, task_ref, artifact_dir)
-    metrics = _measure(model, task, setup["layers"])
+    metrics = _measure(model, task, list(setup.layers))
     recorded = trial_metrics(trial, metric_names(study), total_params=study_total_params(study))
     if metrics["accuracy"] != recorded[ACCURACY]:
         logger.warning(
@@ -138,7 +111,7 @@ def export(
         "format": 1,
         "autoprune": __version__,
         "task": task_ref,
-        "seed": setup["seed"],
+        "seed": setup.seed,
         "study": study.study_name,
         "trial": trial.number,
         "source": source,

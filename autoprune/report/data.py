@@ -21,7 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 from autoprune.report.figures import loss_curves_figure, pareto_figure
 from autoprune.study.front import front_trials
 from autoprune.study.sensitivity import SENSITIVITY_ATTR  # {layer: [[sparsity, accuracy], ...]}
-from autoprune.study.study import STUDY_ATTR
+from autoprune.study.setup import setup_if_any
 from autoprune.study.trial_metrics import (
     ACCURACY,
     metric_names,
@@ -129,7 +129,8 @@ def relative_size(study: optuna.Study) -> Callable[[FrozenTrial], float]:
     """``size(trial)``: the trial's size objective as a fraction of the dense model's (its
     density when the dense value is not recorded). The study is read once, not per trial."""
     name, names, total = size_metric(study), metric_names(study), study_total_params(study)
-    dense = study.user_attrs.get(STUDY_ATTR, {}).get("dense", {}).get(name)
+    setup = setup_if_any(study)
+    dense = None if setup is None else setup.dense.get(name)
 
     def size(trial: FrozenTrial) -> float:
         metrics = trial_metrics(trial, names, total_params=total)

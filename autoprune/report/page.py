@@ -42,7 +42,7 @@ from autoprune.report.figures import (
     states_figure,
 )
 from autoprune.study.pick import pick
-from autoprune.study.study import STUDY_ATTR
+from autoprune.study.setup import setup_if_any
 from autoprune.study.trial_metrics import size_metric
 
 logger = logging.getLogger(__name__)
@@ -134,14 +134,15 @@ def _initial(study: optuna.Study) -> str | None:
 
 
 def _summary(study: optuna.Study, n_trials: int, n_front: int) -> str:
-    setup = study.user_attrs.get(STUDY_ATTR, {})
+    setup = setup_if_any(study)
     dense = ", ".join(
         f"{key} {value:.4f}" if value % 1 else f"{key} {int(value)}"
-        for key, value in setup.get("dense", {}).items()
+        for key, value in (setup.dense if setup else {}).items()
         if isinstance(value, (int, float))
     )
     return (
-        f"{n_trials} complete trials, {n_front} on the front; task {setup.get('task')}; "
+        f"{n_trials} complete trials, {n_front} on the front; "
+        f"task {setup.task if setup else None}; "
         f"dense model: {dense}"
     )
 

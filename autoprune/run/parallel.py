@@ -15,9 +15,10 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import IO, Any
 
 import optuna
 
@@ -80,7 +81,12 @@ def run_workers(
         threads=threads_per_worker(workers),
         heartbeat=heartbeat,
     )
-    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(workers)]
+    # A worker's log goes to a file, not a pipe that a long run would fill: its last line is
+    # the one-line error of a worker that could not run.
+    logs = [tempfile.TemporaryFile(mode="w+", encoding="utf-8") for _ in range(workers)]
+    procs = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True) for log in logs
+    ]
     logger.info("started %d workers (pids %s)", workers, ", ".join(str(p.pid) for p in procs))
     forwarded: dict[str, bool] = {"sent": False}
 
@@ -106,11 +112,23 @@ def run_workers(
         for s, handler in previous.items():
             signal.signal(s, handler)
     lines = []
-    for proc in procs:
+    for proc, log in zip(procs, logs, strict=True):
         out = (proc.stdout.read() if proc.stdout else "").strip().splitlines()
         summary = next((line for line in out if line.startswith("worker ")), None)
-        lines.append(summary or f"worker pid {proc.pid}: ended with {_how(proc.returncode)}")
+        if summary is None or proc.returncode != 0:
+            summary = f"worker pid {proc.pid}: ended with {_how(proc.returncode)}"
+            error = _last_line(log)
+            if error:
+                summary += f": {error}"
+        log.close()
+        lines.append(summary)
     return lines, [proc.returncode for proc in procs]
+
+
+def _last_line(log: IO[str]) -> str:
+    log.seek(0)
+    lines = [line.strip() for line in log.read().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
 
 
 def _how(returncode: int) -> str:

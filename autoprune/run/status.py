@@ -19,10 +19,10 @@ from optuna._hypervolume import compute_hypervolume  # Optuna's, not public API
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from autoprune.measure import DEFAULT_OBJECTIVES as METRIC_NAMES
 from autoprune.run.worker import STATE_WORDS, WORKER_ATTR, counted
 from autoprune.study.front import front_trials
-from autoprune.study.objective import METRIC_NAMES
-from autoprune.study.study import STUDY_ATTR
+from autoprune.study.setup import setup_if_any
 
 SPARSITY_LEVELS = (0.5, 0.75, 0.9, 0.95)
 
@@ -74,8 +74,8 @@ def study_status(
     trials = study.get_trials(deepcopy=False)
     states = Counter(STATE_WORDS[t.state] for t in trials)
     kept = counted(trials)
-    setup = study.user_attrs.get(STUDY_ATTR, {})
-    target = setup.get("spec", {}).get("trials")
+    setup = setup_if_any(study)
+    target = None if setup is None else setup.trials
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     front = front_trials(study) if complete else []
     return StudyStatus(
@@ -97,7 +97,8 @@ def hypervolume(study: optuna.Study, front: Sequence[FrozenTrial]) -> float | No
     """Hypervolume of ``front`` in a box normalised by the dense model: each size objective
     divided by the dense model's value, accuracy from 0. In [0, 1]; None without a dense
     value for some objective or without a front."""
-    dense = study.user_attrs.get(STUDY_ATTR, {}).get("dense", {})
+    setup = setup_if_any(study)
+    dense = {} if setup is None else setup.dense
     names = _metric_names(study)
     if not front or any(d == StudyDirection.MINIMIZE and not dense.get(n) for n, d in names):
         return None

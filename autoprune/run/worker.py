@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 import os
 import signal
 import socket
@@ -39,23 +40,14 @@ from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
 from autoprune._version import __version__
-from autoprune.errors import SpecError, StorageError, TrialFailed
-from autoprune.spec import StudySpec, spec_from_dict
-from autoprune.study.artifacts import ArtifactSpec
-from autoprune.study.constraints import Constraints
+from autoprune.errors import StorageError, TrialFailed
 from autoprune.study.objective import Objective
 from autoprune.study.samplers import make_sampler
-from autoprune.study.stopping import EarlyStop
+from autoprune.study.setup import DEFAULT_SAMPLER, StudySetup, make_setup, read_setup, study_task
 from autoprune.study.storages import HEARTBEAT, retried_numbers, retry_callback
-from autoprune.study.study import (
-    STUDY_ATTR,
-    Callback,
-    load_study,
-    open_study,
-    study_objective,
-)
+from autoprune.study.study import Callback, load_study, objective_for, open_study
 from autoprune.task import Task
-from autoprune.tasks import load_task
+from autoprune.tasks import TASKS
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +128,7 @@ def _in_storage_call(frame: FrameType | None) -> bool:
 class _WorkerObjective:
     """The study's objective, tagged with the worker, refused past the target, interruptible."""
 
-    def __init__(self, objective: Objective, target: int, stop: _Stop, me: str):
+    def __init__(self, objective: Objective, target: float, stop: _Stop, me: str):
         self.objective, self.target, self.stop, self.me = objective, target, stop, me
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
@@ -146,7 +138,7 @@ class _WorkerObjective:
         ]
         if len(before) >= self.target:  # another worker started the last trial first
             trial.set_user_attr(SURPLUS_ATTR, True)
-            reason = f"surplus: the study already held its target of {self.target} trials"
+            reason = f"surplus: the study already held its target of {self.target:g} trials"
             trial.set_user_attr("fail_reason", reason)
             raise TrialFailed(reason)
         try:
@@ -166,32 +158,28 @@ def run_worker(
     study: optuna.Study,
     task: Task,
     *,
-    target: int,
+    target: int | None,
     timeout: float | None = None,
     callbacks: Iterable[Callback] = (),
     poll: float = 1.0,
-    artifacts: ArtifactSpec | None = None,
-    front_table: bool = True,
-    constraints: Constraints | None = None,
-    early_stop: EarlyStop | None = None,
 ) -> WorkerSummary:
-    """Run trials of ``study`` (opened by :func:`autoprune.study.study.open_study`) until it holds
-    ``target`` counted trials, ``timeout`` seconds pass (no trial starts after), or SIGINT or
-    SIGTERM arrive (see the module docstring). Front weights and the ``autoprune_front``
-    table are kept as :func:`autoprune.study.study.optimize` keeps them. Returns what this
-    worker did."""
-    if target < 1:
+    """The trial loop: run trials of ``study`` (opened by
+    :func:`autoprune.study.study.open_study`) as its setup says until it holds ``target``
+    counted trials (None: no limit), ``timeout`` seconds pass (no trial starts after), or
+    SIGINT or SIGTERM arrive (see the module docstring). ``autoprune search``,
+    :func:`autoprune.search` and every worker run trials here. Returns what this worker did.
+
+    Raises:
+        ValueError: If neither ``target`` nor ``timeout`` is given, or ``target`` < 1.
+    """
+    if target is None and timeout is None:
+        raise ValueError("give a target number of trials or a timeout, or the search never ends")
+    if target is not None and target < 1:
         raise ValueError(f"target must be >= 1, got {target}")
-    inner, ours = study_objective(
-        study,
-        task,
-        artifacts=artifacts,
-        front_table=front_table,
-        constraints=constraints,
-        early_stop=early_stop,
-    )
+    limit = math.inf if target is None else target
+    inner, ours = objective_for(study, task)
     stop, summary = _Stop(), WorkerSummary(worker_id())
-    objective = _WorkerObjective(inner, target, stop, summary.worker)
+    objective = _WorkerObjective(inner, limit, stop, summary.worker)
     deadline = None if timeout is None else time.monotonic() + timeout
 
     def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -199,12 +187,12 @@ def run_worker(
         if str(trial.user_attrs.get("fail_reason", "")).startswith("interrupted"):
             _retry(study, trial)
             summary.retried.append(trial.number)
-        if stop.signal or len(counted(study.get_trials(deepcopy=False))) >= target:
+        if stop.signal or len(counted(study.get_trials(deepcopy=False))) >= limit:
             study.stop()
 
     with _handling(stop), _quiet_interrupts():
         recover_orphans(study)
-        while not stop.signal and _has_work(study, target, deadline, stop, poll):
+        while not stop.signal and _has_work(study, limit, deadline, stop, poll):
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 break
@@ -224,7 +212,7 @@ def run_worker(
 
 
 def _has_work(
-    study: optuna.Study, target: int, deadline: float | None, stop: _Stop, poll: float
+    study: optuna.Study, target: float, deadline: float | None, stop: _Stop, poll: float
 ) -> bool:
     """Whether a trial should start: waiting trials, or fewer than ``target`` counted. Else
     waits while trials run that may yet fail and be retried (alive on this machine, or
@@ -340,47 +328,40 @@ def _handling(stop: _Stop) -> Iterator[None]:
 
 def join_study(
     storage: str, study_name: str | None, *, heartbeat: int | None = HEARTBEAT
-) -> tuple[optuna.Study, StudySpec, Task]:
-    """Open a study that ``autoprune search`` made, as a worker that brings no spec file: the
-    spec stored with the study names the task, space, seed and fine-tune recipe.
+) -> tuple[optuna.Study, StudySetup, Task]:
+    """Open a study as a worker that brings no spec file: the study's setup names the task,
+    its recipe, space, objectives and everything else. The task is rebuilt here and the
+    setup made from it exactly as the study's creator made it, so that a machine that builds
+    a different task (dense weights, layers, channel groups) is refused.
 
     Raises:
-        StorageError: If the storage holds no such study, the study holds no spec, it is run
-            by another autoprune version, or this machine builds a different task (dense
-            weights, layers, recipe) than the study's.
+        StorageError: If the storage holds no such study, it is run by another autoprune
+            version, its task was given as a Python object (no reference to rebuild it), or
+            this machine builds a different task than the study's.
         TaskError: If the study's task does not import or build here.
     """
     found = load_study(storage, study_name)
-    name, stored = found.study_name, found.user_attrs[STUDY_ATTR]
-    if "spec" not in stored:
+    name, stored = found.study_name, read_setup(found)
+    if stored.version != __version__:
         raise StorageError(
-            f"study {name!r} holds no spec to join (it was made by autoprune "
-            f"{stored.get('version')}); run `autoprune search SPEC` on it once first"
-        )
-    if stored.get("version") != __version__:
-        raise StorageError(
-            f"study {name!r} is run by autoprune {stored.get('version')}, this worker is "
+            f"study {name!r} is run by autoprune {stored.version}, this worker is "
             f"autoprune {__version__}; install the same version on every machine"
         )
-    try:
-        spec = spec_from_dict(stored["spec"])
-    except SpecError as e:
-        raise StorageError(f"study {name!r} holds a spec this worker cannot read: {e}") from None
-    task = spec.finetune.apply(load_task(spec.task, seed=spec.seed))
+    if stored.task_ref is None and stored.task not in TASKS:
+        raise StorageError(
+            f"study {name!r} was given its task as a Python object: workers need a task "
+            "reference (search with task='package.module:function')"
+        )
+    task = study_task(stored)
+    setup = make_setup(task, **stored.settings())
     # Each worker samples from its own seed: workers started together must not all draw the
     # same first policies.
-    seed = zlib.crc32(f"{spec.seed}:{worker_id()}".encode())
-    sampler = make_sampler(spec.sampler, seed=seed, space=spec.space)
+    seed = zlib.crc32(f"{stored.seed}:{worker_id()}".encode())
+    sampler = make_sampler(stored.sampler or DEFAULT_SAMPLER, seed=seed, space=stored.space)
     try:
         study = open_study(
-            task,
-            space=spec.space,
-            storage=storage,
-            study_name=name,
-            seed=spec.seed,
-            sampler=sampler,
-            heartbeat=heartbeat,
+            setup, task, storage=storage, study_name=name, sampler=sampler, heartbeat=heartbeat
         )
     except StorageError as e:
         raise StorageError(f"this worker differs from the study: {e}") from None
-    return study, spec, task
+    return study, setup, task

@@ -17,6 +17,7 @@ import optuna
 
 from autoprune.pruning.masks import apply_masks, compute_masks, score
 from autoprune.pruning.policy import Policy
+from autoprune.study.setup import read_setup
 from autoprune.study.space import SearchSpace, heuristic_params
 from autoprune.task import Task
 from autoprune.train import evaluate
@@ -83,10 +84,8 @@ def analyze(
 ) -> tuple[Curves, int]:
     """Compute the curves of the study's layers, store them in the study, and enqueue the prior
     at ``prior_sparsities`` (see :func:`enqueue_prior`); return the curves and that count."""
-    from autoprune.study.study import STUDY_ATTR  # search imports the objective: import it late
-
-    setup = study.user_attrs[STUDY_ATTR]
-    curves = layer_sensitivity(task, setup["layers"])
+    setup = read_setup(study)
+    curves = layer_sensitivity(task, list(setup.layers))
     study.set_user_attr(SENSITIVITY_ATTR, curves)
-    space = SearchSpace.from_dict(setup["space"])
-    return curves, enqueue_prior(study, task, space, setup["layers"], curves, prior_sparsities)
+    prior = enqueue_prior(study, task, setup.space, list(setup.layers), curves, prior_sparsities)
+    return curves, prior

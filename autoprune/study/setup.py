@@ -1,27 +1,290 @@
-"""What a study is made with, and the check that a resumed study was made with the same.
+"""The study's setup: one typed record of what a study searches and how it is run.
 
-:func:`autoprune.study.study.open_study` stores the setup (task, fine-tuning recipe, layers,
-space, seed, model fingerprint, objectives; for a structured space, its channel groups and
-blocks) in the study's ``autoprune`` user attr; a run that resumes the study must bring the
-same setup.
+:func:`make_setup` builds it, from a study spec (:meth:`autoprune.spec.StudySpec.setup`) or
+from :func:`autoprune.search`'s arguments; :func:`autoprune.study.study.open_study` stores it
+with the study (the ``autoprune`` user attr) and every consumer reads it back with
+:func:`read_setup`: the trial loop, workers, status, export, the report and sensitivity.
+
+Its fields are of two kinds. ``IDENTITY`` fields say what the trials' numbers mean (task,
+dense weights, fine-tune recipe, layers, space, objectives, seed): a run that resumes the
+study, or a worker that joins it, must bring the same, or it is refused. The others say how
+the study is run (budget, sampler, warm starts, constraints, early stop, artifacts): the
+latest ``autoprune search`` of a study stores its own, and workers follow them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import logging
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from autoprune.errors import StorageError, TaskError
+import optuna
+from torch import nn
+
+from autoprune import measure
+from autoprune._version import __version__
+from autoprune.errors import SpecError, StorageError, TaskError
+from autoprune.measure import DEFAULT_OBJECTIVES, Latency
 from autoprune.pruning import structured
 from autoprune.pruning.criteria import get_criterion
-from autoprune.study.objective import METRIC_NAMES
+from autoprune.pruning.masks import prunable_layers
+from autoprune.study.artifacts import ArtifactSpec
+from autoprune.study.constraints import Constraints
+from autoprune.study.samplers import SAMPLERS
 from autoprune.study.space import SearchSpace
+from autoprune.study.stopping import EarlyStop
+from autoprune.study.warm_start import WarmStart
 from autoprune.task import Task
+from autoprune.tasks import load_task
 
-# Setup keys newer than the first studies, as those studies were made: they still resume.
-_SETUP_DEFAULTS: dict[str, Any] = {"objectives": list(METRIC_NAMES)}
+logger = logging.getLogger(__name__)
+
+# Study user attr holding the setup (``StudySetup.to_dict``).
+STUDY_ATTR = "autoprune"
+# Study user attr of studies made before the setup held the task reference.
+_LEGACY_TASK_REF_ATTR = "autoprune_task_ref"
+# What a study is searched with when its creator says nothing: the spec's defaults too.
+DEFAULT_SAMPLER = "tpe"
+DEFAULT_TRIALS = 40
 
 
-def structured_setup(task: Task, space: SearchSpace) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """The fine-tuning recipe every trial of a study follows (the task's, after overrides)."""
+
+    epochs: int
+    lr: float
+    batch_size: int
+    calibration_batches: int
+
+    @classmethod
+    def of(cls, task: Task) -> Recipe:
+        return cls(task.finetune_epochs, task.lr, task.batch_size, task.calibration_batches)
+
+    def apply(self, task: Task) -> Task:
+        """``task`` fine-tuned by this recipe (a new Task; the model is shared)."""
+        return dataclasses.replace(
+            task,
+            finetune_epochs=self.epochs,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            calibration_batches=self.calibration_batches,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class StudySetup:
+    """What a study searches and how it is run; stored with the study (see the module doc).
+
+    Build it with :func:`make_setup`, never by hand: it measures the task's layers, channel
+    groups and fingerprint.
+
+    Args:
+        task: The task's name, as the study records it.
+        model: A hash of the dense model's weights (:func:`model_fingerprint`).
+        finetune: The fine-tuning recipe of every trial.
+        layers: The prunable layers the space's globs leave.
+        space: The search space.
+        objectives: ``"accuracy"``, then one or two size objectives.
+        latency: How ``latency_ms`` is measured; None when it is not an objective.
+        seed: The study's seed (sampler and each trial's fine-tuning).
+        groups: Channel groups of a structured space (names), else empty.
+        blocks: Removable residual blocks of a structured space, else empty.
+        task_ref: How to rebuild the task elsewhere (a built-in name or
+            ``package.module:function``); None: the task was given as an object, so workers
+            in other processes cannot join.
+        trials: The study's target number of trials; None: until a timeout.
+        sampler: A name in :data:`autoprune.study.samplers.SAMPLERS`; None: the run passed a
+            sampler object (workers use ``DEFAULT_SAMPLER``).
+        warm_start: Heuristics a new study tries first; None: none.
+        constraints: Bounds on accuracy and size; None: none.
+        early_stop: When hopeless trials stop; None: never.
+        artifacts: Where the front trials' weights are kept.
+        front_table: Keep the ``autoprune_front`` table of a database storage current.
+        version: The autoprune version of the latest run.
+        dense: The dense model's numbers, measured when the study was created.
+    """
+
+    task: str
+    model: str
+    finetune: Recipe
+    layers: tuple[str, ...]
+    space: SearchSpace
+    objectives: tuple[str, ...]
+    latency: Latency | None
+    seed: int
+    groups: tuple[str, ...] = ()
+    blocks: tuple[str, ...] = ()
+    task_ref: str | None = None
+    trials: int | None = DEFAULT_TRIALS
+    sampler: str | None = DEFAULT_SAMPLER
+    warm_start: WarmStart | None = dataclasses.field(default_factory=WarmStart)
+    constraints: Constraints | None = None
+    early_stop: EarlyStop | None = None
+    artifacts: ArtifactSpec = dataclasses.field(default_factory=ArtifactSpec)
+    front_table: bool = True
+    version: str = __version__
+    dense: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON data: ``StudySetup.from_dict(setup.to_dict()) == setup``."""
+        data: dict[str, Any] = {"format": FORMAT}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if hasattr(value, "to_dict"):
+                value = value.to_dict()
+            elif isinstance(value, Recipe):
+                value = dataclasses.asdict(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            elif isinstance(value, Mapping):
+                value = dict(value)
+            data[field.name] = value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StudySetup:
+        """Read what :meth:`to_dict` wrote, or the untyped setup of autoprune 0.1 studies.
+
+        Raises:
+            StorageError: If ``data`` is not a setup this version can read.
+        """
+        try:
+            if data.get("format") != FORMAT:
+                return _from_legacy(data)
+            known = {f.name for f in dataclasses.fields(cls)} | {"format"}
+            unknown = sorted(set(data) - known)
+            if unknown:
+                raise SpecError(f"unknown setup key {unknown[0]!r}")
+            return cls(
+                **{k: v for k, v in data.items() if k not in _TYPED and k != "format"},
+                **{k: read(data[k]) for k, read in _TYPED.items() if k in data},
+            )
+        except (SpecError, TypeError, KeyError, ValueError) as e:
+            raise StorageError(
+                f"the study's setup cannot be read by autoprune {__version__}: {e}"
+            ) from None
+
+    def identity(self) -> dict[str, Any]:
+        """The fields a resumed run or a joining worker must bring unchanged."""
+        data = self.to_dict()
+        return {key: data[key] for key in IDENTITY}
+
+    def settings(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`make_setup` that rebuild this setup for a task."""
+        names = (
+            *("trials", "seed", "sampler", "space", "warm_start", "constraints"),
+            *("early_stop", "artifacts", "objectives", "latency", "front_table", "task_ref"),
+        )
+        return {name: getattr(self, name) for name in names}
+
+
+FORMAT = 2
+IDENTITY = (
+    "task",
+    "model",
+    "finetune",
+    "layers",
+    "space",
+    "objectives",
+    "latency",
+    "seed",
+    "groups",
+    "blocks",
+)
+
+
+def _optional(read: Any) -> Any:
+    return lambda value: None if value is None else read(value)
+
+
+_TYPED: dict[str, Any] = {
+    "finetune": lambda d: Recipe(**d),
+    "layers": tuple,
+    "space": SearchSpace.from_dict,
+    "objectives": tuple,
+    "latency": _optional(Latency.from_dict),
+    "groups": tuple,
+    "blocks": tuple,
+    "warm_start": _optional(WarmStart.from_dict),
+    "constraints": _optional(Constraints.from_dict),
+    "early_stop": _optional(EarlyStop.from_dict),
+    "artifacts": ArtifactSpec.from_dict,
+    "dense": dict,
+}
+
+
+def make_setup(
+    task: Task,
+    *,
+    task_ref: str | None = None,
+    trials: int | None = DEFAULT_TRIALS,
+    seed: int = 0,
+    sampler: str | None = DEFAULT_SAMPLER,
+    space: SearchSpace | None = None,
+    warm_start: WarmStart | None = None,
+    constraints: Constraints | None = None,
+    early_stop: EarlyStop | None = None,
+    artifacts: ArtifactSpec | None = None,
+    objectives: Sequence[str] = DEFAULT_OBJECTIVES,
+    latency: Latency | None = None,
+    front_table: bool = True,
+) -> StudySetup:
+    """The setup of a study of ``task``: the one place where one is made.
+
+    Everything about the task is checked here, before any storage is touched, so bad input
+    leaves no half-written study behind. The arguments are :func:`autoprune.search`'s (see
+    there); ``space=None`` is ``SearchSpace()`` and ``warm_start=None`` is no warm start.
+
+    Raises:
+        SpecError: On bad objectives, trials, seed or sampler, or unstructured pruning with
+            an objective blind to it.
+        TaskError: If the space's globs leave no prunable layer (or channel group), or the
+            data does not fit the model.
+    """
+    space = space if space is not None else SearchSpace()
+    objectives = tuple(measure.check_objectives(objectives))
+    measure.check_granularities(objectives, space.granularities)
+    if trials is not None and (isinstance(trials, bool) or not isinstance(trials, int)):
+        raise SpecError(f"trials must be an integer >= 1 or None, got {trials!r}")
+    if trials is not None and trials < 1:
+        raise SpecError(f"trials must be an integer >= 1 or None, got {trials!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise SpecError(f"seed must be an integer >= 0, got {seed!r}")
+    if sampler is not None and sampler not in SAMPLERS:
+        raise SpecError(f"unknown sampler {sampler!r} (known: {', '.join(SAMPLERS)})")
+    if constraints is not None and not any(constraints.to_dict().values()):
+        constraints = None  # no bound: the same study as no constraints
+    if early_stop is not None and early_stop.margin is None:
+        early_stop = None
+    layers = tuple(prunable_layers(task.model, space.include, space.exclude))
+    task.check()
+    groups, blocks = structured_setup(task, space)
+    return StudySetup(
+        task=task.name,
+        model=model_fingerprint(task.model),
+        finetune=Recipe.of(task),
+        layers=layers,
+        space=space,
+        objectives=objectives,
+        latency=(latency or Latency()) if "latency_ms" in objectives else None,
+        seed=seed,
+        groups=groups,
+        blocks=blocks,
+        task_ref=task_ref,
+        trials=trials,
+        sampler=sampler,
+        warm_start=warm_start,
+        constraints=constraints,
+        early_stop=early_stop,
+        artifacts=artifacts or ArtifactSpec(),
+        front_table=front_table,
+    )
+
+
+def structured_setup(task: Task, space: SearchSpace) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The channel groups and removable blocks a structured study searches (none otherwise).
 
     Raises:
@@ -29,7 +292,7 @@ def structured_setup(task: Task, space: SearchSpace) -> dict[str, Any]:
             BatchNorm criterion meets a group without BatchNorm.
     """
     if "structured" not in space.granularities:
-        return {}
+        return (), ()
     example = structured.example_input(task.val)
     groups = structured.channel_groups(task.model, example, space.include, space.exclude)
     if not groups:
@@ -48,25 +311,18 @@ def structured_setup(task: Task, space: SearchSpace) -> dict[str, Any]:
     blocks = structured.removable_blocks(task.model, example, space.blocks)
     if space.blocks and not blocks:
         raise TaskError(f"blocks {list(space.blocks)} match no module with parameters")
-    return {"groups": [g.name for g in groups], "blocks": blocks}
+    return tuple(g.name for g in groups), tuple(blocks)
 
 
-def check_same_setup(
-    stored: dict[str, Any] | None, setup: dict[str, Any], name: str | None
-) -> None:
-    """Check that study ``name``, made with the ``stored`` setup (None: not by autoprune),
-    can be resumed with ``setup``; the version it was made with may differ.
+def check_same(stored: StudySetup, setup: StudySetup, name: str | None) -> None:
+    """Check that study ``name``, made with ``stored``, can be run with ``setup``.
 
     Raises:
-        StorageError: If it was not made by autoprune, or with a different setup.
+        StorageError: Naming the first field that differs, and what to do.
     """
-    if stored is None:
-        raise StorageError(f"study {name!r} exists but was not made by autoprune")
-    stored = dict(stored)
-    if "space" in stored:  # spaces stored before a key was added compare with its default
-        stored["space"] = SearchSpace.from_dict(stored["space"]).to_dict()
-    for key in [k for k in setup if k != "version"]:  # what a study was made with
-        if stored.get(key, _SETUP_DEFAULTS.get(key)) != setup[key]:
+    before, now = stored.identity(), setup.identity()
+    for key in IDENTITY:
+        if before[key] != now[key]:
             label = "dense model weights (fingerprint)" if key == "model" else key
             hint = (
                 "resume with the model the study was made with, or use another study name"
@@ -74,6 +330,88 @@ def check_same_setup(
                 else "use another study name to search a different setup"
             )
             raise StorageError(
-                f"study {name!r} was created with {label} {stored.get(key)!r}, not "
-                f"{setup[key]!r}; {hint}"
+                f"study {name!r} was created with {label} {before[key]!r}, not "
+                f"{now[key]!r}; {hint}"
             )
+
+
+def read_setup(study: optuna.Study) -> StudySetup:
+    """The setup stored with ``study``.
+
+    Raises:
+        StorageError: If the study was not made by autoprune, or by a version whose setup
+            this one cannot read.
+    """
+    stored = study.user_attrs.get(STUDY_ATTR)
+    if not isinstance(stored, Mapping):
+        raise StorageError(f"study {study.study_name!r} was not made by autoprune")
+    if stored.get("format") != FORMAT and _LEGACY_TASK_REF_ATTR in study.user_attrs:
+        stored = {**stored, "task_ref": study.user_attrs[_LEGACY_TASK_REF_ATTR]}
+    return StudySetup.from_dict(stored)
+
+
+def setup_if_any(study: optuna.Study) -> StudySetup | None:
+    """The setup of an autoprune study; None for a study that holds none (hand-made).
+
+    Raises:
+        StorageError: If the study holds a setup this version cannot read.
+    """
+    return read_setup(study) if STUDY_ATTR in study.user_attrs else None
+
+
+def study_task(setup: StudySetup, task_ref: str | None = None) -> Task:
+    """The task a study searched, rebuilt from its reference with the study's recipe.
+
+    Raises:
+        TaskError: If the reference (``task_ref``, else the setup's, else the task's name,
+            which is right for built-in tasks) does not build a task.
+    """
+    ref = task_ref or setup.task_ref or setup.task
+    return setup.finetune.apply(load_task(ref, seed=setup.seed))
+
+
+def write_setup(study: optuna.Study, setup: StudySetup) -> None:
+    """Store ``setup`` with ``study`` (one storage write; none if it is already there)."""
+    data = setup.to_dict()
+    if study.user_attrs.get(STUDY_ATTR) != data:
+        study.set_user_attr(STUDY_ATTR, data)
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A short hash of the model's state dict: the same trained weights give the same hash."""
+    digest = hashlib.sha256()
+    for key, tensor in model.state_dict().items():
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _from_legacy(data: Mapping[str, Any]) -> StudySetup:
+    """The setup of a study made by autoprune 0.1 (an untyped dict, the run's spec beside it).
+
+    Such studies resume: what they stored is read as it was written, and what they did not
+    store takes the value those versions used.
+    """
+    spec = data.get("spec") or {}
+    early = spec.get("early_stop")
+    return StudySetup(
+        task=data["task"],
+        model=data["model"],
+        finetune=Recipe(**data["finetune"]),
+        layers=tuple(data["layers"]),
+        space=SearchSpace.from_dict(data["space"]),
+        objectives=tuple(data.get("objectives", DEFAULT_OBJECTIVES)),
+        latency=Latency.from_dict(data["latency"]) if data.get("latency") else None,
+        seed=data["seed"],
+        groups=tuple(data.get("groups", ())),
+        blocks=tuple(data.get("blocks", ())),
+        task_ref=data.get("task_ref", spec.get("task")),
+        trials=spec.get("trials"),
+        sampler=spec.get("sampler", DEFAULT_SAMPLER),
+        warm_start=WarmStart.from_dict(spec["warm_start"]) if "warm_start" in spec else None,
+        constraints=Constraints.from_dict(spec.get("constraints", {})),
+        early_stop=EarlyStop.from_dict(early) if early and early.get("margin") else None,
+        artifacts=ArtifactSpec.from_dict(spec.get("artifacts", {})),
+        version=data.get("version", "0.1.0"),
+        dense=dict(data.get("dense", {})),
+    )

@@ -64,9 +64,9 @@ class SearchSpace:
     channel_sparsity: tuple[float, float] = (0.0, 0.9)
     round_to: int = 1
     blocks: Sequence[str] = ()
-    parametrization: str = "per-layer"
+    parametrization: str = "allocation"
     allocations: Sequence[str] = ("lamp", "erk", "global", "uniform")
-    schedules: Sequence[str] = ("oneshot",)
+    schedules: Sequence[str] = ("oneshot", "gradual")
 
     def __post_init__(self) -> None:
         if self.parametrization not in PARAMETRIZATIONS:

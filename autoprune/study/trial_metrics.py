@@ -12,7 +12,8 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial
 
-from autoprune.study.objective import METRIC_NAMES
+from autoprune.measure import DEFAULT_OBJECTIVES as METRIC_NAMES
+from autoprune.study.setup import setup_if_any
 
 ACCURACY = "accuracy"
 # User attrs that are bookkeeping, not measurements.
@@ -48,10 +49,8 @@ def trial_metrics(
 
 def study_total_params(study: optuna.Study) -> float | None:
     """The dense model's prunable weights, as recorded in an autoprune study."""
-    from autoprune.study.study import STUDY_ATTR
-
-    dense = study.user_attrs.get(STUDY_ATTR, {}).get("dense", {})
-    return dense.get("total_params")
+    setup = setup_if_any(study)
+    return None if setup is None else setup.dense.get("total_params")
 
 
 def _is_number(value: Any) -> bool:

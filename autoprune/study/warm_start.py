@@ -79,6 +79,10 @@ class WarmStart:
         return cls(**data)
 
 
+# What a new study tries first when its creator says nothing (a spec's default too).
+DEFAULT_WARM_START = WarmStart()
+
+
 def enqueue_warm_starts(
     study: optuna.Study,
     task: Task,

@@ -1,0 +1,122 @@
+"""``autoprune.search``: the Python way into a study, on the same path as the CLI's.
+
+A setup is made from the arguments (:func:`autoprune.study.setup.make_setup`, whose defaults
+are a study spec's), the study is opened with it (:func:`autoprune.study.study.open_study`)
+and its trials run in the one trial loop (:func:`autoprune.run.worker.run_worker`), exactly
+as ``autoprune search SPEC`` does.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+
+import optuna
+
+from autoprune.measure import DEFAULT_OBJECTIVES, Latency
+from autoprune.run.worker import run_worker
+from autoprune.study.artifacts import ArtifactSpec
+from autoprune.study.constraints import Constraints
+from autoprune.study.setup import DEFAULT_SAMPLER, DEFAULT_TRIALS, make_setup
+from autoprune.study.space import SearchSpace
+from autoprune.study.stopping import EarlyStop
+from autoprune.study.study import Callback, open_study
+from autoprune.study.warm_start import DEFAULT_WARM_START, WarmStart
+from autoprune.task import Task
+from autoprune.tasks import load_task
+
+logger = logging.getLogger(__name__)
+
+
+def search(
+    task: Task | str,
+    *,
+    n_trials: int | None = DEFAULT_TRIALS,
+    timeout: float | None = None,
+    storage: str | optuna.storages.BaseStorage | None = None,
+    study_name: str | None = None,
+    seed: int = 0,
+    space: SearchSpace | None = None,
+    sampler: optuna.samplers.BaseSampler | str = DEFAULT_SAMPLER,
+    warm_start: WarmStart | None = DEFAULT_WARM_START,
+    constraints: Constraints | None = None,
+    early_stop: EarlyStop | None = None,
+    callbacks: Iterable[Callback] = (),
+    artifacts: ArtifactSpec | None = None,
+    front_table: bool = True,
+    objectives: Sequence[str] = DEFAULT_OBJECTIVES,
+    latency: Latency | None = None,
+) -> optuna.Study:
+    """Search pruning policies of ``task``'s model; return the (new or resumed) Optuna study.
+
+    Objectives: maximise validation accuracy, minimise the size objectives named in
+    ``objectives`` (nonzero prunable weights by default). The Pareto front is
+    ``study.best_trials``; :func:`autoprune.pareto_front` tabulates it. Every default is
+    the default of a study spec (``autoprune search SPEC``), so both search the same way.
+
+    Args:
+        task: The task, or a reference that builds it (a built-in name such as
+            ``"digits-cnn"``, or ``"package.module:function"``); with a reference, workers
+            in other processes can join the study (``autoprune worker``).
+        n_trials: The study's target: trials it holds in the end, counting those of earlier
+            runs (a resumed study that holds them runs none); None: until ``timeout``.
+        timeout: Seconds after which no new trial starts.
+        storage: Optuna storage or database URL; None keeps the study in memory.
+        study_name: Name of the study; an existing study of that name is resumed.
+        seed: Seeds the sampler and every trial's fine-tuning.
+        space: The search space; None: ``SearchSpace()``.
+        sampler: A sampler, or the name of one in :data:`autoprune.study.samplers.SAMPLERS`
+            (seeded with ``seed``).
+        warm_start: Heuristic policies a new study tries first (at most half of
+            ``n_trials``); None: none.
+        constraints: Bounds on accuracy and size; infeasible trials leave the front.
+        early_stop: Stops hopeless trials after their first epoch (state PRUNED); None: never.
+        callbacks: Called as ``callback(study, trial)`` after each trial.
+        artifacts: Where the weights of front trials are kept (default: next to a SQLite
+            file).
+        front_table: Keep the ``autoprune_front`` table of a database storage up to date.
+        objectives: ``"accuracy"``, then one or two of :data:`autoprune.measure.OBJECTIVES`.
+        latency: How ``latency_ms`` is measured (batch size, threads, repeats).
+
+    SIGINT and SIGTERM stop the search as they stop a worker: the running trial fails, is
+    queued for retry, and the study is returned.
+
+    Raises:
+        SpecError: On bad objectives, budget or sampler, or unstructured pruning with an
+            objective blind to it.
+        TaskError: If the task reference does not build a task, the model has no prunable
+            layer left by the space's globs, or the data does not fit the model.
+        StorageError: If the storage cannot be opened, or the named study was created with a
+            different task, recipe, search space, objectives or seed.
+        ValueError: If neither ``n_trials`` nor ``timeout`` is given.
+    """
+    if n_trials is None and timeout is None:
+        raise ValueError("give n_trials or timeout, or the search never ends")
+    task_ref = task if isinstance(task, str) else None
+    loaded = load_task(task, seed=seed) if isinstance(task, str) else task
+    named = isinstance(sampler, str)
+    setup = make_setup(
+        loaded,
+        task_ref=task_ref,
+        trials=n_trials,
+        seed=seed,
+        sampler=sampler if isinstance(sampler, str) else None,
+        space=space,
+        warm_start=warm_start,
+        constraints=constraints,
+        early_stop=early_stop,
+        artifacts=artifacts,
+        objectives=objectives,
+        latency=latency,
+        front_table=front_table,
+    )
+    study = open_study(
+        setup,
+        loaded,
+        storage=storage,
+        study_name=study_name,
+        sampler=None if named else sampler,  # type: ignore[arg-type]
+    )
+    summary = run_worker(study, loaded, target=n_trials, timeout=timeout, callbacks=callbacks)
+    logger.info("%s", summary)
+    return study
