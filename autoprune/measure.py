@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from autoprune._registry import Registry, from_dict, to_dict
 from autoprune.errors import SpecError
 from autoprune.pruning.codec import exported_bytes
 from autoprune.pruning.masks import PRUNABLE_TYPES
@@ -44,15 +45,11 @@ class Latency:
                 raise SpecError(f"latency {field.name} must be an integer >= {low}, got {value!r}")
 
     def to_dict(self) -> dict[str, int]:
-        return dataclasses.asdict(self)
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Latency:
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in data:
-            if key not in known:
-                raise SpecError(f"unknown latency key {key!r} (known: {', '.join(sorted(known))})")
-        return cls(**data)
+        return from_dict(cls, data, "latency key")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,16 +79,17 @@ class SizeObjective:
     sees_zeros: bool
 
 
-OBJECTIVES: dict[str, SizeObjective] = {}
+# The size objectives; accuracy is not one of them (it is measured by the task).
+OBJECTIVES: Registry[SizeObjective] = Registry("objective")
 
 
 def register_objective(name: str, *, sees_zeros: bool) -> Callable[[MeasureFn], MeasureFn]:
     """Decorator that adds a size measurement to the registry under ``name``."""
 
     def decorator(fn: MeasureFn) -> MeasureFn:
-        if name in OBJECTIVES or name == ACCURACY:
-            raise ValueError(f"objective {name!r} is already registered")
-        OBJECTIVES[name] = SizeObjective(name, fn, sees_zeros)
+        if name == ACCURACY:
+            raise SpecError(f"objective {name!r} is already registered")
+        OBJECTIVES.register(name, SizeObjective(name, fn, sees_zeros))
         return fn
 
     return decorator

@@ -65,6 +65,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from autoprune._registry import check_keys
 from autoprune.errors import SpecError
 from autoprune.measure import DEFAULT_OBJECTIVES, Latency, check_granularities, check_objectives
 from autoprune.study.artifacts import ArtifactSpec
@@ -219,10 +220,7 @@ _TABLES: dict[str, Callable[[dict[str, Any]], Any]] = {
 
 def spec_from_dict(data: dict[str, Any]) -> StudySpec:
     """Validate the parsed TOML of a spec; raise SpecError naming the first bad key."""
-    fields = {f.name for f in dataclasses.fields(StudySpec)}
-    for key in data:
-        if key not in fields:
-            raise SpecError(f"unknown key {key!r} (known: {', '.join(sorted(fields))})")
+    check_keys(data, StudySpec, "key")
     kwargs: dict[str, Any] = {}
     for key in ("task", "storage", "study_name"):
         if key in data:
@@ -283,10 +281,12 @@ def _finetune(table: dict[str, Any]) -> Finetune:
         "lr": (float, lambda v: math.isfinite(v) and v > 0, "a number > 0"),
         "batch_size": (int, lambda v: v >= 1, "an integer >= 1"),
     }
+    try:
+        check_keys(table, Finetune, "key")
+    except SpecError as e:
+        raise SpecError(f"[finetune] {e}") from None
     kwargs = {}
     for key, value in table.items():
-        if key not in checks:
-            raise SpecError(f"[finetune] unknown key {key!r} (known: {', '.join(checks)})")
         kind, ok, what = checks[key]
         kwargs[key] = _check(f"finetune.{key}", value, kind, ok, what)
     return Finetune(**kwargs)

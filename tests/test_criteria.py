@@ -169,7 +169,7 @@ def position_criterion():
     try:
         yield name
     finally:
-        del CRITERIA[name]
+        CRITERIA.unregister(name)
 
 
 def test_user_criterion_works_end_to_end(

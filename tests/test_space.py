@@ -105,9 +105,9 @@ def test_from_dict_rejects_unknown_keys() -> None:
         SearchSpace.from_dict({"criteria": ["magnitude"], "sparsities": [0, 0.5]})
     assert str(info.value) == (
         "unknown search-space key 'sparsities' "
-        "(known: allocations, alpha, blocks, channel_criteria, channel_sparsity, criteria, "
-        "exclude, granularities, include, parametrization, round_to, rules, schedules, scopes, "
-        "sparsity)"
+        "(known: criteria, scopes, rules, sparsity, alpha, include, exclude, granularities, "
+        "channel_criteria, channel_sparsity, round_to, blocks, parametrization, allocations, "
+        "schedules)"
     )
 
 

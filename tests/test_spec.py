@@ -88,9 +88,9 @@ def test_integer_lr_becomes_float(tmp_path: Path) -> None:
     [
         (
             "trails = 5\n",
-            "unknown key 'trails' (known: artifacts, constraints, early_stop, finetune, latency, "
-            "objectives, sampler, seed, space, storage, study_name, task, timeout, trials, "
-            "warm_start)",
+            "unknown key 'trails' (known: task, study_name, storage, trials, timeout, seed, "
+            "sampler, space, warm_start, constraints, early_stop, finetune, artifacts, "
+            "objectives, latency)",
         ),
         (
             "[finetune]\nepoch = 1\n",
@@ -137,7 +137,7 @@ def test_rejections_name_key_and_value(tmp_path: Path, text: str, expected: str)
         ('[space]\nrules = ["median"]\n', "unknown rule", "'median'"),
         ('[space]\ncriteria = ["magnitude", "l0"]\n', "unknown criterion", "'l0'"),
         ('[space]\ncriteria = "magnitude"\n', "criteria", "'magnitude'"),
-        ("[space]\ncriteria = []\n", "criteria", "()"),
+        ("[space]\ncriteria = []\n", "criteria", "[]"),  # as the user wrote it
         ('[space]\ninclude = "features.*"\n', "include", "'features.*'"),
     ],
 )

@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from autoprune._registry import Registry
 from autoprune.errors import SpecError
 from autoprune.pruning.masks import compute_masks, weights
 from autoprune.pruning.policy import Policy
@@ -30,7 +31,7 @@ from autoprune.pruning.policy import Policy
 # ``(weights by layer, target sparsity) -> pruned weights by layer``
 AllocationFn = Callable[[Mapping[str, Tensor], float], dict[str, int]]
 
-ALLOCATIONS: dict[str, AllocationFn] = {}
+ALLOCATIONS: Registry[AllocationFn] = Registry("allocation")
 
 # A layer's density may move by up to this factor either way with an offset of +-1.
 OFFSET_FACTOR = 4.0
@@ -40,21 +41,14 @@ def register_allocation(name: str) -> Callable[[AllocationFn], AllocationFn]:
     """Decorator that adds an allocation function to the registry under ``name``."""
 
     def decorator(fn: AllocationFn) -> AllocationFn:
-        if name in ALLOCATIONS:
-            raise ValueError(f"allocation {name!r} is already registered")
-        ALLOCATIONS[name] = fn
-        return fn
+        return ALLOCATIONS.register(name, fn)
 
     return decorator
 
 
 def get_allocation(name: str) -> AllocationFn:
     """The registered allocation ``name``; raise SpecError naming it if unknown."""
-    try:
-        return ALLOCATIONS[name]
-    except KeyError:
-        known = ", ".join(ALLOCATIONS)
-        raise SpecError(f"unknown allocation {name!r} (known: {known})") from None
+    return ALLOCATIONS.get(name)
 
 
 def allocate(

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from autoprune._registry import Registry
 from autoprune.errors import SpecError
 from autoprune.task import Task
 
@@ -51,7 +52,7 @@ class Criterion:
         return tuple(g for g in GRANULARITIES if fns[g] is not None)
 
 
-CRITERIA: dict[str, Criterion] = {}
+CRITERIA: Registry[Criterion] = Registry("criterion")
 
 
 def register_criterion(
@@ -72,7 +73,7 @@ def register_criterion(
         raise ValueError(f"unknown channel_source {channel_source!r}")
 
     def decorator(fn: ScoreFn) -> ScoreFn:
-        old = CRITERIA.get(name)
+        old = CRITERIA.get(name) if name in CRITERIA else None
         if old is not None and (granularity in old.granularities or old.needs_grad != needs_grad):
             where = " for structured pruning" if granularity == "structured" else ""
             raise ValueError(f"criterion {name!r} is already registered{where}")
@@ -84,7 +85,7 @@ def register_criterion(
                 new = dataclasses.replace(
                     new, channel_score=old.channel_score, channel_source=old.channel_source
                 )
-        CRITERIA[name] = new
+        CRITERIA.register(name, new, replace=True)
         return fn
 
     return decorator
@@ -93,11 +94,7 @@ def register_criterion(
 def get_criterion(name: str, granularity: str | None = None) -> Criterion:
     """Return the registered criterion ``name``; raise SpecError naming it if unknown, or if it
     cannot score ``granularity`` (when given)."""
-    try:
-        criterion = CRITERIA[name]
-    except KeyError:
-        known = ", ".join(sorted(CRITERIA))
-        raise SpecError(f"unknown criterion {name!r} (known: {known})") from None
+    criterion = CRITERIA.get(name)
     if granularity is not None and granularity not in criterion.granularities:
         able = ", ".join(sorted(n for n, c in CRITERIA.items() if granularity in c.granularities))
         raise SpecError(

@@ -8,6 +8,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from autoprune._registry import from_dict
 from autoprune.errors import SpecError
 from autoprune.pruning.criteria import GRANULARITIES, get_criterion
 
@@ -122,12 +123,7 @@ class Policy:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Policy:
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise SpecError(f"unknown policy key {sorted(unknown)[0]!r}")
-        if "removed_blocks" in data and isinstance(data["removed_blocks"], list):
-            data = {**data, "removed_blocks": tuple(data["removed_blocks"])}
-        return cls(**data)
+        return from_dict(cls, data, "policy key")
 
     @classmethod
     def from_json(cls, text: str) -> Policy:

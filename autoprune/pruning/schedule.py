@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
+from autoprune._registry import Registry
 from autoprune.pruning.criteria import get_criterion
 from autoprune.pruning.masks import apply_masks, compute_masks
 from autoprune.pruning.policy import SCHEDULES, Policy
@@ -113,9 +114,14 @@ def _gradual(regrow: bool) -> Schedule:
     return schedule
 
 
-SCHEDULE_FUNCTIONS: dict[str, Schedule] = {
-    "oneshot": oneshot,
-    "gradual": _gradual(regrow=False),
-    "gradual-regrow": _gradual(regrow=True),
-}
-assert set(SCHEDULE_FUNCTIONS) == set(SCHEDULES)
+# The names are :data:`autoprune.pruning.policy.SCHEDULES`, where a Policy checks its schedule
+# (this module imports Policy, so not the other way round); here are their functions.
+SCHEDULE_FUNCTIONS: Registry[Schedule] = Registry(
+    "schedule",
+    {
+        "oneshot": oneshot,
+        "gradual": _gradual(regrow=False),
+        "gradual-regrow": _gradual(regrow=True),
+    },
+)
+assert SCHEDULE_FUNCTIONS.names() == SCHEDULES

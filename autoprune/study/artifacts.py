@@ -31,6 +31,7 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 from torch import Tensor
 
+from autoprune._registry import from_dict, to_dict
 from autoprune.errors import SpecError, StorageError
 from autoprune.pruning.codec import pack_tensor, unpack_tensor
 from autoprune.study.front import front_trials
@@ -70,15 +71,11 @@ class ArtifactSpec:
             raise SpecError(f"artifacts dir must be a non-empty string, got {self.dir!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ArtifactSpec:
-        known = [f.name for f in dataclasses.fields(cls)]
-        for key in data:
-            if key not in known:
-                raise SpecError(f"unknown key {key!r} (known: {', '.join(known)})")
-        return cls(**data)
+        return from_dict(cls, data, "key")
 
 
 def resolve_dir(storage: str | None, spec: ArtifactSpec) -> Path | None:

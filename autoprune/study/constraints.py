@@ -12,6 +12,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from autoprune._registry import from_dict, to_dict
 from autoprune.errors import SpecError
 
 
@@ -45,15 +46,11 @@ class Constraints:
                 raise SpecError(f"constraint {key} must be {what}, got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Constraints:
-        names = [f.name for f in dataclasses.fields(cls)]
-        for key in data:
-            if key not in names:
-                raise SpecError(f"unknown constraint {key!r} (known: {', '.join(names)})")
-        return cls(**data)
+        return from_dict(cls, data, "constraint")
 
     def violations(self, metrics: Mapping[str, float]) -> dict[str, float]:
         """Constraint values of a trial's metrics for ``trial.set_constraint``: <= 0 is met."""

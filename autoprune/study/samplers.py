@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import optuna
 
-from autoprune.errors import SpecError
+from autoprune._registry import Registry
 from autoprune.study.space import SearchSpace
 
 SamplerFactory = Callable[[int, SearchSpace], optuna.samplers.BaseSampler]
@@ -59,13 +59,9 @@ def _auto(seed: int, space: SearchSpace) -> optuna.samplers.BaseSampler:
     return _tpe(seed, space)
 
 
-SAMPLERS: dict[str, SamplerFactory] = {
-    "tpe": _tpe,
-    "nsga2": _nsga2,
-    "gp": _gp,
-    "random": _random,
-    "auto": _auto,
-}
+SAMPLERS: Registry[SamplerFactory] = Registry(
+    "sampler", {"tpe": _tpe, "nsga2": _nsga2, "gp": _gp, "random": _random, "auto": _auto}
+)
 
 
 def make_sampler(name: str, *, seed: int, space: SearchSpace) -> optuna.samplers.BaseSampler:
@@ -74,8 +70,4 @@ def make_sampler(name: str, *, seed: int, space: SearchSpace) -> optuna.samplers
     Raises:
         SpecError: If ``name`` is not a known sampler.
     """
-    try:
-        factory = SAMPLERS[name]
-    except KeyError:
-        raise SpecError(f"unknown sampler {name!r} (known: {', '.join(SAMPLERS)})") from None
-    return factory(seed, space)
+    return SAMPLERS.get(name)(seed, space)

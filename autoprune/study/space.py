@@ -10,6 +10,7 @@ from typing import Any
 import optuna
 from torch import nn
 
+from autoprune._registry import Registry, from_dict, to_dict
 from autoprune.errors import SpecError
 from autoprune.pruning.allocation import allocate, get_allocation, reallocate
 from autoprune.pruning.criteria import CRITERIA, GRANULARITIES, get_criterion
@@ -69,9 +70,7 @@ class SearchSpace:
     schedules: Sequence[str] = ("oneshot", "gradual")
 
     def __post_init__(self) -> None:
-        if self.parametrization not in PARAMETRIZATIONS:
-            names = ", ".join(PARAMETRIZATIONS)
-            raise SpecError(f"unknown parametrization {self.parametrization!r} (known: {names})")
+        PARAMETRIZATIONS.get(self.parametrization)
         if isinstance(self.allocations, str) or not self.allocations:
             raise SpecError(f"allocations must be a non-empty list, got {self.allocations!r}")
         for name in self.allocations:
@@ -135,23 +134,11 @@ class SearchSpace:
             raise SpecError("round_to and blocks need 'structured' in granularities")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            f.name: v if isinstance(v := getattr(self, f.name), (str, int)) else list(v)
-            for f in dataclasses.fields(self)
-        }
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SearchSpace:
-        names = {f.name for f in dataclasses.fields(cls)}
-        for key in data:
-            if key not in names:
-                raise SpecError(
-                    f"unknown search-space key {key!r} (known: {', '.join(sorted(names))})"
-                )
-        kwargs: dict[str, Any] = {
-            k: tuple(v) if isinstance(v, list) else v for k, v in data.items()
-        }
-        return cls(**kwargs)
+        return from_dict(cls, data, "search-space key")
 
 
 def suggest_policy(
@@ -319,7 +306,9 @@ BOUND_SLACK = 1.25
 Parametrization = Callable[
     [optuna.trial.BaseTrial, SearchSpace, Sequence[str], "nn.Module | None"], Policy
 ]
-PARAMETRIZATIONS: dict[str, Parametrization] = {"per-layer": _per_layer, "allocation": _allocation}
+PARAMETRIZATIONS: Registry[Parametrization] = Registry(
+    "parametrization", {"per-layer": _per_layer, "allocation": _allocation}
+)
 
 
 def _bounds(name: str, value: Any) -> tuple[float, float]:

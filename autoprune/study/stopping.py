@@ -16,6 +16,7 @@ from typing import Any
 import optuna
 from torch import nn
 
+from autoprune._registry import from_dict, to_dict
 from autoprune.errors import SpecError
 from autoprune.pruning.masks import count_nonzero
 from autoprune.study.front import front_trials
@@ -44,14 +45,11 @@ class EarlyStop:
             raise SpecError(f"early_stop margin must be a number >= 0, got {m!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"margin": self.margin}
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EarlyStop:
-        for key in data:
-            if key != "margin":
-                raise SpecError(f"unknown early-stop key {key!r} (known: margin)")
-        return cls(**data)
+        return from_dict(cls, data, "early-stop key")
 
     def hook(self, trial: optuna.Trial, layers: Sequence[str]) -> EpochHook | None:
         """The ``on_epoch`` hook that stops ``trial``, or None if early stop is off."""

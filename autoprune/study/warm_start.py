@@ -14,6 +14,7 @@ from typing import Any
 
 import optuna
 
+from autoprune._registry import from_dict, to_dict
 from autoprune.errors import SpecError
 from autoprune.pruning.allocation import get_allocation
 from autoprune.pruning.policy import SCHEDULES
@@ -63,20 +64,11 @@ class WarmStart:
         object.__setattr__(self, "sparsities", tuple(float(v) for v in self.sparsities))
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "allocations": list(self.allocations),
-            "sparsities": list(self.sparsities),
-            "schedules": list(self.schedules),
-        }
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> WarmStart:
-        names = {f.name for f in dataclasses.fields(cls)}
-        for key in data:
-            if key not in names:
-                known = ", ".join(sorted(names))
-                raise SpecError(f"unknown warm-start key {key!r} (known: {known})")
-        return cls(**data)
+        return from_dict(cls, data, "warm-start key")
 
 
 # What a new study tries first when its creator says nothing (a spec's default too).
