@@ -2,7 +2,6 @@
 
 from autoprune._version import __version__
 from autoprune.deploy.directory import export, load
-from autoprune.deploy.model_file import export_model, export_trial, load_model
 from autoprune.errors import AutopruneError, SpecError, StorageError, TaskError, TrialFailed
 from autoprune.pruning.allocation import (
     ALLOCATIONS,
@@ -52,12 +51,9 @@ __all__ = [
     "baseline",
     "compute_masks",
     "export",
-    "export_model",
-    "export_trial",
     "fold_masks",
     "get_criterion",
     "load",
-    "load_model",
     "heuristic_policy",
     "load_study",
     "make_setup",

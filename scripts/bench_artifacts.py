@@ -2,10 +2,10 @@
 
 Prunes the dense model of the task by magnitude (layer scope, no fine-tuning: only the zeros
 matter here) at several sparsities, and writes each state dict three ways: ``torch.save``
-dense, ``torch.save`` of torch's sparse COO tensors, and autoprune's format (bitmask +
-values, :func:`autoprune.study.artifacts.save_weights`). Also times the save and the
-``weights_only`` load. Exits non-zero unless autoprune's bytes shrink with every step of
-sparsity and, at 90 % sparsity, are under 30 % of the dense file.
+dense, ``torch.save`` of torch's sparse COO tensors, and autoprune's format (bitmask + values,
+:func:`autoprune.pruning.codec.save_state`: front weights and an export's ``model.pt``). Also
+times the save and the ``weights_only`` load. Exits non-zero unless autoprune's bytes shrink with
+every step of sparsity and, at 90 % sparsity, are under 30 % of the dense file.
 
     python scripts/bench_artifacts.py [--task digits-cnn]
 """
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
+from autoprune.pruning.codec import load_state, save_state
 from autoprune.pruning.masks import prunable_layers
 from autoprune.pruning.policy import Policy
-from autoprune.study.artifacts import load_weights, save_weights
 from autoprune.tasks import load_task
 from autoprune.trial import prune_and_finetune
 
@@ -38,10 +38,10 @@ def sizes(state: dict[str, torch.Tensor], directory: Path) -> dict[str, float]:
     torch.save({k: v.to_sparse() if v.is_floating_point() else v for k, v in state.items()}, coo)
     path = directory / "w.pt"
     start = time.perf_counter()
-    save_weights(state, path)
+    save_state(state, path)
     saved = time.perf_counter() - start
     start = time.perf_counter()
-    loaded = load_weights(path)
+    loaded = load_state(path)
     read = time.perf_counter() - start
     assert all(torch.equal(loaded[k], v) for k, v in state.items()), "round trip differs"
     return {

@@ -1,15 +1,13 @@
-"""Front-trial weights: the sparse file format, uploads only on the front, removal off it."""
+"""Front-trial weights: uploads only on the front, removal off it (the file format: test_codec)."""
 
 from __future__ import annotations
 
 import copy
-import pickle
 from collections.abc import Callable
 from pathlib import Path
 
 import optuna
 import pytest
-import torch
 from optuna.trial import TrialState
 from torch import nn
 
@@ -23,61 +21,10 @@ from autoprune.study.artifacts import (
     ArtifactSpec,
     FrontWeights,
     dominated,
-    load_weights,
     resolve_dir,
-    save_weights,
 )
 from autoprune.train import evaluate
 from autoprune.trial import PruneResult
-
-
-def sparse_state(sparsity: float, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    weight = torch.randn(64, 128, generator=g)
-    weight[torch.rand(64, 128, generator=g) < sparsity] = 0.0
-    return {
-        "layer.weight": weight,
-        "layer.bias": torch.randn(64, generator=g),
-        "bn.num_batches_tracked": torch.tensor(7),
-        "half": weight[:8].to(torch.bfloat16),
-    }
-
-
-def test_weights_round_trip_exactly(tmp_path: Path) -> None:
-    state = sparse_state(0.9)
-    state["layer.weight"][0, 0] = -0.0  # a folded mask leaves signed zeros: still zero
-    save_weights(state, tmp_path / "w.pt")
-    loaded = load_weights(tmp_path / "w.pt")
-    assert loaded.keys() == state.keys()
-    for key, tensor in state.items():
-        assert loaded[key].dtype == tensor.dtype and loaded[key].shape == tensor.shape
-        assert torch.equal(loaded[key], tensor), key
-    with open(tmp_path / "w.pt", "rb") as f:  # from a stream too (the artifact store's)
-        assert torch.equal(load_weights(f)["layer.weight"], state["layer.weight"])
-
-
-def test_bytes_on_disk_shrink_with_sparsity(tmp_path: Path) -> None:
-    sizes = {}
-    for sparsity in (0.0, 0.5, 0.9, 0.98):
-        path = tmp_path / f"{sparsity}.pt"
-        save_weights(sparse_state(sparsity), path)
-        sizes[sparsity] = path.stat().st_size
-    torch.save(sparse_state(0.9), tmp_path / "dense.pt")
-    dense = (tmp_path / "dense.pt").stat().st_size
-    assert sizes[0.0] <= dense * 1.01  # a dense tensor is stored dense: no overhead
-    assert sizes[0.0] > sizes[0.5] > sizes[0.9] > sizes[0.98]
-    assert sizes[0.9] < 0.25 * dense  # 32 KiB of weights: 1 KiB of bits + 3.3 KiB of values
-
-
-@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
-def test_weights_file_is_never_unpickled(tmp_path: Path) -> None:
-    path = tmp_path / "evil.pt"
-    path.write_bytes(pickle.dumps(Policy))  # a pickled class: code that would run
-    with pytest.raises(StorageError, match="cannot read weights"):
-        load_weights(path)
-    torch.save({"a": torch.ones(1)}, path)
-    with pytest.raises(StorageError, match="not an autoprune weights file"):
-        load_weights(path)
 
 
 def test_artifact_spec_and_directories(tmp_path: Path) -> None:

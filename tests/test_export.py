@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import shutil
@@ -10,12 +11,14 @@ from typing import Any
 
 import optuna
 import pytest
+import torch
 from test_cli import run
 from test_report import VALUES, hand_made_trial
+from test_structured import build
 from torch import nn
 
 import autoprune
-from autoprune import Task, search
+from autoprune import Policy, Task, search
 from autoprune.deploy.directory import (
     FILES,
     TASK_REF_ATTR,
@@ -25,9 +28,12 @@ from autoprune.deploy.directory import (
     macs,
     record_task_ref,
 )
-from autoprune.errors import SpecError, TaskError
-from autoprune.study.artifacts import ARTIFACT_ID_ATTR, load_weights
+from autoprune.errors import SpecError, StorageError, TaskError
+from autoprune.pruning.codec import load_state, save_state
+from autoprune.pruning.structured import channel_groups, prune_structured
+from autoprune.study.artifacts import ARTIFACT_ID_ATTR
 from autoprune.study.pick import pick
+from autoprune.study.space import SearchSpace
 from autoprune.train import evaluate
 
 REF = "conftest:make_task"  # tests/ is on sys.path: this rebuilds the tiny task
@@ -109,7 +115,7 @@ def test_export_and_load_reproduce_the_trial(searched: dict[str, Any], tmp_path:
     model = autoprune.load(done.directory)
     assert evaluate(model, task, "test")[0] == metrics["test_accuracy"]
     assert not model.training
-    state = load_weights(done.directory / "model.pt")
+    state = load_state(done.directory / "model.pt")
     assert all(state[k].equal(v) for k, v in model.state_dict().items())
     other = Task(model=nn.Linear(3, 2), train=task.train, val=task.val)
     with pytest.raises(TaskError, match="do not fit the model of the given task: Error"):
@@ -172,3 +178,80 @@ def test_a_recorded_task_reference_is_the_default(searched: dict[str, Any]) -> N
         assert default_task_ref(study) == REF
     finally:
         study.set_user_attr(TASK_REF_ATTR, None)
+
+
+@pytest.mark.parametrize("granularity", ["structured", "unstructured"])
+def test_exported_trial_reproduces_its_recorded_numbers(
+    resnet_task: Task, tmp_path: Path, granularity: str
+) -> None:
+    blocks = ["stages.0.1", "stages.1.1"] if granularity == "structured" else []
+    space = SearchSpace(granularities=[granularity], blocks=blocks)
+    study = search(resnet_task, n_trials=2, space=space, seed=1, objectives=["accuracy", "bytes"])
+    trial = study.best_trials[0]
+    done = export(study, trial.number, tmp_path / "best", task=resnet_task)
+    assert ("plan" in json.loads((done.directory / "export.json").read_text())) == (
+        granularity == "structured"
+    )
+    # Loaded on the dense model alone (no task reference rebuilt): the recorded accuracy.
+    loaded = load(done.directory, base=resnet_task.model)
+    assert evaluate(loaded, resnet_task, "val")[0] == trial.values[0]
+    # The bytes objective counted exactly what the export's model.pt holds.
+    assert (done.directory / "model.pt").stat().st_size == trial.values[1]
+    assert done.metrics["bytes"] == trial.values[1]
+
+
+def write_export(directory: Path, model: nn.Module, plan: Any, example: torch.Tensor) -> None:
+    """An export directory as :func:`export` lays it out, for a model pruned by hand."""
+    directory.mkdir()
+    save_state(model.state_dict(), directory / "model.pt")
+    shape = [1, *example.shape[1:]]
+    manifest = {"task": "unused", "seed": 0, "plan": plan.to_dict(), "input_shape": shape}
+    (directory / "export.json").write_text(json.dumps(manifest))
+
+
+def test_structured_export_reloads_as_its_smaller_architecture(tmp_path: Path) -> None:
+    model, x = build("tiny-resnet")
+    groups = channel_groups(model, x[:2])
+    policy = Policy(
+        {g.name: 0.5 for g in groups},
+        criterion="fpgm",
+        granularity="structured",
+        removed_blocks=("stages.1.1",),
+    )
+    pruned = copy.deepcopy(model)
+    plan = prune_structured(pruned, policy, x[:2], groups=groups)
+    write_export(tmp_path / "out", pruned, plan, x)
+    loaded = load(tmp_path / "out", base=model)
+    assert [p.shape for p in loaded.parameters()] == [p.shape for p in pruned.parameters()]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), pruned.eval()(x))
+    assert sum(p.numel() for p in model.parameters()) > 2 * sum(
+        p.numel() for p in loaded.parameters()
+    )
+    assert all(p.numel() > 0 for p in model.parameters())  # the base model is left as it was
+    with pytest.raises(SpecError, match="give load\\(\\) a task or a base model, not both"):
+        load(tmp_path / "out", task=Task(model, (x, x), (x, x)), base=model)
+    with pytest.raises(TaskError, match="plan does not fit the model of the given base model: "):
+        load(tmp_path / "out", base=nn.Sequential(nn.Flatten(), nn.Linear(64, 3)))
+    (tmp_path / "out" / "export.json").write_text('{"task": "unused", "seed": 0}')  # no plan
+    with pytest.raises(TaskError, match="do not fit the model of the given base model: "):
+        load(tmp_path / "out", base=model)
+
+
+def test_loading_an_export_never_unpickles(tmp_path: Path) -> None:
+    class Marker:
+        def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+            return (Path.touch, (tmp_path / "unpickled",))
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "export.json").write_text(json.dumps({"task": "unused", "seed": 0}))
+    torch.save({"format": "autoprune-weights/2", "x": Marker()}, out / "model.pt")
+    with pytest.raises(StorageError, match=r"cannot read weights '.*model.pt': "):
+        load(out, base=nn.Linear(2, 2))
+    assert not (tmp_path / "unpickled").exists()
+    torch.save({"format": "something else"}, out / "model.pt")
+    with pytest.raises(StorageError, match=r"model.pt' is not an autoprune weights file"):
+        load(out, base=nn.Linear(2, 2))
+    with pytest.raises(StorageError, match=r"'.*nowhere' is not an autoprune export"):
+        load(tmp_path / "nowhere", base=nn.Linear(2, 2))

@@ -10,13 +10,13 @@ from conftest import new_study
 from autoprune import SearchSpace, Task
 from autoprune.cli import main
 from autoprune.pruning.masks import prunable_layers
+from autoprune.run.worker import run_worker
 from autoprune.study.sensitivity import (
     SENSITIVITY_ATTR,
     analyze,
     layer_sensitivity,
     sensitivity_offsets,
 )
-from autoprune.run.worker import run_worker
 from autoprune.train import evaluate
 
 

@@ -12,10 +12,10 @@ from optuna.trial import TrialState, create_trial
 
 from autoprune import SearchSpace, SpecError, Task
 from autoprune.cli._common import print_counts
+from autoprune.run.worker import run_worker
 from autoprune.spec import StudySpec, spec_from_dict
 from autoprune.study.objective import DIRECTIONS
 from autoprune.study.stopping import EarlyStop, front_accuracy
-from autoprune.run.worker import run_worker
 
 
 def _trial(accuracy: float, nonzero: float, density: float) -> optuna.trial.FrozenTrial:

@@ -28,9 +28,9 @@ from autoprune.cli import main
 from autoprune.errors import TrialFailed
 from autoprune.run.worker import SURPLUS_ATTR, WORKER_ATTR, counted, run_worker
 from autoprune.spec import spec_from_dict
+from autoprune.study.setup import STUDY_ATTR, read_setup
 from autoprune.study.space import SearchSpace
 from autoprune.study.storages import open_storage
-from autoprune.study.setup import STUDY_ATTR, read_setup
 from autoprune.study.study import open_study
 from autoprune.task import Task
 from autoprune.tasks import load_task

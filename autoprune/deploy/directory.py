@@ -1,11 +1,11 @@
 """Export the pruned model of a trial to a directory, and load an export back.
 
-An export directory holds ``model.pt`` (the state dict with the masks folded in, stored sparse:
-see :func:`autoprune.study.artifacts.save_weights`), ``policy.json``, ``metrics.json`` and
-``export.json`` (the task reference that rebuilds the architecture). Exporting reads the
-trial's stored weights (see :mod:`autoprune.study.artifacts`); a trial without them (an
-old study, or ``keep = "none"``) is replayed with
-:func:`autoprune.study.study.materialize` instead.
+An export directory holds ``model.pt`` (the state dict with the masks folded in, in autoprune's
+weight format: see :mod:`autoprune.pruning.codec`), ``policy.json``, ``metrics.json`` and
+``export.json`` (the task reference that rebuilds the architecture and, for a structured
+trial, the plan that shrinks it). Exporting reads the trial's stored weights (see
+:mod:`autoprune.study.artifacts`); a trial without them (an old study, or ``keep = "none"``)
+is replayed with :func:`autoprune.study.study.materialize` instead.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ from autoprune import measure
 from autoprune._version import __version__
 from autoprune.errors import SpecError, StorageError, TaskError
 from autoprune.pruning import structured
+from autoprune.pruning.codec import exported_bytes, load_state, save_state
 from autoprune.pruning.masks import count_nonzero
-from autoprune.study.artifacts import FrontWeights, load_weights, save_weights
+from autoprune.study.artifacts import FrontWeights
 from autoprune.study.setup import read_setup, study_task
 from autoprune.study.study import materialize, replay
 from autoprune.study.trial_metrics import (
@@ -179,7 +180,7 @@ def _measure(model: nn.Module, task: Task, layers: list[str]) -> dict[str, Any]:
         "total_params": total,
         "model_params": sum(p.numel() for p in params),
         "model_nonzero_params": sum(int(torch.count_nonzero(p)) for p in params),
-        "bytes": _sparse_bytes(model),
+        "bytes": exported_bytes(model),  # what model.pt holds, as the bytes objective counts
         "dense_bytes": len(buffer.getvalue()),
         "macs": macs(model, next(task.batches("val"))[0][:1]),
     }
@@ -192,18 +193,12 @@ def macs(model: nn.Module, example: torch.Tensor) -> int:
     return int(measure.macs(model, measure.Context(example, ())))
 
 
-def _sparse_bytes(model: nn.Module) -> int:
-    with tempfile.TemporaryDirectory() as tmp:
-        save_weights(model.state_dict(), Path(tmp) / "model.pt")
-        return (Path(tmp) / "model.pt").stat().st_size
-
-
 def _write(out: Path, model: nn.Module, policy: Any, metrics: Any, manifest: Any) -> None:
     # Written next to ``out`` and renamed into place: a failure leaves no half export.
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        save_weights(model.state_dict(), tmp / "model.pt")
+        save_state(model.state_dict(), tmp / "model.pt")
         for name, data in (("policy", policy), ("metrics", metrics), ("export", manifest)):
             text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n"
             (tmp / f"{name}.json").write_text(text, encoding="utf-8")
@@ -215,25 +210,44 @@ def _write(out: Path, model: nn.Module, policy: Any, metrics: Any, manifest: Any
         raise
 
 
-def load(directory: str | Path, *, task: Task | None = None) -> nn.Module:
-    """Rebuild an exported model (eval mode): the architecture from the task reference in the
-    export (or ``task``'s model), the weights from ``model.pt``.
+def load(
+    directory: str | Path, *, task: Task | None = None, base: nn.Module | None = None
+) -> nn.Module:
+    """Rebuild an exported model (eval mode) and load its weights from ``model.pt``.
+
+    The dense architecture comes from ``base`` (copied; its weights are replaced), else from
+    ``task``'s model, else from the task reference recorded in the export; a structured
+    export's plan then removes the same channels and blocks from it (the stored indices: no
+    scores, no data). Nothing is unpickled.
 
     Raises:
-        StorageError: If ``directory`` is not an autoprune export.
-        TaskError: If the stored task reference does not build a task.
+        SpecError: If both ``task`` and ``base`` are given.
+        StorageError: If ``directory`` is not an autoprune export, or its ``model.pt`` is not
+            an autoprune weights file.
+        TaskError: If the stored task reference does not build a task, or the weights do not
+            fit the architecture.
     """
+    if task is not None and base is not None:
+        raise SpecError("give load() a task or a base model, not both")
     directory = Path(directory)
     try:
         manifest = json.loads((directory / "export.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise StorageError(f"{str(directory)!r} is not an autoprune export: {e}") from None
-    what = "the given task" if task is not None else f"task {manifest['task']!r}"
-    if task is None:
-        task = load_task(manifest["task"], seed=manifest["seed"])
-    model = task.model
+    if base is not None:
+        what = "the given base model"
+    elif task is not None:
+        what, base = "the given task", task.model
+    else:
+        what = f"task {manifest['task']!r}"
+        base = load_task(manifest["task"], seed=manifest["seed"]).model
+    model = base
     if "plan" in manifest:
-        model = copy.deepcopy(model)
+        model = copy.deepcopy(base)
         example = torch.zeros(manifest["input_shape"])
-        structured.apply_plan(model, structured.Plan.from_dict(manifest["plan"]), example)
-    return _with_weights(model, load_weights(directory / "model.pt"), what)
+        try:
+            structured.apply_plan(model, structured.Plan.from_dict(manifest["plan"]), example)
+        except (AttributeError, KeyError, IndexError, RuntimeError) as e:  # another model
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise TaskError(f"the export's plan does not fit the model of {what}: {first}") from e
+    return _with_weights(model, load_state(directory / "model.pt"), what)

@@ -5,25 +5,22 @@ dominated by any completed trial (dominated trials cost nothing), and :class:`Fr
 called back after each trial, removes the weights of trials that have left the front
 (``keep = "front"``, the default) so that long runs do not fill the disk.
 
-Weights are a plain ``torch.save`` of nested dicts of tensors, read back with
-``weights_only=True``. A tensor with enough zeros is stored as a bitmask of its nonzeros plus
-their values (``numel / 8 + nnz * itemsize`` bytes instead of ``numel * itemsize``), so the
-bytes on disk shrink with sparsity; see ``scripts/bench_artifacts.py``.
+Weights are stored in autoprune's one weight format (:mod:`autoprune.pruning.codec`: sparse
+tensors as a bitmask plus their nonzeros, read back with ``weights_only=True``), the same as
+an export's ``model.pt``; see ``scripts/bench_artifacts.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import optuna
 import sqlalchemy
-import torch
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.storages.journal import JournalFileBackend
@@ -33,7 +30,7 @@ from torch import Tensor
 
 from autoprune._registry import from_dict, to_dict
 from autoprune.errors import SpecError, StorageError
-from autoprune.pruning.codec import pack_tensor, unpack_tensor
+from autoprune.pruning.codec import load_state, save_state
 from autoprune.study.front import front_trials
 from autoprune.study.storages import JOURNAL_PREFIX, is_journal, journal_path
 from autoprune.trial import PruneResult
@@ -46,8 +43,6 @@ KEEP = ("front", "all", "none")
 ARTIFACTS_ATTR = "autoprune_artifacts"
 # Trial user attr holding the artifact id of the trial's weights.
 ARTIFACT_ID_ATTR = "artifact_id"
-FORMAT = 1
-# Where Optuna keeps a trial's constraint values (private; a rename fails loudly at import).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,7 +192,7 @@ class FrontWeights:
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "weights.pt"
-                save_weights(result.model.state_dict(), path)
+                save_state(result.model.state_dict(), path)
                 artifact_id = upload_artifact(
                     artifact_store=self.store, file_path=str(path), study_or_trial=trial
                 )
@@ -246,41 +241,4 @@ class FrontWeights:
         except ArtifactNotFound:
             return None
         with reader:
-            return load_weights(reader)
-
-
-def save_weights(state: Mapping[str, Tensor], path: str | Path) -> None:
-    """Write a state dict with its sparse tensors as bitmask + values (see the module doc)."""
-    dense: dict[str, Tensor] = {}
-    sparse: dict[str, dict[str, Tensor]] = {}
-    for key, tensor in state.items():
-        part = pack_tensor(tensor)
-        if part is None:
-            dense[key] = tensor.detach().cpu().clone()
-        else:
-            sparse[key] = part
-    torch.save({"format": FORMAT, "dense": dense, "sparse": sparse}, path)
-
-
-def load_weights(file: str | Path | BinaryIO) -> dict[str, Tensor]:
-    """Read what :func:`save_weights` wrote (never unpickles code: ``weights_only=True``).
-
-    Raises:
-        StorageError: If the file is not a weights file of this format.
-    """
-    if not isinstance(file, (str, Path)):
-        file = io.BytesIO(file.read())  # torch.load wants a seekable file
-    try:
-        data = torch.load(file, weights_only=True, map_location="cpu")
-    except Exception as e:
-        raise StorageError(f"cannot read weights {_name(file)}: {e}") from e
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise StorageError(f"{_name(file)} is not an autoprune weights file (format {FORMAT})")
-    state: dict[str, Tensor] = dict(data["dense"])
-    for key, part in data["sparse"].items():
-        state[key] = unpack_tensor(part["mask"], part["values"], part["shape"])
-    return state
-
-
-def _name(file: object) -> str:
-    return repr(str(file)) if isinstance(file, (str, Path)) else "(stream)"
+            return load_state(reader)
