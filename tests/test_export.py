@@ -21,12 +21,10 @@ import autoprune
 from autoprune import Policy, Task, search
 from autoprune.deploy.directory import (
     FILES,
-    TASK_REF_ATTR,
     default_task_ref,
     export,
     load,
     macs,
-    record_task_ref,
 )
 from autoprune.errors import SpecError, StorageError, TaskError
 from autoprune.pruning.codec import load_state, save_state
@@ -170,14 +168,13 @@ def test_cli_pick_and_export(searched: dict[str, Any], tmp_path: Path, capsys) -
     assert not (tmp_path / "m2").exists()
 
 
-def test_a_recorded_task_reference_is_the_default(searched: dict[str, Any]) -> None:
-    study = searched["study"]
-    assert default_task_ref(study) == "tiny"  # the task's name
-    record_task_ref(study, REF)
-    try:
-        assert default_task_ref(study) == REF
-    finally:
-        study.set_user_attr(TASK_REF_ATTR, None)
+def test_the_setup_s_task_reference_is_the_default(
+    searched: dict[str, Any], tmp_path: Path
+) -> None:
+    assert default_task_ref(searched["study"]) == "tiny"  # given as an object: its name
+    storage = f"sqlite:///{tmp_path / 'r.db'}"
+    study = search(REF, n_trials=1, warm_start=None, storage=storage, study_name="r")
+    assert read_setup(study).task_ref == REF == default_task_ref(study)
 
 
 @pytest.mark.parametrize("granularity", ["structured", "unstructured"])

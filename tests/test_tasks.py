@@ -14,7 +14,7 @@ from torch import nn
 
 from autoprune import Task, TaskError
 from autoprune.pruning.masks import prunable_layers
-from autoprune.study.study import model_fingerprint
+from autoprune.study.setup import model_fingerprint
 from autoprune.tasks import TASKS, load_task
 from autoprune.tasks import _cache as cache
 from autoprune.train import evaluate

@@ -192,13 +192,16 @@ batch_size = 8
 repeats = 2
 warmup = 0
 """
-CONSTRAINED_SPEC = SPEC + """
+CONSTRAINED_SPEC = (
+    SPEC
+    + """
 [constraints]
 min_accuracy = 0.5
 
 [early_stop]
 margin = 0.2
 """
+)
 
 
 def run_search(tmp_path: Path, spec: str, *args: str, **extra_env: str) -> tuple[int, str, str]:

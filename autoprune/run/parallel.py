@@ -10,6 +10,7 @@ the workers and waits for them, and draws the study's progress.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -83,11 +84,29 @@ def run_workers(
     )
     # A worker's log goes to a file, not a pipe that a long run would fill: its last line is
     # the one-line error of a worker that could not run.
-    logs = [tempfile.TemporaryFile(mode="w+", encoding="utf-8") for _ in range(workers)]
-    procs = [
-        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True) for log in logs
-    ]
-    logger.info("started %d workers (pids %s)", workers, ", ".join(str(p.pid) for p in procs))
+    with contextlib.ExitStack() as files:
+        logs = [
+            files.enter_context(tempfile.TemporaryFile(mode="w+", encoding="utf-8"))
+            for _ in range(workers)
+        ]
+        procs = [
+            subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
+            for log in logs
+        ]
+        logger.info("started %d workers (pids %s)", workers, ", ".join(str(p.pid) for p in procs))
+        _watch(study, procs, on_poll, poll)
+        lines = [_summary(proc, log) for proc, log in zip(procs, logs, strict=True)]
+    return lines, [proc.returncode for proc in procs]
+
+
+def _watch(
+    study: optuna.Study,
+    procs: list[subprocess.Popen[str]],
+    on_poll: Callable[[optuna.Study], None],
+    poll: float,
+) -> None:
+    """Wait for ``procs`` to end: forward SIGINT/SIGTERM to them, and fail and retry at once
+    the trial of one that dies."""
     forwarded: dict[str, bool] = {"sent": False}
 
     def forward(signum: int, _frame: Any) -> None:
@@ -111,18 +130,17 @@ def run_workers(
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    lines = []
-    for proc, log in zip(procs, logs, strict=True):
-        out = (proc.stdout.read() if proc.stdout else "").strip().splitlines()
-        summary = next((line for line in out if line.startswith("worker ")), None)
-        if summary is None or proc.returncode != 0:
-            summary = f"worker pid {proc.pid}: ended with {_how(proc.returncode)}"
-            error = _last_line(log)
-            if error:
-                summary += f": {error}"
-        log.close()
-        lines.append(summary)
-    return lines, [proc.returncode for proc in procs]
+
+
+def _summary(proc: subprocess.Popen[str], log: IO[str]) -> str:
+    """The worker's own summary line; for one that failed, how it ended and its last words."""
+    out = (proc.stdout.read() if proc.stdout else "").strip().splitlines()
+    summary = next((line for line in out if line.startswith("worker ")), None)
+    if summary is not None and proc.returncode == 0:
+        return summary
+    summary = f"worker pid {proc.pid}: ended with {_how(proc.returncode)}"
+    error = _last_line(log)
+    return f"{summary}: {error}" if error else summary
 
 
 def _last_line(log: IO[str]) -> str:
