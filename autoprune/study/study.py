@@ -293,7 +293,16 @@ def open_study(
     if existing is None and warm_start is not None:
         # Warm starts take at most half of a known budget: the rest is the search's.
         limit = None if budget is None else max(1, budget // 2)
-        enqueue_warm_starts(study, task, space, layers, warm_start, limit=limit)
+        enqueue_warm_starts(
+            study,
+            task,
+            space,
+            layers,
+            warm_start,
+            groups=setup.get("groups", ()),
+            blocks=setup.get("blocks", ()),
+            limit=limit,
+        )
     return study
 
 
