@@ -35,10 +35,11 @@ threads = 1
 repeats = 20
 warmup = 3
 
-[warm_start]                     # heuristics tried first by a new study; allocations = [] for none
+[warm_start]                     # heuristics a new study tries first (see WarmStart)
 allocations = ["lamp", "global"]
 sparsities = [0.5, 0.8, 0.9, 0.95, 0.98]
 schedules = ["oneshot", "gradual"]
+channel_sparsities = [0.2, 0.3, 0.5, 0.65]  # structured: uniform L1 channel pruning
 
 [constraints]                    # optional: infeasible trials leave the front
 min_accuracy = 0.9

@@ -341,12 +341,22 @@ def _group_scores(
     return scores
 
 
+def kept_channels(channels: int, ratio: float, round_to: int = 1) -> int:
+    """How many of a group's ``channels`` the ``ratio`` rule keeps at ``ratio`` in the layer
+    scope, once :func:`plan` has rounded the count to ``round_to``."""
+    return _rounded(channels - round(ratio * channels), channels, round_to)
+
+
+def _rounded(kept: int, n: int, round_to: int) -> int:
+    """``kept`` rounded to a multiple of ``round_to``, at least one multiple (or all ``n``
+    channels, if fewer) and at least one channel."""
+    return max(1, min(n, max(round_to, round_to * round(kept / round_to))))
+
+
 def _round_kept(keep: Tensor, scores: Tensor, round_to: int) -> Tensor:
-    """Keep the best ``k`` channels, ``k`` the kept count rounded to a multiple of ``round_to``
-    and at least one multiple (or all channels, if fewer)."""
+    """Keep the best ``k`` channels, ``k`` the kept count rounded by :func:`_rounded`."""
     n, kept = keep.numel(), int(keep.sum())
-    k = min(n, max(round_to, round_to * round(kept / round_to)))
-    k = max(k, 1)
+    k = _rounded(kept, n, round_to)
     if k == kept:
         return keep
     order = torch.argsort(scores, descending=True, stable=True)

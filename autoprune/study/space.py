@@ -300,6 +300,45 @@ def _heuristic_params(
     return params | {"scope": "layer"} | clipped
 
 
+def structured_heuristic_params(
+    space: SearchSpace,
+    ratio: float,
+    groups: Sequence[str],
+    blocks: Sequence[str] = (),
+    *,
+    remove_blocks: bool = False,
+) -> dict[str, Any] | None:
+    """The params under which ``suggest_policy`` draws L1 channel pruning at ``ratio`` (for
+    ``study.enqueue_trial``), or None if the space cannot express it.
+
+    With the ``layer`` scope every channel group loses the fraction ``ratio`` of its channels
+    (uniform L1); a space with the ``global`` scope only gets one L1 ranking over all groups
+    that removes ``ratio`` of the channels in all (global L1). ``remove_blocks`` removes every
+    one of the removable ``blocks`` as well (None if there are none); otherwise none is removed.
+
+    None when the space has no structured granularity, no ``l1`` channel criterion or no
+    ``ratio`` rule, ``ratio`` is outside its ``channel_sparsity`` bounds, or there is no group.
+    """
+    low, high = space.channel_sparsity
+    if (
+        "structured" not in space.granularities
+        or "l1" not in space.channel_criteria
+        or "ratio" not in space.rules
+        or not low <= ratio <= high
+        or not groups
+        or (remove_blocks and not blocks)
+    ):
+        return None
+    params: dict[str, Any] = {"channel_criterion": "l1", "rule": "ratio"}
+    if len(space.granularities) > 1:
+        params["granularity"] = "structured"
+    if "layer" in space.scopes:
+        params |= {"scope": "layer"} | {f"channels:{g}": ratio for g in groups}
+    else:
+        params |= {"scope": "global", "channels": ratio}
+    return params | {f"remove:{b}": remove_blocks for b in blocks}
+
+
 # Densities down to the bound's divided by this are drawn, and clipped to the bound.
 BOUND_SLACK = 1.25
 

@@ -102,7 +102,16 @@ def open_study(
     if existing is None and setup.warm_start is not None:
         # Warm starts take at most half of a known budget: the rest is the search's.
         limit = None if setup.trials is None else max(1, setup.trials // 2)
-        enqueue_warm_starts(study, task, setup.space, setup.layers, setup.warm_start, limit=limit)
+        enqueue_warm_starts(
+            study,
+            task,
+            setup.space,
+            setup.layers,
+            setup.warm_start,
+            groups=setup.groups,
+            blocks=setup.blocks,
+            limit=limit,
+        )
     return study
 
 

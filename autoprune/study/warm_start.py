@@ -1,8 +1,9 @@
 """The pruning heuristics of the literature as baselines and as warm starts.
 
 :func:`baseline` prunes and fine-tunes by one heuristic allocation (``autoprune prune``);
-:class:`WarmStart` names the heuristics that a new study enqueues as its first trials, so that
-the searched front is never worse than them at the same fine-tuning budget.
+:class:`WarmStart` names the heuristics that a new study enqueues as its first trials (magnitude
+allocations for unstructured spaces, uniform L1 channel pruning for structured ones), so that the
+searched front is never worse than them at the same fine-tuning budget.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from autoprune._registry import from_dict, to_dict
 from autoprune.errors import SpecError
 from autoprune.pruning.allocation import get_allocation
 from autoprune.pruning.policy import SCHEDULES
-from autoprune.study.space import SearchSpace, heuristic_params
+from autoprune.pruning.structured import kept_channels
+from autoprune.study.space import SearchSpace, heuristic_params, structured_heuristic_params
 from autoprune.task import Task
 
 logger = logging.getLogger(__name__)
@@ -30,10 +32,18 @@ class WarmStart:
 
     Args:
         allocations: Names of registered allocations (``uniform``, ``global``, ``lamp``,
-            ``erk``); an empty list turns warm starts off.
+            ``erk``); an empty list turns the unstructured warm starts off.
         sparsities: Target sparsities, each in [0, 1). Targets outside the search space's
             sparsity bounds are skipped.
         schedules: The schedules each heuristic is tried with (those the space has).
+        channel_sparsities: Structured spaces: the fractions of channels that L1 channel
+            pruning removes from every channel group (uniform L1, ``l1-uniform@0.5``), and the
+            same with every removable block removed as well (``l1-uniform@0.5+blocks``) when
+            the space has blocks; an empty list turns them off. A conv whose input and output
+            channels both lose the fraction ``r`` keeps about ``(1 - r)**2`` of its MACs, so the
+            default 0.2, 0.3, 0.5, 0.65 cut the MACs of a conv-to-conv network about 1.5x,
+            2x, 4x and 8x. Fractions outside the space's ``channel_sparsity`` bounds are
+            skipped.
 
     Raises:
         SpecError: Naming the first bad allocation or sparsity.
@@ -42,26 +52,31 @@ class WarmStart:
     allocations: Sequence[str] = ("lamp", "global")
     sparsities: Sequence[float] = (0.5, 0.8, 0.9, 0.95, 0.98)
     schedules: Sequence[str] = ("oneshot", "gradual")
+    channel_sparsities: Sequence[float] = (0.2, 0.3, 0.5, 0.65)
 
     def __post_init__(self) -> None:
         if isinstance(self.allocations, str):
             raise SpecError(f"allocations must be a list, got {self.allocations!r}")
         for name in self.allocations:
             get_allocation(name)
-        if isinstance(self.sparsities, (str, int, float)):
-            raise SpecError(f"sparsities must be a list, got {self.sparsities!r}")
-        for value in self.sparsities:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise SpecError(f"sparsities must be numbers in [0, 1), got {value!r}")
-            if not 0.0 <= value < 1.0:
-                raise SpecError(f"sparsities must be numbers in [0, 1), got {value!r}")
+        for field in ("sparsities", "channel_sparsities"):
+            values = getattr(self, field)
+            if isinstance(values, (str, int, float)):
+                raise SpecError(f"{field} must be a list, got {values!r}")
+            for value in values:
+                if (
+                    isinstance(value, bool)
+                    or not isinstance(value, (int, float))
+                    or not 0.0 <= value < 1.0
+                ):
+                    raise SpecError(f"{field} must be numbers in [0, 1), got {value!r}")
+            object.__setattr__(self, field, tuple(float(v) for v in values))
         if isinstance(self.schedules, str) or not all(s in SCHEDULES for s in self.schedules):
             raise SpecError(
                 f"schedules must be a list of {', '.join(SCHEDULES)}, got {self.schedules!r}"
             )
         object.__setattr__(self, "schedules", tuple(self.schedules))
         object.__setattr__(self, "allocations", tuple(self.allocations))
-        object.__setattr__(self, "sparsities", tuple(float(v) for v in self.sparsities))
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -82,35 +97,88 @@ def enqueue_warm_starts(
     layers: Sequence[str],
     warm_start: WarmStart,
     *,
+    groups: Sequence[str] = (),
+    blocks: Sequence[str] = (),
     limit: int | None = None,
 ) -> int:
     """Enqueue each heuristic at each target as a trial of ``study``; return how many.
 
-    At most ``limit`` are enqueued (in the order schedule, sparsity, allocation), so that a
-    small budget is not spent on warm starts alone.
+    A space with the unstructured granularity gets the magnitude heuristics (in the order
+    schedule, sparsity, allocation; user attr ``warm_start`` e.g. ``"lamp@0.9"``, or
+    ``"lamp@0.9 gradual"`` for a schedule other than one-shot). A space with the structured
+    granularity gets L1 channel pruning of its channel ``groups`` at each of
+    ``warm_start.channel_sparsities`` (``"l1-uniform@0.5"``; ``"l1-global@0.5"`` in a space
+    with the global scope only), then, if it has removable ``blocks``, the same with all of
+    them removed (``"l1-uniform@0.5+blocks"``); see
+    :func:`~autoprune.study.space.structured_heuristic_params`. At most ``limit`` are
+    enqueued, in that order, so that a small budget is not spent on warm starts alone.
 
-    Each enqueued trial carries the user attr ``warm_start`` (e.g. ``"lamp@0.9"``, or
-    ``"lamp@0.9 gradual"`` for a schedule other than one-shot). Heuristics the space cannot
-    express (e.g. no magnitude criterion, or a structured-only space) are skipped, and
-    logged in one message.
+    Heuristics the space cannot express (e.g. no magnitude criterion, or a target outside its
+    bounds) are skipped, and logged in one message; so are structured ones that keep the same
+    channel counts as an earlier one (``round_to`` can round two ratios alike).
     """
-    n, considered, skipped = 0, 0, []
-    for schedule in warm_start.schedules:
-        for target in warm_start.sparsities:
-            for name in warm_start.allocations:
-                label = f"{name}@{target:g}" + ("" if schedule == "oneshot" else f" {schedule}")
-                params = heuristic_params(space, name, target, task.model, layers, schedule)
-                considered += 1
-                if params is None:
-                    skipped.append(label)
-                elif limit is None or n < limit:
-                    study.enqueue_trial(params, user_attrs={"warm_start": label})
-                    n += 1
+    candidates: list[tuple[str, dict[str, Any] | None, Any]] = []
+    if "unstructured" in space.granularities:
+        for schedule in warm_start.schedules:
+            for target in warm_start.sparsities:
+                for name in warm_start.allocations:
+                    label = f"{name}@{target:g}"
+                    label += "" if schedule == "oneshot" else f" {schedule}"
+                    params = heuristic_params(space, name, target, task.model, layers, schedule)
+                    candidates.append((label, params, None))
+    if "structured" in space.granularities:
+        candidates += _structured_candidates(task, space, warm_start, groups, blocks)
+    n, skipped, repeated = 0, [], []
+    seen: dict[Any, str] = {}
+    for label, params, key in candidates:
+        if params is None:
+            skipped.append(label)
+        elif key is not None and key in seen:
+            repeated.append(f"{label} (= {seen[key]})")
+        elif limit is None or n < limit:
+            study.enqueue_trial(params, user_attrs={"warm_start": label})
+            n += 1
+        if key is not None:
+            seen.setdefault(key, label)
     if skipped:
         logger.info(
             "%d of %d warm starts are outside the search space and were skipped: %s",
             len(skipped),
-            considered,
+            len(candidates),
             ", ".join(skipped),
         )
+    if repeated:
+        logger.info(
+            "%d warm starts keep the same channels as an earlier one and were skipped: %s",
+            len(repeated),
+            ", ".join(repeated),
+        )
     return n
+
+
+def _structured_candidates(
+    task: Task,
+    space: SearchSpace,
+    warm_start: WarmStart,
+    groups: Sequence[str],
+    blocks: Sequence[str],
+) -> list[tuple[str, dict[str, Any] | None, Any]]:
+    """Label, params (None: not in the space) and, in the layer scope, the kept channel
+    counts, which tell apart ratios that ``round_to`` rounds to the same channels."""
+    uniform = "layer" in space.scopes
+    candidates = []
+    for remove in (False, True) if blocks else (False,):
+        for ratio in warm_start.channel_sparsities:
+            label = f"l1-{'uniform' if uniform else 'global'}@{ratio:g}"
+            label += "+blocks" if remove else ""
+            params = structured_heuristic_params(
+                space, ratio, groups, blocks, remove_blocks=remove
+            )
+            key = None
+            if uniform and params is not None:
+                modules = dict(task.model.named_modules())
+                sizes = (modules[g].weight.shape[0] for g in groups)  # type: ignore[index]
+                kept = tuple(kept_channels(int(c), ratio, space.round_to) for c in sizes)
+                key = (remove, kept)
+            candidates.append((label, params, key))
+    return candidates
