@@ -39,9 +39,17 @@ def test_round_trip() -> None:
 
 
 def test_the_front_holds_only_feasible_trials(tiny_task: Task) -> None:
-    space = SearchSpace(criteria=["magnitude"], scopes=["global"], rules=["ratio"])
+    space = SearchSpace(
+        criteria=["magnitude"],
+        scopes=["global"],
+        rules=["ratio"],
+        parametrization="per-layer",
+        schedules=["oneshot"],
+    )
     constraints = Constraints(max_density=0.5, min_accuracy=0.0)
-    study = search(tiny_task, n_trials=6, seed=0, space=space, constraints=constraints)
+    study = search(
+        tiny_task, n_trials=6, seed=0, space=space, constraints=constraints, warm_start=None
+    )
     for trial in study.trials:
         assert set(trial.constraints) == {"max_density", "min_accuracy"}
         assert trial.constraints["max_density"] == pytest.approx(trial.user_attrs["density"] - 0.5)

@@ -31,6 +31,7 @@ from autoprune.pruning.codec import load_state, save_state
 from autoprune.pruning.structured import channel_groups, prune_structured
 from autoprune.study.artifacts import ARTIFACT_ID_ATTR
 from autoprune.study.pick import pick
+from autoprune.study.setup import read_setup
 from autoprune.study.space import SearchSpace
 from autoprune.train import evaluate
 

@@ -57,13 +57,16 @@ def test_heuristic_params_draw_the_heuristic_policy(
 
 def test_heuristics_the_space_cannot_express_are_none(tiny_task: Task) -> None:
     model, layers = tiny_task.model, prunable_layers(tiny_task.model)
+    per_layer = {"parametrization": "per-layer"}
     assert heuristic_params(SearchSpace(criteria=["taylor"]), "lamp", 0.9, model, layers) is None
     assert heuristic_params(SearchSpace(sparsity=(0, 0.8)), "lamp", 0.9, model, layers) is None
-    assert heuristic_params(SearchSpace(rules=["mean"]), "lamp", 0.9, model, layers) is None
+    space = SearchSpace(rules=["mean"], **per_layer)
+    assert heuristic_params(space, "lamp", 0.9, model, layers) is None
     space = SearchSpace(parametrization="allocation", allocations=["erk"])
     assert heuristic_params(space, "lamp", 0.9, model, layers) is None
     # Per-layer sparsities beyond the bounds are clipped to them.
-    params = heuristic_params(SearchSpace(sparsity=(0.0, 0.9)), "lamp", 0.9, model, layers)
+    space = SearchSpace(sparsity=(0.0, 0.9), **per_layer)
+    params = heuristic_params(space, "lamp", 0.9, model, layers)
     assert params is not None
     assert max(v for k, v in params.items() if k.startswith("sparsity:")) == 0.9
 
@@ -72,19 +75,21 @@ def test_heuristics_the_space_cannot_express_are_none(tiny_task: Task) -> None:
 def test_a_new_study_runs_the_warm_starts_first(
     tiny_task: Task, tmp_path: Path, parametrization: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    space = SearchSpace(parametrization=parametrization, sparsity=(0.0, 0.95))
+    space = SearchSpace(
+        parametrization=parametrization, sparsity=(0.0, 0.95), schedules=["oneshot"]
+    )
     warm = WarmStart(allocations=["lamp", "uniform"], sparsities=[0.5, 0.9, 0.99])
     with caplog.at_level(logging.INFO, logger="autoprune.study.warm_start"):
         study = search(
             tiny_task,
-            n_trials=5,
+            n_trials=8,  # warm starts take at most half: the four in the space
             storage=url(tmp_path),
             study_name="s",
             space=space,
             warm_start=warm,
         )
     labels = [t.user_attrs.get("warm_start") for t in study.trials]
-    assert labels == ["lamp@0.5", "uniform@0.5", "lamp@0.9", "uniform@0.9", None]  # 0.99: out
+    assert labels == ["lamp@0.5", "uniform@0.5", "lamp@0.9", "uniform@0.9"] + [None] * 4
     skipped = [r.getMessage() for r in caplog.records if "warm starts" in r.getMessage()]
     # The space has no gradual schedule, so the gradual warm starts are skipped too.
     assert len(skipped) == 1 and skipped[0].startswith(
@@ -97,11 +102,11 @@ def test_a_new_study_runs_the_warm_starts_first(
         name, target = trial.user_attrs["warm_start"].split("@")
         expected = heuristic_policy(name, tiny_task.model, layers, float(target))
         assert trial.user_attrs["policy"]["sparsity"] == pytest.approx(expected.sparsity)
-    # A resumed study enqueues nothing more.
+    # A resumed study enqueues nothing more; n_trials is the study's total.
     again = search(
-        tiny_task, n_trials=1, storage=url(tmp_path), study_name="s", space=space, warm_start=warm
+        tiny_task, n_trials=9, storage=url(tmp_path), study_name="s", space=space, warm_start=warm
     )
-    assert len(again.trials) == 6 and "warm_start" not in again.trials[-1].user_attrs
+    assert len(again.trials) == 9 and "warm_start" not in again.trials[-1].user_attrs
 
 
 def test_allocation_trials_hit_their_target_exactly(tiny_task: Task) -> None:

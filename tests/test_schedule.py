@@ -106,7 +106,13 @@ def test_steps_per_epoch(tiny_task: Task) -> None:
 
 def test_schedule_is_searched_only_when_there_is_a_choice() -> None:
     layers = ["a", "b"]
-    one = SearchSpace(criteria=["magnitude"], scopes=["global"], rules=["ratio"])
+    one = SearchSpace(
+        criteria=["magnitude"],
+        scopes=["global"],
+        rules=["ratio"],
+        parametrization="per-layer",
+        schedules=["oneshot"],
+    )
     trial = optuna.trial.FixedTrial(
         {"criterion": "magnitude", "scope": "global", "rule": "ratio", "sparsity": 0.5}
     )

@@ -13,6 +13,9 @@ from autoprune import Policy, SearchSpace, SpecError, suggest_policy
 from autoprune.pruning.policy import RULES, SCOPES
 
 LAYERS = ["features.0", "classifier.1", "classifier.3"]
+# The per-layer parametrization, one-shot: what these tests draw (SearchSpace defaults to the
+# allocation parametrization, which needs the dense model, and searches the schedule too).
+PER_LAYER = {"parametrization": "per-layer", "schedules": ("oneshot",)}
 
 
 @pytest.mark.parametrize(
@@ -137,7 +140,7 @@ def _check_policy(policy: Policy, space: SearchSpace, params: dict) -> None:
 
 @pytest.mark.parametrize(("rule", "scope"), list(itertools.product(RULES, SCOPES)))
 def test_fixed_trial_gives_the_fixed_policy(rule: str, scope: str) -> None:
-    space = SearchSpace(sparsity=(0.1, 0.8), alpha=(0.5, 2.0))
+    space = SearchSpace(sparsity=(0.1, 0.8), alpha=(0.5, 2.0), **PER_LAYER)
     params: dict = {"criterion": "taylor", "scope": scope, "rule": rule}
     if rule == "mean":
         params["alpha"] = 1.5
@@ -160,7 +163,7 @@ def test_fixed_trial_gives_the_fixed_policy(rule: str, scope: str) -> None:
 @pytest.fixture
 def study_and_space() -> tuple[optuna.Study, SearchSpace]:
     """A finished in-memory study: every rule/scope pair enqueued, then some sampled trials."""
-    space = SearchSpace(sparsity=(0.05, 0.9), alpha=(0.3, 3.0))
+    space = SearchSpace(sparsity=(0.05, 0.9), alpha=(0.3, 3.0), **PER_LAYER)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     criteria = itertools.cycle(space.criteria)
     for rule, scope in itertools.product(RULES, SCOPES):
@@ -198,7 +201,7 @@ def test_replaying_a_frozen_trial_rebuilds_the_same_policy(study_and_space) -> N
 
 def test_replaying_with_a_different_space_fails_loudly(study_and_space) -> None:
     study, space = study_and_space
-    other = SearchSpace(criteria=["magnitude"])
+    other = SearchSpace(criteria=["magnitude"], **PER_LAYER)
     trial = next(t for t in study.trials if t.params["criterion"] != "magnitude")
     with pytest.raises(ValueError, match=repr(trial.params["criterion"])):
         suggest_policy(trial, other, LAYERS)
