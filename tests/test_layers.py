@@ -178,6 +178,7 @@ def test_only_the_cli_imports_the_facade() -> None:
     assert all(_covers("autoprune.cli", m) or m == "autoprune.__main__" for m in users), users
 
 
+@pytest.mark.slow
 def test_every_module_imports_in_a_fresh_interpreter() -> None:
     # __main__ runs the CLI when imported; it is one line that imports autoprune.cli.
     names = sorted(m for m in _modules() if m != "autoprune.__main__")
