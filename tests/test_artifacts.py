@@ -45,6 +45,7 @@ def test_artifact_spec_and_directories(tmp_path: Path) -> None:
         spec_from_dict({"artifacts": {"path": "x"}})
 
 
+@pytest.mark.slow
 def test_search_keeps_exactly_the_front_weights(tiny_task: Task, tmp_path: Path) -> None:
     storage = f"sqlite:///{tmp_path / 'run.db'}"
     study = search(tiny_task, n_trials=6, storage=storage, study_name="s", seed=2)

@@ -22,11 +22,14 @@ from test_dashboard import hand_made
 from autoprune.report.page import write_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None,
-    reason="headless Chromium is not installed (Debian: apt-get install chromium; .ci/run "
-    "installs it when it runs as root or with passwordless sudo)",
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        CHROMIUM is None,
+        reason="headless Chromium is not installed (Debian: apt-get install chromium; .ci/run "
+        "installs it when it runs as root or with passwordless sudo)",
+    ),
+]
 
 
 class Browser:

@@ -97,6 +97,7 @@ def load(directory: Path, name: str = "digits-cnn", db: str = "autoprune.db") ->
     return optuna.load_study(study_name=name, storage=f"sqlite:///{directory / db}")
 
 
+@pytest.mark.slow
 def test_search_end_to_end(searched: dict[str, Any]) -> None:
     directory = searched["dir"]
     first, second = searched["runs"]
@@ -143,6 +144,7 @@ def assert_same_rows(read: pd.DataFrame, front: pd.DataFrame, *, exact: bool) ->
                 assert x == y, column
 
 
+@pytest.mark.slow
 def test_front_exports(
     searched: dict[str, Any], capsys: pytest.CaptureFixture[str], monkeypatch
 ) -> None:
@@ -173,6 +175,7 @@ def test_front_exports(
         (directory / name).unlink()
 
 
+@pytest.mark.slow
 def test_storage_and_study_name_overrides(
     searched: dict[str, Any], tmp_path: Path, capsys, monkeypatch
 ) -> None:
@@ -318,6 +321,7 @@ def test_front_of_a_study_not_made_by_autoprune(workdir: Path, capsys) -> None:
     assert files(workdir) == before
 
 
+@pytest.mark.slow
 def test_console_script_help() -> None:
     script = Path(sys.executable).with_name("autoprune")
     result = subprocess.run(
@@ -345,6 +349,7 @@ epochs = 1
 """
 
 
+@pytest.mark.slow
 def test_structured_search_and_export_of_digits_resnet(workdir: Path, capsys) -> None:
     """The built-in ResNet through the CLI: a MACs study, its front, report and an export
     that reloads to the recorded accuracy."""

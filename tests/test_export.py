@@ -94,6 +94,7 @@ def searched(_trained_task: Task, tmp_path_factory: pytest.TempPathFactory) -> d
     return {"dir": directory, "storage": storage, "study": study, "task": _trained_task}
 
 
+@pytest.mark.slow
 def test_export_and_load_reproduce_the_trial(searched: dict[str, Any], tmp_path: Path) -> None:
     study, task = searched["study"], searched["task"]
     trial = pick(study, knee=True)
@@ -121,6 +122,7 @@ def test_export_and_load_reproduce_the_trial(searched: dict[str, Any], tmp_path:
         load(done.directory, task=other)
 
 
+@pytest.mark.slow
 def test_export_without_weights_replays(
     searched: dict[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -138,6 +140,7 @@ def test_export_without_weights_replays(
     assert evaluate(model, task, "test")[0] == trial.user_attrs["test_accuracy"]
 
 
+@pytest.mark.slow
 def test_export_refuses_bad_input(searched: dict[str, Any], tmp_path: Path) -> None:
     study, task = searched["study"], searched["task"]
     (tmp_path / "full").mkdir()
@@ -150,6 +153,7 @@ def test_export_refuses_bad_input(searched: dict[str, Any], tmp_path: Path) -> N
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_cli_pick_and_export(searched: dict[str, Any], tmp_path: Path, capsys) -> None:
     study, storage = searched["study"], searched["storage"]
     code, out, _ = run(capsys, "pick", "--knee", "--storage", storage)
@@ -169,6 +173,7 @@ def test_cli_pick_and_export(searched: dict[str, Any], tmp_path: Path, capsys) -
     assert not (tmp_path / "m2").exists()
 
 
+@pytest.mark.slow
 def test_the_setup_s_task_reference_is_the_default(
     searched: dict[str, Any], tmp_path: Path
 ) -> None:

@@ -71,6 +71,7 @@ def test_heuristics_the_space_cannot_express_are_none(tiny_task: Task) -> None:
     assert max(v for k, v in params.items() if k.startswith("sparsity:")) == 0.9
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parametrization", ["per-layer", "allocation"])
 def test_a_new_study_runs_the_warm_starts_first(
     tiny_task: Task, tmp_path: Path, parametrization: str, caplog: pytest.LogCaptureFixture
@@ -167,6 +168,7 @@ def test_unknown_sampler_is_named() -> None:
         make_sampler("cmaes", seed=0, space=SearchSpace())
 
 
+@pytest.mark.slow
 def test_prune_command_prints_and_saves_the_baseline(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

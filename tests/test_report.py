@@ -121,6 +121,7 @@ def test_trials_frame_marks_the_front(hand_made: optuna.Study) -> None:
     assert frame["nonzero_params"].is_monotonic_increasing
 
 
+@pytest.mark.slow
 def test_front_of_a_real_search(searched: optuna.Study) -> None:
     front = pareto_front(searched)
     assert len(front) >= 1
@@ -160,6 +161,7 @@ def check_page(path: Path, front: pd.DataFrame) -> str:
     return page
 
 
+@pytest.mark.slow
 def test_write_report(hand_made: optuna.Study, tmp_path: Path) -> None:
     out = write_report(hand_made, tmp_path / "r.html")
     assert out == tmp_path / "r.html"
@@ -169,6 +171,7 @@ def test_write_report(hand_made: optuna.Study, tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["r.html"]  # no temporary file left
 
 
+@pytest.mark.slow
 def test_write_report_of_real_and_empty_studies(searched: optuna.Study, tmp_path: Path) -> None:
     check_page(write_report(searched, tmp_path / "real.html"), pareto_front(searched))
     empty = optuna.create_study(directions=["maximize", "minimize"], study_name="e")

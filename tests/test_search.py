@@ -61,6 +61,7 @@ def assert_replays(task: Task, study: optuna.Study) -> None:
         assert not any(k.endswith(("_orig", "_mask")) for k in model.state_dict())
 
 
+@pytest.mark.slow
 def test_search_records_a_complete_study(tiny_task: Task, tmp_path: Path) -> None:
     study = search(tiny_task, n_trials=3, storage=url(tmp_path), study_name="s", seed=0)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
@@ -94,6 +95,7 @@ def test_search_records_a_complete_study(tiny_task: Task, tmp_path: Path) -> Non
     assert stored.user_attrs == study.user_attrs
 
 
+@pytest.mark.slow
 def test_search_resumes_by_name(tiny_task: Task, tmp_path: Path) -> None:
     first = snapshot(search(tiny_task, n_trials=2, storage=url(tmp_path), study_name="s"))
     study = search(tiny_task, n_trials=2, storage=url(tmp_path), study_name="s")
@@ -105,6 +107,7 @@ def test_search_resumes_by_name(tiny_task: Task, tmp_path: Path) -> None:
     assert optuna.get_all_study_names(url(tmp_path)) == ["s"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("change", "key"),
     [
@@ -122,6 +125,7 @@ def test_resume_with_another_setup_is_refused(
     assert len(optuna.load_study(study_name="s", storage=url(tmp_path)).trials) == 1
 
 
+@pytest.mark.slow
 def test_resume_with_another_task_is_refused(tiny_task: Task, tmp_path: Path) -> None:
     search(tiny_task, n_trials=1, storage=url(tmp_path), study_name="s")
     other = dataclasses.replace(tiny_task, name="other")
@@ -174,6 +178,7 @@ def test_materialize_warns_when_the_replay_differs(
     assert "is this the task the study searched" in caplog.text
 
 
+@pytest.mark.slow
 def test_materialize_reproduces_every_criterion_exactly(tiny_task: Task, tmp_path: Path) -> None:
     before, training = model_state(tiny_task.model), tiny_task.model.training
     storage = url(tmp_path)
@@ -210,6 +215,7 @@ def tensor_loaders(task: Task) -> dict[str, DataLoader]:
     }
 
 
+@pytest.mark.slow
 def test_dataloader_data(tiny_task: Task, tmp_path: Path) -> None:
     task = dataclasses.replace(tiny_task, **tensor_loaders(tiny_task))
     before = model_state(task.model)
@@ -371,6 +377,7 @@ def test_materialize_refuses_foreign_trials(tiny_task: Task) -> None:
         materialize(dataclasses.replace(tiny_task, model=other), study.trials[0])
 
 
+@pytest.mark.slow
 def test_load_study(tiny_task: Task, tmp_path: Path) -> None:
     storage = url(tmp_path)
     search(tiny_task, n_trials=1, storage=storage, study_name="s")
@@ -400,6 +407,7 @@ def test_load_study_does_not_create_a_database(tmp_path: Path) -> None:
 # --- structured studies and per-study objectives (issue 4) ---------------------------------
 
 
+@pytest.mark.slow
 def test_structured_study_with_macs_and_latency(resnet_task: Task, tmp_path: Path) -> None:
     from autoprune.measure import Context, Latency, macs
     from autoprune.report.page import write_report
@@ -441,6 +449,7 @@ def test_structured_study_with_macs_and_latency(resnet_task: Task, tmp_path: Pat
         search(resnet_task, n_trials=1, storage=url(tmp_path), study_name="s", space=space)
 
 
+@pytest.mark.slow
 def test_granularity_is_searched_within_one_study(resnet_task: Task) -> None:
     space = SearchSpace(granularities=["unstructured", "structured"])
     study = search(
@@ -467,6 +476,7 @@ def test_unstructured_pruning_with_macs_is_refused_before_the_storage(
     assert not (tmp_path / "x.db").exists()
 
 
+@pytest.mark.slow
 def test_studies_made_before_objectives_existed_still_resume(
     tiny_task: Task, tmp_path: Path
 ) -> None:

@@ -62,6 +62,7 @@ def test_analyze_stores_the_curves_and_enqueues_the_prior(tiny_task: Task) -> No
     assert analyze(other, tiny_task, [0.5])[1] == 0
 
 
+@pytest.mark.slow
 def test_sensitivity_command_prints_stores_and_reports(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

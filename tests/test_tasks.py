@@ -37,6 +37,7 @@ def cache_file_of(model: nn.Module) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_builtin_task_contract(name: str, caplog: pytest.LogCaptureFixture) -> None:
     """Every built-in task: accurate dense model, prunable layers, data that fits, cached."""
@@ -63,6 +64,7 @@ def test_builtin_task_contract(name: str, caplog: pytest.LogCaptureFixture) -> N
     assert "trained" not in caplog.text and seconds < 2.0  # loaded, not trained again
 
 
+@pytest.mark.slow
 def test_dense_training_does_not_depend_on_the_thread_count(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -181,6 +183,7 @@ def test_arbitrary_objects_are_never_unpickled(own_cache: Path, tmp_path: Path, 
     assert train.calls == 1 and float(model.state_dict()["2.bias"][0]) == 0.25
 
 
+@pytest.mark.slow
 def test_corrupt_builtin_cache_is_retrained_over(caplog: pytest.LogCaptureFixture) -> None:
     first = load_task("digits-mlp", seed=0)
     path = cache_file_of(first.model)
@@ -193,6 +196,7 @@ def test_corrupt_builtin_cache_is_retrained_over(caplog: pytest.LogCaptureFixtur
     assert cache_file_of(again.model) == path
 
 
+@pytest.mark.slow
 def test_seed_changes_cache_entry_and_weights() -> None:
     a = load_task("digits-mlp", seed=0)
     b = load_task("digits-mlp", seed=1)

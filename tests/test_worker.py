@@ -145,6 +145,7 @@ def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[st
                 optuna.delete_study(study_name=name, storage=PG_URL)
 
 
+@pytest.mark.slow
 def test_four_workers_run_exactly_the_target(
     storage: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -283,6 +284,7 @@ sys.exit(main(["search", spec, "-q", "--workers", "2", "--storage", url, "--stud
 """
 
 
+@pytest.mark.slow
 def test_a_killed_worker_s_trial_fails_and_is_retried(tmp_path: Path) -> None:
     """The survivor completes one trial, then both workers' trials are held in mid-trial
     until the victim is killed."""
@@ -316,6 +318,7 @@ def test_a_killed_worker_s_trial_fails_and_is_retried(tmp_path: Path) -> None:
     assert "3 complete" in out
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed")
 def test_stale_heartbeat_is_failed_and_retried(tiny_task: Task, tmp_path: Path) -> None:
     """A trial of a worker lost on another machine: one heartbeat, then silence for longer
@@ -334,6 +337,7 @@ def test_stale_heartbeat_is_failed_and_retried(tiny_task: Task, tmp_path: Path) 
     assert summary.states == {"complete": 3}
 
 
+@pytest.mark.slow
 def test_sigterm_fails_the_running_trial_and_exits_cleanly(tmp_path: Path) -> None:
     url, name = f"sqlite:///{tmp_path / 't.db'}", "term"
     create_study(url, name, task="tiny", trials=5)
@@ -359,6 +363,7 @@ def test_sigterm_fails_the_running_trial_and_exits_cleanly(tmp_path: Path) -> No
     assert not [t for t in trials if t.state == TrialState.RUNNING]
 
 
+@pytest.mark.slow
 def test_resume_after_a_crash_on_a_journal(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -405,6 +410,7 @@ def in_process_study(task: Task, tmp_path: Path, target: int) -> optuna.Study:
     )
 
 
+@pytest.mark.slow
 def test_the_target_is_the_study_s_total(tiny_task: Task, tmp_path: Path) -> None:
     study = in_process_study(tiny_task, tmp_path, 3)
     assert run_worker(study, tiny_task, target=3).states == {"complete": 3}
