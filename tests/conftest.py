@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 import autoprune
+from autoprune.measure import DEFAULT_OBJECTIVES
+from autoprune.study.setup import Recipe, write_setup
 from autoprune.study.study import open_study
 from autoprune.tasks.resnet import ResNet
 from autoprune.train import fit
@@ -128,3 +130,20 @@ def new_study(
     settings.setdefault("warm_start", None)
     setup = autoprune.make_setup(task, **settings)
     return open_study(setup, task, storage=storage, study_name=study_name)
+
+
+def hand_setup(study: optuna.Study, **dense: float) -> None:
+    """Store a setup with ``study`` as autoprune would, for a study made by hand: task
+    ``hand``, the study's objectives, and the dense model's numbers ``dense``."""
+    setup = autoprune.StudySetup(
+        task="hand",
+        model="0" * 16,
+        finetune=Recipe(epochs=1, lr=1e-3, batch_size=32, calibration_batches=4),
+        layers=(),
+        space=autoprune.SearchSpace(),
+        objectives=tuple(study.metric_names or DEFAULT_OBJECTIVES),
+        latency=None,
+        seed=0,
+        dense=dense,
+    )
+    write_setup(study, setup)

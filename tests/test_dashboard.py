@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
+from conftest import hand_setup
 from optuna.trial import TrialState, create_trial
 from test_cli import run
 from test_report import TOTAL, VALUES, hand_made_trial
@@ -31,7 +32,6 @@ from autoprune.report.page import (
     watch_report,
     write_report,
 )
-from autoprune.study.study import STUDY_ATTR
 
 
 def hand_made(name: str = "hand", storage: object = None, values=VALUES) -> optuna.Study:
@@ -39,7 +39,7 @@ def hand_made(name: str = "hand", storage: object = None, values=VALUES) -> optu
         storage=storage, study_name=name, directions=["maximize", "minimize"]
     )
     study.set_metric_names(["accuracy", "nonzero_params"])
-    study.set_user_attr(STUDY_ATTR, {"task": "hand", "dense": {"accuracy": 1.0}})
+    hand_setup(study, accuracy=1.0)
     for i, (accuracy, nonzero) in enumerate(values):
         study.add_trial(hand_made_trial(accuracy, nonzero, i))
     study.add_trial(create_trial(state=TrialState.FAIL, user_attrs={"fail_reason": "x"}))

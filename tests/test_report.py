@@ -9,11 +9,11 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
+from conftest import hand_setup
 from optuna.trial import TrialState, create_trial
 
 from autoprune import Task, pareto_front, search, write_report
 from autoprune.report.data import COLUMNS, trials_frame
-from autoprune.study.study import STUDY_ATTR
 
 LAYERS = ["features.0", "classifier.1", "classifier.3"]
 
@@ -59,7 +59,7 @@ def hand_made_trial(accuracy: float, nonzero: int, i: int) -> optuna.trial.Froze
 @pytest.fixture
 def hand_made() -> optuna.Study:
     study = optuna.create_study(directions=["maximize", "minimize"], study_name="hand")
-    study.set_user_attr(STUDY_ATTR, {"task": "hand", "dense": {"accuracy": 1.0}})
+    hand_setup(study, accuracy=1.0)
     for i, (accuracy, nonzero) in enumerate(VALUES):
         study.add_trial(hand_made_trial(accuracy, nonzero, i))
     study.add_trial(create_trial(state=TrialState.FAIL, user_attrs={"fail_reason": "x"}))

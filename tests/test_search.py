@@ -18,10 +18,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from autoprune import SearchSpace, Task, load_study, materialize, pareto_front, search
 from autoprune.errors import StorageError, TaskError
 from autoprune.pruning.masks import count_nonzero, prunable_layers
-from autoprune.study.study import STUDY_ATTR
+from autoprune.study.setup import STUDY_ATTR, read_setup
 from autoprune.train import evaluate
 
 LAYERS = ["features.0", "classifier.1", "classifier.3"]
+# The per-layer parametrization, one-shot: the space of the tests that enqueue its params.
+PER_LAYER = SearchSpace(parametrization="per-layer", schedules=["oneshot"])
 TOTAL = 4 * 9 + 64 * 16 + 16 * 3  # prunable weights of the tiny CNN
 
 
@@ -49,7 +51,7 @@ def assert_untouched(model: nn.Module, before: dict[str, Tensor], training: bool
 
 def assert_replays(task: Task, study: optuna.Study) -> None:
     """Every complete trial's model, rebuilt from storage, gives exactly its numbers."""
-    layers = study.user_attrs[STUDY_ATTR]["layers"]
+    layers = list(read_setup(study).layers)
     for trial in study.get_trials(states=(TrialState.COMPLETE,)):
         model = materialize(task, trial)
         accuracy, nonzero = trial.values
@@ -70,12 +72,12 @@ def test_search_records_a_complete_study(tiny_task: Task, tmp_path: Path) -> Non
         optuna.study.StudyDirection.MAXIMIZE,
         optuna.study.StudyDirection.MINIMIZE,
     ]
-    setup = study.user_attrs[STUDY_ATTR]
-    assert setup["layers"] == LAYERS == prunable_layers(tiny_task.model)
-    assert setup["space"] == SearchSpace().to_dict()
-    assert setup["seed"] == 0
-    assert setup["task"] == "tiny"
-    assert setup["dense"] == {
+    setup = read_setup(study)
+    assert list(setup.layers) == LAYERS == prunable_layers(tiny_task.model)
+    assert setup.space == SearchSpace()
+    assert setup.seed == 0
+    assert setup.task == "tiny"
+    assert setup.dense == {
         "accuracy": evaluate(tiny_task.model, tiny_task, "val")[0],
         "test_accuracy": evaluate(tiny_task.model, tiny_task, "test")[0],
         "nonzero_params": float(TOTAL),
@@ -98,7 +100,7 @@ def test_search_records_a_complete_study(tiny_task: Task, tmp_path: Path) -> Non
 @pytest.mark.slow
 def test_search_resumes_by_name(tiny_task: Task, tmp_path: Path) -> None:
     first = snapshot(search(tiny_task, n_trials=2, storage=url(tmp_path), study_name="s"))
-    study = search(tiny_task, n_trials=2, storage=url(tmp_path), study_name="s")
+    study = search(tiny_task, n_trials=4, storage=url(tmp_path), study_name="s")  # in all
     assert [t.number for t in study.trials] == [0, 1, 2, 3]
     assert all(t.state == TrialState.COMPLETE for t in study.trials)
     assert snapshot(study)[:2] == first
@@ -182,7 +184,8 @@ def test_materialize_warns_when_the_replay_differs(
 def test_materialize_reproduces_every_criterion_exactly(tiny_task: Task, tmp_path: Path) -> None:
     before, training = model_state(tiny_task.model), tiny_task.model.training
     storage = url(tmp_path)
-    search(tiny_task, n_trials=1, storage=storage, study_name="s", seed=3)
+    kwargs: dict[str, Any] = {"space": PER_LAYER, "warm_start": None, "seed": 3}
+    search(tiny_task, n_trials=1, storage=storage, study_name="s", **kwargs)
     # Warm-start the rest (Optuna's enqueue_trial) so that every criterion, scope and rule
     # is replayed, whatever the sampler draws.
     study = optuna.load_study(study_name="s", storage=storage)
@@ -194,7 +197,7 @@ def test_materialize_reproduces_every_criterion_exactly(tiny_task: Task, tmp_pat
         {"criterion": "magnitude", "scope": "layer", "rule": "mean", "alpha": 0.5},
     ):
         study.enqueue_trial(params)
-    study = search(tiny_task, n_trials=4, storage=storage, study_name="s", seed=3)
+    study = search(tiny_task, n_trials=5, storage=storage, study_name="s", **kwargs)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 5
     assert study.trials[1].params == {"criterion": "sensitivity", "scope": "layer"} | {
         "rule": "ratio",
@@ -220,14 +223,14 @@ def test_dataloader_data(tiny_task: Task, tmp_path: Path) -> None:
     task = dataclasses.replace(tiny_task, **tensor_loaders(tiny_task))
     before = model_state(task.model)
     storage = url(tmp_path)
-    search(task, n_trials=1, storage=storage, study_name="s")
+    search(task, n_trials=1, storage=storage, study_name="s", space=PER_LAYER, warm_start=None)
     study = optuna.load_study(study_name="s", storage=storage)
     study.enqueue_trial(
         {"criterion": "taylor", "scope": "global", "rule": "ratio", "sparsity": 0.5}
     )
-    study = search(task, n_trials=2, storage=storage, study_name="s")
+    study = search(task, n_trials=3, storage=storage, study_name="s", space=PER_LAYER)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
-    dense = study.user_attrs[STUDY_ATTR]["dense"]
+    dense = read_setup(study).dense
     assert dense["accuracy"] == evaluate(tiny_task.model, tiny_task, "val")[0]
     assert_replays(task, study)
     assert_untouched(task.model, before, training=False)
@@ -237,7 +240,7 @@ def test_without_test_data(tiny_task: Task, tmp_path: Path) -> None:
     task = dataclasses.replace(tiny_task, test=None)
     study = search(task, n_trials=2, storage=url(tmp_path), study_name="s")
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
-    assert "test_accuracy" not in study.user_attrs[STUDY_ATTR]["dense"]
+    assert "test_accuracy" not in read_setup(study).dense
     assert not any("test_accuracy" in t.user_attrs for t in study.trials)
     front = pareto_front(study)
     assert len(front) >= 1 and front["test_accuracy"].isna().all()
@@ -247,12 +250,12 @@ def test_without_test_data(tiny_task: Task, tmp_path: Path) -> None:
 def test_in_memory_study(tiny_task: Task) -> None:
     study = search(tiny_task, n_trials=1)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE]
-    assert study.user_attrs[STUDY_ATTR]["layers"] == LAYERS
+    assert list(read_setup(study).layers) == LAYERS
 
 
 def test_neither_trials_nor_timeout(tiny_task: Task, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="give n_trials or timeout"):
-        search(tiny_task, storage=url(tmp_path), study_name="s")
+        search(tiny_task, n_trials=None, storage=url(tmp_path), study_name="s")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -391,7 +394,7 @@ def test_load_study(tiny_task: Task, tmp_path: Path) -> None:
     with pytest.raises(StorageError, match=r"give --study-name: .* holds 2 studies \(s, plain\)"):
         load_study(storage, None)
     before = (tmp_path / "x.db").read_bytes()
-    assert load_study(storage, "s").user_attrs[STUDY_ATTR]["seed"] == 0
+    assert read_setup(load_study(storage, "s")).seed == 0
     assert (tmp_path / "x.db").read_bytes() == before
 
 
@@ -423,16 +426,16 @@ def test_structured_study_with_macs_and_latency(resnet_task: Task, tmp_path: Pat
         optuna.study.StudyDirection.MINIMIZE,
         optuna.study.StudyDirection.MINIMIZE,
     ]
-    setup = study.user_attrs[STUDY_ATTR]
-    assert setup["objectives"] == objectives and setup["latency"] == latency.to_dict()
-    assert setup["blocks"] == ["stages.0.1", "stages.1.1"]
-    assert setup["groups"][0] == "stem.0" and "fc" not in setup["groups"]
-    assert setup["dense"]["macs"] >= max(t.values[1] for t in study.trials)
-    assert setup["dense"]["macs"] > min(t.values[1] for t in study.trials)
+    setup = read_setup(study)
+    assert list(setup.objectives) == objectives and setup.latency == latency
+    assert setup.blocks == ("stages.0.1", "stages.1.1")
+    assert setup.groups[0] == "stem.0" and "fc" not in setup.groups
+    assert setup.dense["macs"] >= max(t.values[1] for t in study.trials)
+    assert setup.dense["macs"] > min(t.values[1] for t in study.trials)
     for trial in study.trials:
         policy = trial.user_attrs["policy"]
         assert policy["granularity"] == "structured" and policy["round_to"] == 2
-        assert set(policy["sparsity"]) == set(setup["groups"])
+        assert set(policy["sparsity"]) == set(setup.groups)
         assert "remove:stages.0.1" in trial.params
     front = pareto_front(study)
     assert {"macs", "latency_ms"} <= set(front.columns) and front["latency_ms"].gt(0).all()
@@ -440,7 +443,7 @@ def test_structured_study_with_macs_and_latency(resnet_task: Task, tmp_path: Pat
     write_report(study, tmp_path / "r.html")
     assert "multiply-adds per input" in (tmp_path / "r.html").read_text()
     # A replay rebuilds the recorded model; another objective list is another study.
-    context = Context(resnet_task.val[0][:1], tuple(setup["layers"]))
+    context = Context(resnet_task.val[0][:1], setup.layers)
     for trial in study.trials:
         model = materialize(resnet_task, trial)
         assert evaluate(model, resnet_task, "val")[0] == trial.values[0]
@@ -477,12 +480,19 @@ def test_unstructured_pruning_with_macs_is_refused_before_the_storage(
 
 
 @pytest.mark.slow
-def test_studies_made_before_objectives_existed_still_resume(
-    tiny_task: Task, tmp_path: Path
-) -> None:
+def test_studies_of_autoprune_0_1_still_resume(tiny_task: Task, tmp_path: Path) -> None:
+    """The untyped setup that autoprune 0.1 stored (no objectives in the first studies, the
+    run's spec beside it) is read, and the resumed study stores the typed setup."""
     study = search(tiny_task, n_trials=1, storage=url(tmp_path), study_name="s")
-    setup = dict(study.user_attrs[STUDY_ATTR])
-    del setup["objectives"]
-    study.set_user_attr(STUDY_ATTR, setup)
-    again = search(tiny_task, n_trials=1, storage=url(tmp_path), study_name="s")
+    data = read_setup(study).to_dict()
+    legacy = {k: data[k] for k in ("task", "finetune", "layers", "space", "seed", "model")}
+    legacy |= {"version": "0.1.0", "dense": data["dense"]}
+    legacy["spec"] = {"task": "tiny", "trials": 7, "sampler": "nsga2", "early_stop": {}}
+    study.set_user_attr(STUDY_ATTR, legacy)
+    old = read_setup(study)
+    assert (old.task_ref, old.trials, old.sampler, old.early_stop) == ("tiny", 7, "nsga2", None)
+    assert old.objectives == ("accuracy", "nonzero_params") and old.warm_start is None
+    again = search(tiny_task, n_trials=2, storage=url(tmp_path), study_name="s")
     assert len(again.trials) == 2 and again.metric_names == ["accuracy", "nonzero_params"]
+    assert again.user_attrs[STUDY_ATTR]["format"] == 2
+    assert read_setup(again).trials == 2 and read_setup(again).sampler == "tpe"
