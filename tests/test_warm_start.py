@@ -10,7 +10,7 @@ import optuna
 import pytest
 from optuna.trial import FixedTrial, TrialState
 
-from autoprune import SearchSpace, SpecError, Task, search, suggest_policy
+from autoprune import SearchSpace, SpecError, Task, read_setup, search, suggest_policy
 from autoprune.pruning import structured
 from autoprune.spec import spec_from_dict
 from autoprune.study.front import front_trials
@@ -134,7 +134,7 @@ def test_a_structured_study_runs_the_structured_warm_starts_first(
     with caplog.at_level(logging.INFO, logger="autoprune.study.warm_start"):
         study = search(
             resnet_task,
-            n_trials=5,
+            n_trials=9,  # warm starts take at most half: the four in the space
             storage=f"sqlite:///{tmp_path / 'w.db'}",
             study_name="s",
             space=space,
@@ -143,7 +143,7 @@ def test_a_structured_study_runs_the_structured_warm_starts_first(
         )
     labels = [t.user_attrs.get("warm_start") for t in study.trials]
     expected = ["l1-uniform@0.2", "l1-uniform@0.5", "l1-uniform@0.2+blocks"]
-    assert labels == [*expected, "l1-uniform@0.5+blocks", None]
+    assert labels == [*expected, "l1-uniform@0.5+blocks"] + [None] * 5
     # The unstructured heuristics are not even considered in a structured-only space.
     skipped = [r.getMessage() for r in caplog.records if "warm starts" in r.getMessage()]
     assert skipped == [
@@ -151,8 +151,8 @@ def test_a_structured_study_runs_the_structured_warm_starts_first(
         "l1-uniform@0.9, l1-uniform@0.9+blocks"
     ]
     assert all(t.state == TrialState.COMPLETE for t in study.trials)
-    setup = study.user_attrs["autoprune"]
-    groups, blocks = setup["groups"], setup["blocks"]
+    setup = read_setup(study)
+    groups, blocks = list(setup.groups), list(setup.blocks)
     for trial in study.trials[:4]:
         label = trial.user_attrs["warm_start"]
         ratio = float(label.split("@")[1].removesuffix("+blocks"))
