@@ -52,14 +52,7 @@ def run(workers: int, storage: str, window: float) -> Run:
         load_spec(SPEC), storage=storage, study_name=f"bench-{workers}", trials=100_000
     )
     task = spec.finetune.apply(load_task(spec.task, seed=spec.seed))
-    study = open_study(
-        task,
-        space=spec.space,
-        storage=storage,
-        study_name=spec.name,
-        seed=spec.seed,
-        spec=spec.to_dict(),
-    )
+    study = open_study(spec.setup(task), task, storage=storage, study_name=spec.name)
     lines, codes = run_workers(
         study, storage, workers, target=spec.trials, timeout=window, heartbeat=10
     )

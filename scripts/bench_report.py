@@ -36,9 +36,11 @@ import plotly.graph_objects as go
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from autoprune import dashboard
+from autoprune.report import page as dashboard
 from autoprune.study.sensitivity import SENSITIVITY_ATTR
-from autoprune.study.study import STUDY_ATTR, load_study
+from autoprune.study.setup import Recipe, StudySetup, write_setup
+from autoprune.study.space import SearchSpace
+from autoprune.study.study import load_study
 
 LAYERS = ("features.0", "features.2", "classifier.1", "classifier.3")
 SIZES = (144, 4608, 32768, 640)  # digits-cnn's prunable weights per layer
@@ -132,9 +134,18 @@ def make_study(n: int, storage: str | None, seed: int) -> optuna.Study:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(["accuracy", "nonzero_params"])
     dense = {"accuracy": 0.9916, "test_accuracy": 0.9833, "nonzero_params": float(TOTAL)}
-    setup = {"task": "digits-cnn", "layers": list(LAYERS), "seed": 0, "objectives": []}
-    setup["objectives"] = ["accuracy", "nonzero_params"]
-    study.set_user_attr(STUDY_ATTR, {**setup, "dense": {**dense, "total_params": float(TOTAL)}})
+    setup = StudySetup(
+        task="digits-cnn",
+        model="0" * 16,
+        finetune=Recipe(epochs=2, lr=1e-3, batch_size=32, calibration_batches=4),
+        layers=tuple(LAYERS),
+        space=SearchSpace(),
+        objectives=("accuracy", "nonzero_params"),
+        latency=None,
+        seed=0,
+        dense={**dense, "total_params": float(TOTAL)},
+    )
+    write_setup(study, setup)
     curves = {layer: [[s / 10, 0.99 - 0.05 * s * s / 100] for s in range(10)] for layer in LAYERS}
     study.set_user_attr(SENSITIVITY_ATTR, curves)
     rng = random.Random(seed)

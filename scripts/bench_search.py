@@ -1,12 +1,15 @@
 """Searched fronts against the pruning heuristics, at the same per-trial fine-tuning budget.
 
-On digits-cnn and digits-mlp, for each seed (the dense model's and the study's): every
-heuristic allocation (uniform, global, lamp, erk) is swept over sparsities 0.5 to 0.98 with
-each heuristic schedule, and an autoprune study of at most 60 trials is run (the spec's
-defaults, in memory). The heuristic schedules are ``oneshot`` (pruned, then fine-tuned: rows
-``lamp``, ``global``, ...) and ``gradual`` (cubic AGP over the same fine-tuning, the schedule
-autoprune's space searches: rows ``lamp+gradual``, ...), both through ``autoprune prune``'s
-code path (:func:`autoprune.study.warm_start.baseline`). Per method:
+On digits-cnn and digits-mlp, for each seed (the dense model's and the study's): every heuristic
+allocation (uniform, global, lamp, erk) is swept over sparsities 0.5 to 0.98 with each
+heuristic schedule, and an autoprune study of at most 60 trials is run (the spec's defaults,
+in memory), twice: through the spec's path (row ``autoprune``) and through
+``autoprune.search(task, n_trials=..., seed=...)`` with every other argument left at its
+default (row ``autoprune (API)``). The two must give the very same front, else exit 1. The
+heuristic schedules are ``oneshot`` (pruned, then fine-tuned: rows ``lamp``, ``global``, ...)
+and ``gradual`` (cubic AGP over the same fine-tuning, the schedule autoprune's space searches:
+rows ``lamp+gradual``, ...), both through ``autoprune prune``'s code path
+(:func:`autoprune.trial.baseline`). Per method:
 
 - best@s: the test accuracy of the point with the best VALIDATION accuracy among the method's
   front points with sparsity >= s (s = 0.8, 0.9, 0.95, 0.98); test accuracy never selects;
@@ -46,9 +49,11 @@ from optuna.trial import TrialState
 from autoprune.pruning.allocation import ALLOCATIONS
 from autoprune.pruning.masks import prunable_layers
 from autoprune.pruning.policy import SCHEDULES
+from autoprune.run.searching import search
+from autoprune.run.worker import run_worker
 from autoprune.spec import StudySpec
 from autoprune.study.stopping import EarlyStop
-from autoprune.study.study import search
+from autoprune.study.study import open_study
 from autoprune.tasks import load_task
 from autoprune.trial import baseline, trial_seed
 
@@ -56,6 +61,7 @@ SWEEP = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)
 THRESHOLDS = (0.8, 0.9, 0.95, 0.98)
 TARGETED = (0.9, 0.95, 0.98)
 HEURISTIC_SCHEDULES = ("oneshot", "gradual")
+API_ROW = "autoprune (API)"  # autoprune.search(task, n_trials, seed): default arguments
 MARGIN = 0.01  # autoprune must beat the best heuristic by this much at each targeted level
 CHANCE = 0.1  # the hypervolume's reference accuracy (10 classes)
 Point = dict[str, float]  # val, test, sparsity
@@ -117,18 +123,18 @@ def sweep(
     return points
 
 
-def study_points(task: Any, spec: StudySpec, seed: int, trials: int) -> tuple[list[Point], int]:
-    """The front of an in-memory study run with ``spec``'s settings; and its stopped trials."""
-    study = search(
-        task,
-        n_trials=trials,
-        seed=seed,
-        space=spec.space,
-        sampler=spec.sampler,
-        warm_start=spec.warm_start,
-        constraints=spec.constraints,
-        early_stop=spec.early_stop,
-    )
+def study_points(
+    task: Any, spec: StudySpec | None, seed: int, trials: int
+) -> tuple[list[Point], int]:
+    """The front of an in-memory study, and its stopped trials. ``spec`` None: through the
+    Python API with its default arguments (``autoprune.search(task, n_trials, seed)``);
+    else through the spec's path (``StudySpec.setup``, as ``autoprune search SPEC``)."""
+    if spec is None:
+        study = search(task, n_trials=trials, seed=seed)
+    else:
+        spec = dataclasses.replace(spec, task=task.name, trials=trials, seed=seed)
+        study = open_study(spec.setup(task), task, storage=None, study_name=None)
+        run_worker(study, task, target=trials)
     points = [
         {
             "val": t.values[0],
@@ -162,9 +168,17 @@ def run(args: argparse.Namespace, spec: StudySpec) -> Results:
                         time.perf_counter() - start,
                         0,
                     )
+            # The spec's path always; the Python API's defaults too, unless the spec was
+            # changed by an option: both must give the very same front.
             start = time.perf_counter()
             points, stopped = study_points(task, spec, seed, args.trials)
             runs["autoprune"] = (points, time.perf_counter() - start, stopped)
+            if not args.overridden:
+                start = time.perf_counter()
+                api, stopped = study_points(task, None, seed, args.trials)
+                runs[API_ROW] = (api, time.perf_counter() - start, stopped)
+                if api != points:
+                    args.api_differs.append(f"{task_name} seed {seed}")
             for method, (points, wall, stopped) in runs.items():
                 row = {f"best@{t}": best_at(points, t) for t in THRESHOLDS}
                 row |= {"hv": hypervolume(points), "wall": wall, "stopped": stopped}
@@ -211,7 +225,7 @@ def table(results: Results) -> str:
 def leads(mean: dict[str, dict[str, float]]) -> str:
     """autoprune's lead over the best one-shot heuristic row and over the best of all heuristic
     rows (the targets' reference), per column, naming the row."""
-    heuristics = {m: v for m, v in mean.items() if m != "autoprune"}
+    heuristics = {m: v for m, v in mean.items() if m not in ("autoprune", API_ROW)}
     groups = {
         "best one-shot row": {m: v for m, v in heuristics.items() if "+" not in m},
         "best of all rows": heuristics,
@@ -238,6 +252,7 @@ def misses(results: Results, quick: bool) -> list[str]:
     for task_name, rows in results.items():
         heuristics = means(rows)
         ours = heuristics.pop("autoprune")
+        heuristics.pop(API_ROW, None)
         if not all(0.0 <= ours[f"best@{t}"] <= 1.0 for t in THRESHOLDS):
             failures.append(f"{task_name}: autoprune has no front point at some level: {ours}")
         if quick:
@@ -294,6 +309,12 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = StudySpec()
+    args.overridden = any(
+        getattr(args, key)
+        for key in ("parametrization", "sampler", "schedules", "warm_schedules")
+        + ("warm_allocations", "early_stop")
+    )
+    args.api_differs = []
     if args.parametrization:
         spec = dataclasses.replace(
             spec, space=dataclasses.replace(spec.space, parametrization=args.parametrization)
@@ -323,6 +344,13 @@ def main() -> int:
     results = run(args, spec)
     print(table(results))
     failures = misses(results, args.quick)
+    if args.api_differs:
+        failures.append(
+            "the Python API's defaults and the spec's gave different fronts: "
+            + ", ".join(args.api_differs)
+        )
+    elif not args.overridden:
+        print("\nthe Python API's defaults and the spec's gave the same front on every run")
     if len(args.seeds) < 3 and not args.quick:
         failures.append(f"the targets are means over at least 3 seeds, got {args.seeds}")
     swept = (set(args.allocations), set(args.heuristic_schedules))

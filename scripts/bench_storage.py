@@ -44,11 +44,12 @@ import sqlalchemy
 import torch
 from bench_trial import Ledger as TrialLedger  # this script's folder is on sys.path
 
-from autoprune import storages
+from autoprune.study import storages
 from autoprune.study.artifacts import ArtifactSpec, FrontWeights, rdb_storage
 from autoprune.study.front_table import FrontTable
+from autoprune.study.setup import make_setup
 from autoprune.study.space import SearchSpace
-from autoprune.study.study import open_study, study_objective
+from autoprune.study.study import objective_for, open_study
 from autoprune.tasks import load_task
 
 SETUPS = ("current", "deferred", "nowal-immediate", "nowal-deferred", "memory")
@@ -113,13 +114,14 @@ def run(setup: str, task: Any, n_trials: int, prefill: int) -> list[dict[str, fl
     patch_setup(setup, ledger)
     with tempfile.TemporaryDirectory() as tmp:
         url = None if setup == "memory" else f"sqlite:///{tmp}/bench.db"
-        study = open_study(task, space=SearchSpace(), storage=url, study_name="b", seed=0)
+        setup = make_setup(task, space=SearchSpace(), warm_start=None, artifacts=ArtifactSpec())
+        study = open_study(setup, task, storage=url, study_name="b")
         if prefill:
             from bench_report import synthetic_trial  # digits-cnn's trials, made up
 
             rng = random.Random(0)
             study.add_trials([synthetic_trial(rng, n) for n in range(prefill)])
-        objective, callbacks = study_objective(study, task, artifacts=ArtifactSpec())
+        objective, callbacks = objective_for(study, task)
         storage = study._storage
         names = [n for n in dir(optuna.storages.BaseStorage) if not n.startswith("_")]
         if rdb_storage(study) is not None:  # the stale-trial check at each trial's start

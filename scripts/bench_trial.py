@@ -28,8 +28,9 @@ import torch
 from autoprune.cli.searching import _Progress
 from autoprune.errors import TrialFailed
 from autoprune.study.objective import Objective
+from autoprune.study.setup import make_setup
 from autoprune.study.space import SearchSpace
-from autoprune.study.study import STUDY_ATTR, open_study
+from autoprune.study.study import open_study
 from autoprune.tasks import load_task
 
 PHASES = ("scoring", "masking", "finetuning", "evaluation")
@@ -96,8 +97,9 @@ def run(args: argparse.Namespace) -> tuple[optuna.Study, Ledger, dict[str, float
     with tempfile.TemporaryDirectory() as tmp:
         storage = args.storage or f"sqlite:///{tmp}/bench.db"
         storage_arg = None if storage == "memory" else storage
-        study = open_study(task, space=space, storage=storage_arg, study_name="b", seed=0)
-        objective = Objective(task, space, study.user_attrs[STUDY_ATTR]["layers"], seed=0)
+        setup = make_setup(task, space=space, warm_start=None)
+        study = open_study(setup, task, storage=storage_arg, study_name="b")
+        objective = Objective(task, space, setup.layers, seed=0)
         with contextlib.redirect_stderr(io.StringIO()):  # the bar is drawn, off screen
             progress = _Progress(args.trials)
         ledger = Ledger()

@@ -324,7 +324,7 @@ def test_stale_heartbeat_is_failed_and_retried(tiny_task: Task, tmp_path: Path) 
     """A trial of a worker lost on another machine: one heartbeat, then silence for longer
     than the grace period (3 heartbeats of 1 s). The next worker fails and retries it."""
     storage = open_storage(f"sqlite:///{tmp_path / 'h.db'}", for_writing=True, heartbeat=1)
-    study = open_study(tiny_task, space=SearchSpace(), storage=storage, study_name="h", seed=0)
+    study = new_study(tiny_task, space=SearchSpace(), storage=storage, study_name="h")
     lost = study.ask()
     lost.set_user_attr(WORKER_ATTR, "elsewhere:1")  # not this machine: no pid to look at
     storage.record_heartbeat(lost._trial_id)

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 
 import optuna
 
+from autoprune.errors import SpecError
 from autoprune.measure import DEFAULT_OBJECTIVES, Latency
 from autoprune.run.worker import run_worker
 from autoprune.study.artifacts import ArtifactSpec
@@ -88,10 +89,10 @@ def search(
             layer left by the space's globs, or the data does not fit the model.
         StorageError: If the storage cannot be opened, or the named study was created with a
             different task, recipe, search space, objectives or seed.
-        ValueError: If neither ``n_trials`` nor ``timeout`` is given.
+        SpecError: Also if neither ``n_trials`` nor ``timeout`` is given (a ValueError).
     """
     if n_trials is None and timeout is None:
-        raise ValueError("give n_trials or timeout, or the search never ends")
+        raise SpecError("give n_trials or timeout, or the search never ends")
     task_ref = task if isinstance(task, str) else None
     loaded = load_task(task, seed=seed) if isinstance(task, str) else task
     named = isinstance(sampler, str)

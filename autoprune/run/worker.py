@@ -40,7 +40,7 @@ from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
 from autoprune._version import __version__
-from autoprune.errors import StorageError, TrialFailed
+from autoprune.errors import SpecError, StorageError, TrialFailed
 from autoprune.study.objective import Objective
 from autoprune.study.samplers import make_sampler
 from autoprune.study.setup import DEFAULT_SAMPLER, StudySetup, make_setup, read_setup, study_task
@@ -170,12 +170,12 @@ def run_worker(
     :func:`autoprune.search` and every worker run trials here. Returns what this worker did.
 
     Raises:
-        ValueError: If neither ``target`` nor ``timeout`` is given, or ``target`` < 1.
+        SpecError: If neither ``target`` nor ``timeout`` is given, or ``target`` < 1.
     """
     if target is None and timeout is None:
-        raise ValueError("give a target number of trials or a timeout, or the search never ends")
-    if target is not None and target < 1:
-        raise ValueError(f"target must be >= 1, got {target}")
+        raise SpecError("give a number of trials or a timeout, or the search never ends")
+    if target is not None and (isinstance(target, bool) or target < 1):
+        raise SpecError(f"the number of trials must be >= 1, got {target!r}")
     limit = math.inf if target is None else target
     inner, ours = objective_for(study, task)
     stop, summary = _Stop(), WorkerSummary(worker_id())

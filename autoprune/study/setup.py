@@ -35,7 +35,7 @@ from autoprune.study.constraints import Constraints
 from autoprune.study.samplers import SAMPLERS
 from autoprune.study.space import SearchSpace
 from autoprune.study.stopping import EarlyStop
-from autoprune.study.warm_start import WarmStart
+from autoprune.study.warm_start import DEFAULT_WARM_START, WarmStart
 from autoprune.task import Task
 from autoprune.tasks import load_task
 
@@ -120,7 +120,7 @@ class StudySetup:
     task_ref: str | None = None
     trials: int | None = DEFAULT_TRIALS
     sampler: str | None = DEFAULT_SAMPLER
-    warm_start: WarmStart | None = dataclasses.field(default_factory=WarmStart)
+    warm_start: WarmStart | None = DEFAULT_WARM_START
     constraints: Constraints | None = None
     early_stop: EarlyStop | None = None
     artifacts: ArtifactSpec = dataclasses.field(default_factory=ArtifactSpec)
@@ -224,7 +224,7 @@ def make_setup(
     seed: int = 0,
     sampler: str | None = DEFAULT_SAMPLER,
     space: SearchSpace | None = None,
-    warm_start: WarmStart | None = None,
+    warm_start: WarmStart | None = DEFAULT_WARM_START,
     constraints: Constraints | None = None,
     early_stop: EarlyStop | None = None,
     artifacts: ArtifactSpec | None = None,
@@ -236,7 +236,8 @@ def make_setup(
 
     Everything about the task is checked here, before any storage is touched, so bad input
     leaves no half-written study behind. The arguments are :func:`autoprune.search`'s (see
-    there); ``space=None`` is ``SearchSpace()`` and ``warm_start=None`` is no warm start.
+    there, and a study spec's: a test holds them equal); ``space=None`` is ``SearchSpace()``
+    and ``warm_start=None`` is no warm start.
 
     Raises:
         SpecError: On bad objectives, trials, seed or sampler, or unstructured pruning with
