@@ -11,7 +11,7 @@ import optuna
 import pytest
 from conftest import new_study
 
-from autoprune import SearchSpace, SpecError, StorageError, Task, make_setup, search
+from autoprune import SearchSpace, SpecError, StorageError, Task, __version__, make_setup, search
 from autoprune.measure import Latency
 from autoprune.spec import StudySpec
 from autoprune.study.constraints import Constraints
@@ -139,7 +139,7 @@ def test_unreadable_setups_are_one_line_errors() -> None:
     with pytest.raises(StorageError) as info:
         read_setup(study)
     assert str(info.value) == (
-        "the study's setup cannot be read by autoprune 0.1.0: unknown setup key 'colour'"
+        f"the study's setup cannot be read by autoprune {__version__}: unknown setup key 'colour'"
     )
     study.set_user_attr(STUDY_ATTR, {"format": 2, "task": "x"})
     with pytest.raises(StorageError, match="missing .* required"):

@@ -345,7 +345,8 @@ def join_study(
     if stored.version != __version__:
         raise StorageError(
             f"study {name!r} is run by autoprune {stored.version}, this worker is "
-            f"autoprune {__version__}; install the same version on every machine"
+            f"autoprune {__version__}; install the same version on every machine (a study of "
+            "an older version is carried over by `autoprune search SPEC` on it)"
         )
     if stored.task_ref is None and stored.task not in TASKS:
         raise StorageError(
