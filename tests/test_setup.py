@@ -85,6 +85,8 @@ def test_setup_round_trips_through_json(
         ({"seed": -1}, "seed must be an integer >= 0, got -1"),
         ({"sampler": "anneal"}, "unknown sampler 'anneal' (known: tpe, nsga2, gp, random, auto)"),
         ({"objectives": ["accuracy", "macs"]}, "macs"),
+        ({"warm_start": "lamp"}, "warm_start must be a WarmStart or None, got 'lamp'"),
+        ({"space": {"criteria": []}}, "space must be a SearchSpace or None, got {'criteria': []}"),
     ],
 )
 def test_bad_settings_are_named(tiny_task: Task, kwargs: dict, message: str) -> None:

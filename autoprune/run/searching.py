@@ -93,9 +93,10 @@ def search(
     """
     if n_trials is None and timeout is None:
         raise SpecError("give n_trials or timeout, or the search never ends")
+    if not isinstance(sampler, (str, optuna.samplers.BaseSampler)):
+        raise SpecError(f"sampler must be a name or an Optuna sampler, got {sampler!r}")
     task_ref = task if isinstance(task, str) else None
     loaded = load_task(task, seed=seed) if isinstance(task, str) else task
-    named = isinstance(sampler, str)
     setup = make_setup(
         loaded,
         task_ref=task_ref,
@@ -116,7 +117,7 @@ def search(
         loaded,
         storage=storage,
         study_name=study_name,
-        sampler=None if named else sampler,  # type: ignore[arg-type]
+        sampler=None if isinstance(sampler, str) else sampler,
     )
     summary = run_worker(study, loaded, target=n_trials, timeout=timeout, callbacks=callbacks)
     logger.info("%s", summary)

@@ -245,6 +245,16 @@ def make_setup(
         TaskError: If the space's globs leave no prunable layer (or channel group), or the
             data does not fit the model.
     """
+    for name, value, kind in (
+        ("space", space, SearchSpace),
+        ("warm_start", warm_start, WarmStart),
+        ("constraints", constraints, Constraints),
+        ("early_stop", early_stop, EarlyStop),
+        ("artifacts", artifacts, ArtifactSpec),
+        ("latency", latency, Latency),
+    ):
+        if value is not None and not isinstance(value, kind):
+            raise SpecError(f"{name} must be a {kind.__name__} or None, got {value!r}")
     space = space if space is not None else SearchSpace()
     objectives = tuple(measure.check_objectives(objectives))
     measure.check_granularities(objectives, space.granularities)
