@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -151,3 +153,18 @@ def test_a_failed_upload_does_not_stop_the_search(
     assert study.trials[0].state == TrialState.COMPLETE
     assert ARTIFACT_ID_ATTR not in study.trials[0].user_attrs
     assert "could not store the weights of trial 0" in caplog.text
+
+
+def test_a_trial_with_a_nan_objective_fails_and_stores_no_weights(
+    tiny_task: Task, tmp_path: Path
+) -> None:
+    """Optuna fails a trial whose value is NaN; its weights must not be left behind."""
+    task = dataclasses.replace(tiny_task, metric=lambda logits, targets: math.nan)
+    storage = f"sqlite:///{tmp_path / 'nan.db'}"
+    study = search(task, n_trials=2, storage=storage, study_name="s", warm_start=None)
+    assert [t.state for t in study.trials] == [TrialState.FAIL] * 2
+    for trial in study.trials:
+        assert trial.user_attrs["fail_reason"] == "objective accuracy is nan, not a finite number"
+        assert ARTIFACT_ID_ATTR not in trial.user_attrs
+    directory = tmp_path / "nan.artifacts"
+    assert not directory.exists() or not any(directory.iterdir())

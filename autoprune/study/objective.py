@@ -3,6 +3,7 @@ and its numbers recorded on the Optuna trial."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -91,6 +92,15 @@ class Objective:
             **measure.measure(result.model, self.objectives, self.context),
         }
         values = tuple(measured[name] for name in self.objectives)
+        bad = [
+            name
+            for name, value in zip(self.objectives, values, strict=True)
+            if not math.isfinite(value)
+        ]
+        if bad:  # Optuna would fail the trial; fail it here, before its weights are stored
+            reason = f"objective {bad[0]} is {measured[bad[0]]}, not a finite number"
+            trial.set_user_attr("fail_reason", reason)
+            raise TrialFailed(reason)
         if self.constraints is not None:
             for key, value in self.constraints.violations(result.metrics).items():
                 trial.set_constraint(key, value)
