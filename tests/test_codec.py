@@ -165,10 +165,13 @@ BAD_WEIGHTS = {
         {"w": packed(shape=torch.tensor([3.0, 5.0]))},
         "'w': shape is a torch.float32 tensor",
     ),
-    "float mask": ({"w": packed(mask=torch.ones(2))}, "'w': mask is not a 1-d uint8 tensor"),
+    "float mask": (
+        {"w": packed(mask=torch.ones(2))},
+        "'w': mask is not a contiguous 1-d uint8 tensor",
+    ),
     "2-d mask": (
         {"w": packed(mask=torch.zeros(1, 2, dtype=torch.uint8))},
-        "'w': mask is not a 1-d uint8 tensor",
+        "'w': mask is not a contiguous 1-d uint8 tensor",
     ),
     "too few values": (
         {"w": packed(values=torch.ones(3))},
@@ -180,15 +183,27 @@ BAD_WEIGHTS = {
     ),
     "integer values": (
         {"w": packed(values=torch.ones(4, dtype=torch.int64))},
-        "'w': values are not a 1-d float tensor",
+        "'w': values are not a contiguous 1-d float tensor",
     ),
-    "2-d values": ({"w": packed(values=torch.ones(2, 2))}, "'w': values are not a 1-d float"),
+    "2-d values": (
+        {"w": packed(values=torch.ones(2, 2))},
+        "'w': values are not a contiguous 1-d float",
+    ),
     "padding bits": (
         {"w": packed(mask=torch.tensor([0b10001001, 0b11000000], dtype=torch.uint8))},
         "'w': mask has bits set past its 15 elements",
     ),
     "missing part": ({"w": {"mask": torch.ones(1)}}, "'w' is not a dense tensor or mask/values"),
     "extra part": ({"w": packed(extra=1)}, "'w' is not a dense tensor or mask/values/shape"),
+    "odd part names": (
+        {"w": {1: 2, "a": 3}},
+        "'w' is not a dense tensor or mask/values/shape: [1",
+    ),
+    "expanded mask": (
+        {"w": packed(mask=torch.full((1,), 255, dtype=torch.uint8).expand(2**37), shape=[2**40])},
+        "'w': mask is not a contiguous 1-d uint8 tensor",  # 2 kB of file, 1 TiB of bits
+    ),
+    "expanded values": ({"w": packed(values=torch.ones(1).expand(4))}, "'w': values are not"),
     "a string": ({"w": "weights"}, "'w' is not a dense tensor or mask/values/shape: str"),
     "sparse tensor": ({"w": sparse_coo()}, "tensor 'w' is not a dense tensor"),
     "meta tensor": ({"w": torch.empty(2**40, device="meta")}, "tensor 'w' is not a dense"),

@@ -444,7 +444,8 @@ def test_export_files_that_are_not_regular_files_are_refused(tmp_path: Path) -> 
 
 def test_weights_that_do_not_fit_name_the_file_and_the_first_key(tmp_path: Path) -> None:
     out = small_export(tmp_path / "out", "x")
-    prefix = f"the weights in '{out / 'model.pt'}' do not fit the model of the given base model"
+    weights = out / "model.pt"
+    prefix = f"the weights in '{weights}' do not fit the model of the given base model"
     for base, key in [
         (nn.Linear(3, 4), "key 'weight' has shape [2, 3], the model's is [4, 3]"),
         (nn.Linear(3, 2, bias=False), "key 'bias' is not in the model"),
@@ -453,6 +454,14 @@ def test_weights_that_do_not_fit_name_the_file_and_the_first_key(tmp_path: Path)
         with pytest.raises(TaskError) as error:
             load(out, base=base)
         assert str(error.value) == f"{prefix}: {key}"
+    save_state({"weight": torch.ones(2, 3, dtype=torch.complex64), "bias": torch.ones(2)}, weights)
+    with pytest.raises(TaskError) as error:
+        load(out, base=nn.Linear(3, 2))
+    assert (
+        str(error.value)
+        == f"{prefix}: key 'weight' holds torch.complex64, the model's is torch.float32"
+    )
+    save_state({"weight": torch.ones(2, 3, dtype=torch.float64), "bias": torch.ones(2)}, weights)
     assert math.isfinite(float(load(out, base=nn.Linear(3, 2)).weight.detach().sum()))
 
 

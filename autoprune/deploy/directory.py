@@ -174,10 +174,20 @@ def _first_mismatch(
                 f"key {key!r} has shape {list(state[key].shape)}, "
                 f"the model's is {list(tensor.shape)}"
             )
+        if _kind(state[key]) != _kind(tensor):  # load_state_dict would cast, e.g. drop .imag
+            return f"key {key!r} holds {state[key].dtype}, the model's is {tensor.dtype}"
     for key in state:
         if key not in expected:
             return f"key {_short(key)} is not in the model"
     return None
+
+
+def _kind(tensor: torch.Tensor) -> str:
+    if tensor.is_complex():
+        return "complex"
+    if tensor.is_floating_point():
+        return "float"
+    return "bool" if tensor.dtype == torch.bool else "integer"
 
 
 def _completed_trial(study: optuna.Study, number: int) -> FrozenTrial:

@@ -51,29 +51,31 @@ def _unpack(key: str, part: Any) -> Tensor:
     Raises:
         ValueError: Naming ``key`` and the first part that is malformed.
     """
-    if not isinstance(part, dict) or sorted(part) != ["mask", "shape", "values"]:
-        keys = sorted(part) if isinstance(part, dict) else type(part).__name__
-        raise ValueError(f"tensor {key!r} is not a dense tensor or mask/values/shape: {keys}")
+    if not isinstance(part, dict) or set(part) != {"mask", "shape", "values"}:
+        parts = _name(list(part)) if isinstance(part, dict) else type(part).__name__
+        raise ValueError(
+            f"tensor {_name(key)} is not a dense tensor or mask/values/shape: {parts}"
+        )
     mask, values = part["mask"], part["values"]
     size = _shape(key, part["shape"])
     n = size.numel()
-    if not _plain(mask) or mask.dtype != torch.uint8 or mask.dim() != 1:
-        raise ValueError(f"tensor {key!r}: mask is not a 1-d uint8 tensor")
+    if not _plain(mask, contiguous=True) or mask.dtype != torch.uint8 or mask.dim() != 1:
+        raise ValueError(f"tensor {_name(key)}: mask is not a contiguous 1-d uint8 tensor")
     if mask.numel() != (n + 7) // 8:  # checked before anything of size n is allocated
         raise ValueError(
-            f"tensor {key!r}: shape {list(size)} needs a mask of {(n + 7) // 8} bytes, "
+            f"tensor {_name(key)}: shape {list(size)} needs a mask of {(n + 7) // 8} bytes, "
             f"the file holds {mask.numel()}"
         )
-    if not _plain(values) or not values.is_floating_point() or values.dim() != 1:
-        raise ValueError(f"tensor {key!r}: values are not a 1-d float tensor")
+    if not _plain(values, contiguous=True) or not values.is_floating_point() or values.dim() != 1:
+        raise ValueError(f"tensor {_name(key)}: values are not a contiguous 1-d float tensor")
     bits = np.unpackbits(mask.numpy(), bitorder="little").astype(bool)
     if bits[n:].any():
-        raise ValueError(f"tensor {key!r}: mask has bits set past its {n} elements")
+        raise ValueError(f"tensor {_name(key)}: mask has bits set past its {n} elements")
     bits = bits[:n]
     nnz = int(bits.sum())
     if values.numel() != nnz:
         raise ValueError(
-            f"tensor {key!r}: mask has {nnz} nonzeros, the file holds {values.numel()} values"
+            f"tensor {_name(key)}: mask has {nnz} nonzeros, the file holds {values.numel()} values"
         )
     dense = torch.zeros(n, dtype=values.dtype)
     dense[torch.from_numpy(bits)] = values
@@ -82,27 +84,36 @@ def _unpack(key: str, part: Any) -> Tensor:
 
 def _shape(key: str, shape: Any) -> torch.Size:
     # A list of ints (this format), or an int64 tensor (autoprune 0.1's front weights).
-    if isinstance(shape, Tensor) and _plain(shape) and shape.dim() == 1:
+    if isinstance(shape, Tensor) and _plain(shape, contiguous=True) and shape.dim() == 1:
         if shape.is_floating_point() or shape.is_complex() or shape.dtype == torch.bool:
-            raise ValueError(f"tensor {key!r}: shape is a {shape.dtype} tensor, not integers")
+            raise ValueError(f"tensor {_name(key)}: shape is a {shape.dtype} tensor, not integers")
         shape = shape.tolist()
     if (
         not isinstance(shape, list)
         or len(shape) > _MAX_DIMS
         or not all(type(d) is int and d >= 0 for d in shape)
     ):
-        raise ValueError(f"tensor {key!r}: shape is not a list of integers >= 0: {shape!r}"[:200])
+        raise ValueError(
+            f"tensor {_name(key)}: shape is not a list of integers >= 0: {_name(shape)}"
+        )
     return torch.Size(shape)
 
 
-def _plain(tensor: Any) -> bool:
-    """A dense tensor in memory: not sparse, quantized or on the meta device."""
+def _plain(tensor: Any, *, contiguous: bool = False) -> bool:
+    """A dense tensor in memory: not sparse, quantized or on the meta device; ``contiguous``:
+    one element per stored element too, not an expanded view of a few bytes."""
     return (
         isinstance(tensor, Tensor)
         and tensor.layout == torch.strided
         and tensor.device.type == "cpu"
         and not tensor.is_quantized
+        and (not contiguous or tensor.is_contiguous())
     )
+
+
+def _name(key: Any) -> str:
+    text = repr(key)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _encode(state: Mapping[str, Tensor]) -> bytes:
@@ -175,12 +186,12 @@ def _decode(data: dict[str, Any], *, old: bool) -> dict[str, Tensor]:
             raise ValueError(f"{what!r} is {type(group).__name__}, not a dict of tensors")
         for key, part in group.items():
             if not isinstance(key, str):
-                raise ValueError(f"tensor name {key!r} is not a string"[:200])
+                raise ValueError(f"tensor name {_name(key)} is not a string")
             if key in state:
-                raise ValueError(f"tensor {key!r} is stored twice")
+                raise ValueError(f"tensor {_name(key)} is stored twice")
             if isinstance(part, Tensor):
                 if not _plain(part):
-                    raise ValueError(f"tensor {key!r} is not a dense tensor")
+                    raise ValueError(f"tensor {_name(key)} is not a dense tensor")
                 state[key] = part
             else:
                 state[key] = _unpack(key, part)
