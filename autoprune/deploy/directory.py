@@ -277,7 +277,7 @@ def load(
     if task is not None and base is not None:
         raise SpecError("give load() a task or a base model, not both")
     directory = Path(directory)
-    manifest = read_manifest(directory)
+    manifest = _read_manifest(directory)
     if base is not None:
         what = "the given base model"
     elif task is not None:
@@ -333,7 +333,7 @@ _MAX_INPUT_ELEMENTS = 2**24
 _MAX_INPUT_DIMS = 8
 
 
-def read_manifest(directory: str | Path) -> dict[str, Any]:
+def _read_manifest(directory: str | Path) -> dict[str, Any]:
     """``directory``'s ``export.json``, checked: ``task`` a non-empty string, ``seed`` an
     integer in [0, 2**32), and for a structured export ``plan`` (channel indices per layer,
     removed blocks) with ``input_shape`` (a list of a few positive integers).
