@@ -5,7 +5,10 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
+import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,7 @@ from autoprune.study.artifacts import ARTIFACT_ID_ATTR
 from autoprune.study.pick import pick
 from autoprune.study.setup import read_setup
 from autoprune.study.space import SearchSpace
+from autoprune.tasks import TASKS
 from autoprune.train import evaluate
 
 REF = "conftest:make_task"  # tests/ is on sys.path: this rebuilds the tiny task
@@ -111,14 +115,14 @@ def test_export_and_load_reproduce_the_trial(searched: dict[str, Any], tmp_path:
     assert json.loads((done.directory / "policy.json").read_text()) == trial.user_attrs["policy"]
     manifest = json.loads((done.directory / "export.json").read_text())
     assert manifest["task"] == REF and manifest["trial"] == trial.number
-    # Rebuilt from the task reference alone, the model gives the recorded test accuracy.
-    model = autoprune.load(done.directory)
+    # Rebuilt from the task reference alone (code: trusted), it gives the recorded accuracy.
+    model = autoprune.load(done.directory, trust_task_code=True)
     assert evaluate(model, task, "test")[0] == metrics["test_accuracy"]
     assert not model.training
     state = load_state(done.directory / "model.pt")
     assert all(state[k].equal(v) for k, v in model.state_dict().items())
     other = Task(model=nn.Linear(3, 2), train=task.train, val=task.val)
-    with pytest.raises(TaskError, match="do not fit the model of the given task: Error"):
+    with pytest.raises(TaskError, match="model.pt' do not fit the model of the given task: key"):
         load(done.directory, task=other)
 
 
@@ -258,3 +262,221 @@ def test_loading_an_export_never_unpickles(tmp_path: Path) -> None:
         load(out, base=nn.Linear(2, 2))
     with pytest.raises(StorageError, match=r"'.*nowhere' is not an autoprune export"):
         load(tmp_path / "nowhere", base=nn.Linear(2, 2))
+
+
+PAYLOAD = """
+from pathlib import Path
+Path(__file__).with_name("ran").touch()
+def build():
+    Path(__file__).with_name("called").touch()
+"""
+
+TOY = """
+import torch
+from autoprune import Task
+def build():
+    x = torch.zeros(4, 3)
+    return Task(model=torch.nn.Linear(3, 2), train=(x, x), val=(x, x))
+"""
+
+
+def small_export(directory: Path, task: str, model: nn.Module | None = None) -> Path:
+    """An export of ``model`` (a Linear(3, 2)) whose export.json names ``task``."""
+    directory.mkdir()
+    save_state((model or nn.Linear(3, 2)).state_dict(), directory / "model.pt")
+    (directory / "export.json").write_text(json.dumps({"task": task, "seed": 0}))
+    return directory
+
+
+def test_loading_an_export_runs_no_code_it_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = small_export(tmp_path / "out", "exported_payload:build")
+    (out / "exported_payload.py").write_text(PAYLOAD)
+    monkeypatch.delitem(sys.modules, "exported_payload", raising=False)
+    monkeypatch.chdir(out)  # even with the directory importable, nothing is imported
+    monkeypatch.syspath_prepend(str(out))
+    with pytest.raises(TaskError) as error:
+        load(out)
+    assert str(error.value) == (
+        f"export {str(out)!r} names task code 'exported_payload:build': importing it runs that "
+        "code; pass load(..., trust_task_code=True) if you trust the export, or give task= or "
+        "base="
+    )
+    assert not (out / "ran").exists() and "exported_payload" not in sys.modules
+    (out / "export.json").write_text(json.dumps({"task": "sys:exit", "seed": 0}))
+    with pytest.raises(TaskError, match="names task code 'sys:exit'"):
+        load(out)  # not SystemExit
+    (out / "export.json").write_text(json.dumps({"task": "no-such-task", "seed": 0}))
+    with pytest.raises(TaskError, match="unknown task 'no-such-task' \\(built-in: "):
+        load(out)  # a name is no code: looked up among the built-ins only
+    # Given the architecture, the reference is never looked at.
+    assert isinstance(load(out, base=nn.Linear(3, 2)), nn.Linear)
+
+
+def test_trusted_task_code_is_imported_from_sys_path_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = small_export(tmp_path / "out", "exported_payload:build")
+    (out / "exported_payload.py").write_text(PAYLOAD)
+    monkeypatch.delitem(sys.modules, "exported_payload", raising=False)
+    with pytest.raises(TaskError, match="task 'exported_payload:build' does not import"):
+        load(out, trust_task_code=True)  # the export directory is not put on sys.path
+    assert not (out / "ran").exists() and str(out) not in sys.path
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "trusted_toy_task.py").write_text(TOY)
+    monkeypatch.syspath_prepend(str(code))
+    monkeypatch.delitem(sys.modules, "trusted_toy_task", raising=False)
+    weights = nn.Linear(3, 2)
+    out = small_export(tmp_path / "trusted", "trusted_toy_task:build", weights)
+    loaded = load(out, trust_task_code=True)
+    assert torch.equal(loaded.weight, weights.weight) and not loaded.training
+
+
+def test_built_in_task_names_need_no_opt_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seeds = []
+
+    def toy(*, seed: int = 0) -> Task:
+        seeds.append(seed)
+        x = torch.zeros(4, 3)
+        return Task(model=nn.Linear(3, 2), train=(x, x), val=(x, x))
+
+    monkeypatch.setitem(TASKS, "toy-built-in", toy)
+    weights = nn.Linear(3, 2)
+    out = small_export(tmp_path / "out", "toy-built-in", weights)
+    assert torch.equal(load(out).weight, weights.weight) and seeds == [0]
+
+
+HOSTILE_MANIFESTS = {
+    "empty file": ("", "is not an autoprune export: Expecting value"),
+    "not utf-8": (b"\xff\xfe", "is not an autoprune export: 'utf-8' codec"),
+    "a list": ("[]", "holds a JSON list, not an object"),
+    "deep nesting": ("[" * 100_000, "is not an autoprune export: "),
+    "huge int digits": ('{"task": "x", "seed": ' + "9" * 5000 + "}", "not an autoprune export"),
+    "no task": ('{"seed": 0}', "'task' must be a non-empty string, got None"),
+    "task not a string": ('{"task": ["x"], "seed": 0}', "'task' must be a non-empty string"),
+    "empty task": ('{"task": "", "seed": 0}', "'task' must be a non-empty string, got ''"),
+    "relative import": ('{"task": "..x:f", "seed": 0}', "'task' must be a name or package.module"),
+    "no module": ('{"task": ":f", "seed": 0}', "got ':f'"),
+    "no function": ('{"task": "os:", "seed": 0}', "got 'os:'"),
+    "long task": ('{"task": "' + "x" * 300 + '", "seed": 0}', "'task' must be a non-empty"),
+    "no seed": ('{"task": "x"}', "'seed' must be an integer in [0, 4294967295], got None"),
+    "NaN seed": ('{"task": "x", "seed": NaN}', "'seed' must be an integer in [0, 4294967295]"),
+    "negative seed": ('{"task": "x", "seed": -1}', "got -1"),
+    "huge seed": ('{"task": "x", "seed": 18446744073709551616}', "got 18446744073709551616"),
+    "float seed": ('{"task": "x", "seed": 1.0}', "got 1.0"),
+    "bool seed": ('{"task": "x", "seed": true}', "got True"),
+    "format 2": ('{"format": 2, "task": "x", "seed": 0}', "'format' must be 1, got 2"),
+    "plan a list": ('{"task": "x", "seed": 0, "plan": []}', "'plan' must be an object"),
+    "plan extra key": (
+        '{"task": "x", "seed": 0, "plan": {"channels": {}, "code": 1}}',
+        "'plan' must be an object of channels and removed_blocks",
+    ),
+    "no channels": ('{"task": "x", "seed": 0, "plan": {}}', "'plan.channels' must be an object"),
+    "negative channel": (
+        '{"task": "x", "seed": 0, "plan": {"channels": {"a": [-1]}}}',
+        "'plan.channels' of 'a' must be increasing integers >= 0: [-1]",
+    ),
+    "unsorted channels": (
+        '{"task": "x", "seed": 0, "plan": {"channels": {"a": [2, 1]}}}',
+        "of 'a' must be increasing integers >= 0: [2, 1]",
+    ),
+    "string channels": (
+        '{"task": "x", "seed": 0, "plan": {"channels": {"a": "12"}}}',
+        "of 'a' must be increasing integers >= 0: '12'",
+    ),
+    "blocks not a list": (
+        '{"task": "x", "seed": 0, "plan": {"channels": {}, "removed_blocks": "a"}}',
+        "'plan.removed_blocks' must be a list of names, got 'a'",
+    ),
+    "no input shape": (
+        '{"task": "x", "seed": 0, "plan": {"channels": {}}}',
+        "'input_shape' must be a list of 1 to 8 integers >= 1",
+    ),
+    "input of 2**40 elements": (
+        '{"task": "x", "seed": 0, "plan": {"channels": {}}, "input_shape": [1, 1099511627776]}',
+        "with at most 16777216 elements in all, got [1, 1099511627776]",
+    ),
+    "zero input dim": (
+        '{"task": "x", "seed": 0, "plan": {"channels": {}}, "input_shape": [1, 0]}',
+        "got [1, 0]",
+    ),
+    "string input dim": (
+        '{"task": "x", "seed": 0, "plan": {"channels": {}}, "input_shape": ["1"]}',
+        "got ['1']",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_MANIFESTS))
+def test_hostile_manifests_are_one_line_storage_errors(tmp_path: Path, name: str) -> None:
+    text, message = HOSTILE_MANIFESTS[name]
+    out = small_export(tmp_path / "out", "x")
+    data = text.encode() if isinstance(text, str) else text
+    (out / "export.json").write_bytes(data)
+    for kwargs in ({}, {"base": nn.Linear(3, 2)}, {"trust_task_code": True}):
+        with pytest.raises(StorageError) as error:
+            load(out, **kwargs)
+        assert message in str(error.value) and "\n" not in str(error.value), kwargs
+        assert str(out) in str(error.value)
+
+
+def test_export_files_that_are_not_regular_files_are_refused(tmp_path: Path) -> None:
+    out = small_export(tmp_path / "out", "x")
+    (out / "export.json").unlink()
+    (out / "export.json").symlink_to("/dev/zero")  # would be read forever
+    with pytest.raises(StorageError, match="'.*out' is not an autoprune export: not a regular"):
+        load(out, base=nn.Linear(3, 2))
+    (out / "export.json").unlink()
+    os.mkfifo(out / "export.json")  # would block forever
+    with pytest.raises(StorageError, match="is not an autoprune export: not a regular file"):
+        load(out, base=nn.Linear(3, 2))
+    (out / "export.json").unlink()
+    (out / "export.json").write_text(json.dumps({"task": "x", "seed": 0}))
+    (out / "model.pt").unlink()
+    (out / "model.pt").symlink_to("/dev/zero")
+    with pytest.raises(StorageError, match="cannot read weights '.*model.pt': not a regular"):
+        load(out, base=nn.Linear(3, 2))
+
+
+def test_weights_that_do_not_fit_name_the_file_and_the_first_key(tmp_path: Path) -> None:
+    out = small_export(tmp_path / "out", "x")
+    weights = out / "model.pt"
+    prefix = f"the weights in '{weights}' do not fit the model of the given base model"
+    for base, key in [
+        (nn.Linear(3, 4), "key 'weight' has shape [2, 3], the model's is [4, 3]"),
+        (nn.Linear(3, 2, bias=False), "key 'bias' is not in the model"),
+        (nn.Sequential(nn.Linear(3, 2)), "key '0.weight' is missing"),
+    ]:
+        with pytest.raises(TaskError) as error:
+            load(out, base=base)
+        assert str(error.value) == f"{prefix}: {key}"
+    save_state({"weight": torch.ones(2, 3, dtype=torch.complex64), "bias": torch.ones(2)}, weights)
+    with pytest.raises(TaskError) as error:
+        load(out, base=nn.Linear(3, 2))
+    assert (
+        str(error.value)
+        == f"{prefix}: key 'weight' holds torch.complex64, the model's is torch.float32"
+    )
+    save_state({"weight": torch.ones(2, 3, dtype=torch.float64), "bias": torch.ones(2)}, weights)
+    assert math.isfinite(float(load(out, base=nn.Linear(3, 2)).weight.detach().sum()))
+
+
+def test_a_plan_naming_what_the_model_lacks_is_a_task_error(tmp_path: Path) -> None:
+    out = small_export(tmp_path / "out", "x")
+    plan = {"channels": {}, "removed_blocks": ["__class__"]}
+    manifest = {"task": "x", "seed": 0, "plan": plan, "input_shape": [1, 3]}
+    (out / "export.json").write_text(json.dumps(manifest))
+    with pytest.raises(TaskError, match="removes block '__class__', which the model lacks"):
+        load(out, base=nn.Sequential(nn.Linear(3, 2)))
+    plan = {"channels": {"0": [10**30]}, "removed_blocks": []}
+    (out / "export.json").write_text(json.dumps(manifest | {"plan": plan}))
+    with pytest.raises(TaskError, match="removes channel 10{30} of layer '0', which has 2$"):
+        load(out, base=nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 2)))
+    plan = {"channels": {"1": [0]}, "removed_blocks": []}  # a ReLU: no channels
+    (out / "export.json").write_text(json.dumps(manifest | {"plan": plan}))
+    with pytest.raises(TaskError, match="the export's plan does not fit the model of the given"):
+        load(out, base=nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 2)))

@@ -42,7 +42,7 @@ from autoprune.study.trial_metrics import (
     trial_metrics,
 )
 from autoprune.task import Task
-from autoprune.tasks import load_task
+from autoprune.tasks import TASKS, load_task
 from autoprune.train import evaluate
 
 logger = logging.getLogger(__name__)
@@ -145,14 +145,49 @@ def _trial_model(
     return _with_weights(task.model, state, f"task {task_ref!r}"), "artifact", None
 
 
-def _with_weights(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> nn.Module:
+def _with_weights(
+    model: nn.Module, state: dict[str, torch.Tensor], what: str, source: Path | None = None
+) -> nn.Module:
+    """A copy of ``model`` (eval mode) with ``state`` loaded, or one line naming the first key
+    that does not fit (and the file it came from)."""
     model = copy.deepcopy(model)
+    weights = "the stored weights" if source is None else f"the weights in {str(source)!r}"
+    mismatch = _first_mismatch(model.state_dict(), state)
+    if mismatch is not None:
+        raise TaskError(f"{weights} do not fit the model of {what}: {mismatch}")
     try:
         model.load_state_dict(state)
-    except RuntimeError as e:  # another architecture: say so in one line
-        first = str(e).strip().splitlines()[0]
-        raise TaskError(f"the stored weights do not fit the model of {what}: {first}") from e
+    except (RuntimeError, TypeError, ValueError) as e:  # e.g. a dtype that does not convert
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise TaskError(f"{weights} do not fit the model of {what}: {first}") from e
     return model.eval()
+
+
+def _first_mismatch(
+    expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]
+) -> str | None:
+    for key, tensor in expected.items():
+        if key not in state:
+            return f"key {key!r} is missing"
+        if state[key].shape != tensor.shape:
+            return (
+                f"key {key!r} has shape {list(state[key].shape)}, "
+                f"the model's is {list(tensor.shape)}"
+            )
+        if _kind(state[key]) != _kind(tensor):  # load_state_dict would cast, e.g. drop .imag
+            return f"key {key!r} holds {state[key].dtype}, the model's is {tensor.dtype}"
+    for key in state:
+        if key not in expected:
+            return f"key {_short(key)} is not in the model"
+    return None
+
+
+def _kind(tensor: torch.Tensor) -> str:
+    if tensor.is_complex():
+        return "complex"
+    if tensor.is_floating_point():
+        return "float"
+    return "bool" if tensor.dtype == torch.bool else "integer"
 
 
 def _completed_trial(study: optuna.Study, number: int) -> FrozenTrial:
@@ -211,43 +246,171 @@ def _write(out: Path, model: nn.Module, policy: Any, metrics: Any, manifest: Any
 
 
 def load(
-    directory: str | Path, *, task: Task | None = None, base: nn.Module | None = None
+    directory: str | Path,
+    *,
+    task: Task | None = None,
+    base: nn.Module | None = None,
+    trust_task_code: bool = False,
 ) -> nn.Module:
     """Rebuild an exported model (eval mode) and load its weights from ``model.pt``.
 
     The dense architecture comes from ``base`` (copied; its weights are replaced), else from
     ``task``'s model, else from the task reference recorded in the export; a structured
     export's plan then removes the same channels and blocks from it (the stored indices: no
-    scores, no data). Nothing is unpickled.
+    scores, no data). Nothing is unpickled, and nothing the export names is imported unless
+    ``trust_task_code``: an export is a file people share.
+
+    Args:
+        task: The task whose model is the dense architecture.
+        base: The dense architecture itself.
+        trust_task_code: Build the architecture from a ``module:function`` reference recorded
+            in ``export.json`` by importing and calling it (only for an export you trust; the
+            export directory is never put on ``sys.path``). Built-in task names need no opt-in.
 
     Raises:
         SpecError: If both ``task`` and ``base`` are given.
-        StorageError: If ``directory`` is not an autoprune export, or its ``model.pt`` is not
-            an autoprune weights file.
-        TaskError: If the stored task reference does not build a task, or the weights do not
-            fit the architecture.
+        StorageError: If ``directory`` is not an autoprune export, its ``export.json`` is
+            malformed, or its ``model.pt`` is not an autoprune weights file.
+        TaskError: If the stored task reference names code and ``trust_task_code`` is not set,
+            does not build a task, or the weights do not fit the architecture.
     """
     if task is not None and base is not None:
         raise SpecError("give load() a task or a base model, not both")
     directory = Path(directory)
-    try:
-        manifest = json.loads((directory / "export.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise StorageError(f"{str(directory)!r} is not an autoprune export: {e}") from None
+    manifest = _read_manifest(directory)
     if base is not None:
         what = "the given base model"
     elif task is not None:
         what, base = "the given task", task.model
     else:
-        what = f"task {manifest['task']!r}"
-        base = load_task(manifest["task"], seed=manifest["seed"]).model
+        ref = manifest["task"]
+        if ":" in ref and ref not in TASKS and not trust_task_code:
+            raise TaskError(
+                f"export {str(directory)!r} names task code {ref!r}: importing it runs that code;"
+                " pass load(..., trust_task_code=True) if you trust the export, or give task="
+                " or base="
+            )
+        what = f"task {ref!r}"
+        base = load_task(ref, seed=manifest["seed"]).model
     model = base
     if "plan" in manifest:
         model = copy.deepcopy(base)
         example = torch.zeros(manifest["input_shape"])
+        plan = structured.Plan.from_dict(manifest["plan"])
         try:
-            structured.apply_plan(model, structured.Plan.from_dict(manifest["plan"]), example)
-        except (AttributeError, KeyError, IndexError, RuntimeError) as e:  # another model
+            _check_plan(plan, dict(model.named_modules()))
+            structured.apply_plan(model, plan, example)
+        except (AttributeError, KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise TaskError(f"the export's plan does not fit the model of {what}: {first}") from e
-    return _with_weights(model, load_state(directory / "model.pt"), what)
+    weights = directory / "model.pt"
+    return _with_weights(model, load_state(weights), what, weights)
+
+
+def _check_plan(plan: structured.Plan, modules: dict[str, nn.Module]) -> None:
+    """Refuse a plan naming blocks or layers the model lacks, or channels past a layer's
+    (torch-pruning would skip them silently)."""
+    for block in plan.removed_blocks:
+        if not block or block not in modules:
+            raise TaskError(f"the plan removes block {block!r}, which the model lacks")
+    for layer, idxs in plan.channels.items():
+        if layer not in modules:
+            raise TaskError(f"the plan prunes layer {layer!r}, which the model lacks")
+        weight = getattr(modules[layer], "weight", None)
+        if idxs and isinstance(weight, torch.Tensor) and idxs[-1] >= weight.shape[0]:
+            raise TaskError(
+                f"the plan removes channel {idxs[-1]} of layer {layer!r}, "
+                f"which has {weight.shape[0]}"
+            )
+
+
+# export.json is read whole; a real one is a few kB (a plan lists channel indices).
+_MAX_MANIFEST_BYTES = 16 * 2**20
+_MAX_SEED = 2**32 - 1
+_MAX_TASK_REF = 256
+# The example input a structured export's plan is traced on: one sample.
+_MAX_INPUT_ELEMENTS = 2**24
+_MAX_INPUT_DIMS = 8
+
+
+def _read_manifest(directory: str | Path) -> dict[str, Any]:
+    """``directory``'s ``export.json``, checked: ``task`` a non-empty string, ``seed`` an
+    integer in [0, 2**32), and for a structured export ``plan`` (channel indices per layer,
+    removed blocks) with ``input_shape`` (a list of a few positive integers).
+
+    Raises:
+        StorageError: One line naming the file and its first bad key.
+    """
+    path = Path(directory) / "export.json"
+    try:
+        if not path.is_file():  # not a device or FIFO that would never end
+            raise OSError("no export.json" if not path.exists() else "not a regular file")
+        with path.open("rb") as f:
+            raw = f.read(_MAX_MANIFEST_BYTES + 1)
+        if len(raw) > _MAX_MANIFEST_BYTES:
+            raise ValueError(f"export.json is larger than {_MAX_MANIFEST_BYTES} bytes")
+        manifest = json.loads(raw.decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise StorageError(f"{str(directory)!r} is not an autoprune export: {first}") from None
+    try:
+        _check_manifest(manifest)
+    except ValueError as e:
+        raise StorageError(f"{str(path)!r} is not a valid export manifest: {e}") from None
+    return manifest  # type: ignore[no-any-return]
+
+
+def _check_manifest(manifest: Any) -> None:
+    if not isinstance(manifest, dict):
+        raise ValueError(f"it holds a JSON {type(manifest).__name__}, not an object")
+    if manifest.get("format", 1) != 1 or type(manifest.get("format", 1)) is not int:
+        raise ValueError(f"'format' must be 1, got {_short(manifest['format'])}")
+    task = manifest.get("task")
+    if not isinstance(task, str) or not task or len(task) > _MAX_TASK_REF:
+        raise ValueError(f"'task' must be a non-empty string, got {_short(task)}")
+    module, colon, function = task.partition(":")
+    if colon and not (
+        all(part.isidentifier() for part in module.split(".")) and function.isidentifier()
+    ):
+        raise ValueError(f"'task' must be a name or package.module:function, got {_short(task)}")
+    seed = manifest.get("seed")
+    if type(seed) is not int or not 0 <= seed <= _MAX_SEED:
+        raise ValueError(f"'seed' must be an integer in [0, {_MAX_SEED}], got {_short(seed)}")
+    if "plan" not in manifest:
+        return
+    plan = manifest["plan"]
+    if not isinstance(plan, dict) or not set(plan) <= {"channels", "removed_blocks"}:
+        raise ValueError(
+            f"'plan' must be an object of channels and removed_blocks: {_short(plan)}"
+        )
+    channels = plan.get("channels")
+    if not isinstance(channels, dict):
+        raise ValueError(f"'plan.channels' must be an object, got {_short(channels)}")
+    for layer, idxs in channels.items():
+        if not (
+            isinstance(idxs, list)
+            and all(type(i) is int and i >= 0 for i in idxs)
+            and idxs == sorted(set(idxs))
+        ):
+            raise ValueError(
+                f"'plan.channels' of {layer!r} must be increasing integers >= 0: {_short(idxs)}"
+            )
+    blocks = plan.get("removed_blocks", [])
+    if not isinstance(blocks, list) or not all(isinstance(b, str) and b for b in blocks):
+        raise ValueError(f"'plan.removed_blocks' must be a list of names, got {_short(blocks)}")
+    shape = manifest.get("input_shape")
+    if (
+        not isinstance(shape, list)
+        or not 1 <= len(shape) <= _MAX_INPUT_DIMS
+        or not all(type(d) is int and d >= 1 for d in shape)
+        or math.prod(shape) > _MAX_INPUT_ELEMENTS
+    ):
+        raise ValueError(
+            f"'input_shape' must be a list of 1 to {_MAX_INPUT_DIMS} integers >= 1 with at most "
+            f"{_MAX_INPUT_ELEMENTS} elements in all, got {_short(shape)}"
+        )
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -24,6 +24,7 @@ from autoprune.errors import StorageError
 FORMAT = "autoprune-weights/2"
 # Front weights written before this format (``study/artifacts.py``, autoprune 0.1): still read.
 _OLD_FORMAT = 1
+_MAX_DIMS = 64  # torch's own limit on a tensor's dimensions
 
 
 def _pack(tensor: Tensor) -> dict[str, Any] | None:
@@ -43,13 +44,76 @@ def _pack(tensor: Tensor) -> dict[str, Any] | None:
     }
 
 
-def _unpack(mask: Tensor, values: Tensor, shape: Tensor | list[int]) -> Tensor:
-    """The inverse of :func:`_pack`."""
-    size = torch.Size(shape.tolist() if isinstance(shape, Tensor) else shape)
-    bits = np.unpackbits(mask.numpy(), count=size.numel(), bitorder="little").astype(bool)
-    dense = torch.zeros(size.numel(), dtype=values.dtype)
+def _unpack(key: str, part: Any) -> Tensor:
+    """The inverse of :func:`_pack`, after checking that the parts agree with each other:
+    nothing is allocated beyond what the file itself holds.
+
+    Raises:
+        ValueError: Naming ``key`` and the first part that is malformed.
+    """
+    if not isinstance(part, dict) or set(part) != {"mask", "shape", "values"}:
+        parts = _name(list(part)) if isinstance(part, dict) else type(part).__name__
+        raise ValueError(
+            f"tensor {_name(key)} is not a dense tensor or mask/values/shape: {parts}"
+        )
+    mask, values = part["mask"], part["values"]
+    size = _shape(key, part["shape"])
+    n = size.numel()
+    if not _plain(mask, contiguous=True) or mask.dtype != torch.uint8 or mask.dim() != 1:
+        raise ValueError(f"tensor {_name(key)}: mask is not a contiguous 1-d uint8 tensor")
+    if mask.numel() != (n + 7) // 8:  # checked before anything of size n is allocated
+        raise ValueError(
+            f"tensor {_name(key)}: shape {list(size)} needs a mask of {(n + 7) // 8} bytes, "
+            f"the file holds {mask.numel()}"
+        )
+    if not _plain(values, contiguous=True) or not values.is_floating_point() or values.dim() != 1:
+        raise ValueError(f"tensor {_name(key)}: values are not a contiguous 1-d float tensor")
+    bits = np.unpackbits(mask.numpy(), bitorder="little").astype(bool)
+    if bits[n:].any():
+        raise ValueError(f"tensor {_name(key)}: mask has bits set past its {n} elements")
+    bits = bits[:n]
+    nnz = int(bits.sum())
+    if values.numel() != nnz:
+        raise ValueError(
+            f"tensor {_name(key)}: mask has {nnz} nonzeros, the file holds {values.numel()} values"
+        )
+    dense = torch.zeros(n, dtype=values.dtype)
     dense[torch.from_numpy(bits)] = values
     return dense.reshape(size)
+
+
+def _shape(key: str, shape: Any) -> torch.Size:
+    # A list of ints (this format), or an int64 tensor (autoprune 0.1's front weights).
+    if isinstance(shape, Tensor) and _plain(shape, contiguous=True) and shape.dim() == 1:
+        if shape.is_floating_point() or shape.is_complex() or shape.dtype == torch.bool:
+            raise ValueError(f"tensor {_name(key)}: shape is a {shape.dtype} tensor, not integers")
+        shape = shape.tolist()
+    if (
+        not isinstance(shape, list)
+        or len(shape) > _MAX_DIMS
+        or not all(type(d) is int and d >= 0 for d in shape)
+    ):
+        raise ValueError(
+            f"tensor {_name(key)}: shape is not a list of integers >= 0: {_name(shape)}"
+        )
+    return torch.Size(shape)
+
+
+def _plain(tensor: Any, *, contiguous: bool = False) -> bool:
+    """A dense tensor in memory: not sparse, quantized or on the meta device; ``contiguous``:
+    one element per stored element too, not an expanded view of a few bytes."""
+    return (
+        isinstance(tensor, Tensor)
+        and tensor.layout == torch.strided
+        and tensor.device.type == "cpu"
+        and not tensor.is_quantized
+        and (not contiguous or tensor.is_contiguous())
+    )
+
+
+def _name(key: Any) -> str:
+    text = repr(key)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _encode(state: Mapping[str, Tensor]) -> bytes:
@@ -85,11 +149,19 @@ def load_state(file: str | Path | BinaryIO) -> dict[str, Tensor]:
     """Read a state dict written by :func:`save_state` (or by autoprune 0.1's front weights),
     never unpickling code (``weights_only=True``).
 
+    Every part is checked before it is used (tensor names are strings, a packed tensor's mask
+    has one bit per element of its shape and its values one per set bit, values are floats),
+    so a hostile file cannot make it allocate more than the file holds.
+
     Raises:
-        StorageError: If the file cannot be read or is not an autoprune weights file.
+        StorageError: If the file cannot be read, is not a regular file, is not an autoprune
+            weights file, or is malformed; one line naming the first bad tensor.
     """
     name = repr(str(file)) if isinstance(file, (str, Path)) else "(stream)"
     try:
+        if isinstance(file, (str, Path)) and not Path(file).is_file():
+            # A device, a FIFO or a directory (e.g. a symlink to /dev/zero) is no weights file.
+            raise OSError("not a regular file" if Path(file).exists() else "no such file")
         if not isinstance(file, (str, Path)):
             file = io.BytesIO(file.read())  # torch.load wants a seekable file
         data = torch.load(file, weights_only=True, map_location="cpu")
@@ -97,19 +169,33 @@ def load_state(file: str | Path | BinaryIO) -> dict[str, Tensor]:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise StorageError(f"cannot read weights {name}: {first}") from e
     tag = data.get("format") if isinstance(data, dict) else None
-    if tag not in (FORMAT, _OLD_FORMAT):
+    if tag not in (FORMAT, _OLD_FORMAT) or type(tag) not in (str, int):
         raise StorageError(f"{name} is not an autoprune weights file (format {FORMAT!r})")
     try:
-        # The old layout: {"dense": {key: tensor}, "sparse": {key: packed parts}}.
-        old = tag == _OLD_FORMAT
-        parts = {**data["dense"], **data["sparse"]} if old else data["tensors"]
-        return {
-            key: part if isinstance(part, Tensor) else _unpack(**part)
-            for key, part in parts.items()
-        }
-    except (KeyError, AttributeError, TypeError, ValueError, RuntimeError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise StorageError(f"{name} is a damaged autoprune weights file: {first}") from e
+        return _decode(data, old=tag == _OLD_FORMAT)
+    except ValueError as e:
+        raise StorageError(f"{name} is a damaged autoprune weights file: {e}") from e
+
+
+def _decode(data: dict[str, Any], *, old: bool) -> dict[str, Tensor]:
+    # The old layout: {"dense": {key: tensor}, "sparse": {key: packed parts}}.
+    state: dict[str, Tensor] = {}
+    for what in ("dense", "sparse") if old else ("tensors",):
+        group = data.get(what)
+        if not isinstance(group, dict):
+            raise ValueError(f"{what!r} is {type(group).__name__}, not a dict of tensors")
+        for key, part in group.items():
+            if not isinstance(key, str):
+                raise ValueError(f"tensor name {_name(key)} is not a string")
+            if key in state:
+                raise ValueError(f"tensor {_name(key)} is stored twice")
+            if isinstance(part, Tensor):
+                if not _plain(part):
+                    raise ValueError(f"tensor {_name(key)} is not a dense tensor")
+                state[key] = part
+            else:
+                state[key] = _unpack(key, part)
+    return state
 
 
 def exported_bytes(model: nn.Module) -> int:
