@@ -2,7 +2,14 @@
 
 from autoprune._version import __version__
 from autoprune.deploy.directory import export, load
-from autoprune.errors import AutopruneError, SpecError, StorageError, TaskError, TrialFailed
+from autoprune.errors import (
+    AutopruneError,
+    OutputError,
+    SpecError,
+    StorageError,
+    TaskError,
+    TrialFailed,
+)
 from autoprune.pruning.allocation import (
     ALLOCATIONS,
     allocate,
@@ -34,6 +41,7 @@ __all__ = [
     "Constraints",
     "Criterion",
     "EarlyStop",
+    "OutputError",
     "Policy",
     "PruneResult",
     "SearchSpace",

@@ -22,5 +22,10 @@ class StorageError(AutopruneError):
     """The study storage cannot be opened, or holds a study that does not match."""
 
 
+class OutputError(AutopruneError, OSError):
+    """An output path cannot be written: its directory is missing or read-only, it names a
+    directory, or the write itself failed. Still an ``OSError``, as it was before."""
+
+
 class TrialFailed(AutopruneError):
     """One trial failed (e.g. a non-finite loss); the study goes on."""

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import math
+import os
 import re
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import pytest
 from optuna.trial import TrialState
 
 import autoprune
-from autoprune.cli import main
+from autoprune.cli import baselines, main, searching
 from autoprune.report.data import pareto_front
 from autoprune.tasks import load_task
 
@@ -373,3 +374,88 @@ def test_structured_search_and_export_of_digits_resnet(workdir: Path, capsys) ->
     assert "plan" in json.loads((workdir / "m" / "export.json").read_text(encoding="utf-8"))
     code, out, err = run(capsys, "export", "99", "--out", "m99")
     assert code == 2 and "has no trial 99" in err
+
+
+def no_work(*args: Any, **kwargs: Any) -> Any:
+    raise AssertionError("the work started before the output path was checked")
+
+
+@pytest.mark.parametrize(
+    ("argv", "path", "why"),
+    [
+        (["search", "spec.toml", "--report", "nodir/r.html"], "nodir/r.html", "does not exist"),
+        (["search", "spec.toml", "--report", "adir"], "adir", "it is a directory"),
+        (["search", "spec.toml", "--report", "ro/r.html"], "ro/r.html", "not writable"),
+        (["search", "spec.toml", "--report", "x" * 300], "x" * 300, "File name too long"),
+        (
+            ["front", "--storage", f"sqlite:///{GOOD_DB}", "--csv", "afile/f.csv"],
+            "afile/f.csv",
+            "'afile' is not a directory",
+        ),  # fmt: skip
+        (["front", "--storage", f"sqlite:///{GOOD_DB}", "--json", "adir"], "adir", "a directory"),
+        (
+            ["report", "--storage", f"sqlite:///{GOOD_DB}", "--out", "ro/r.html"],
+            "ro/r.html",
+            "not writable",
+        ),  # fmt: skip
+        (
+            ["prune", "spec.toml", "--policy", "uniform", "--sparsity", "0.5", "--out", "nodir/m"],
+            "nodir/m",
+            "does not exist",
+        ),  # fmt: skip
+        (
+            ["export", "0", "--storage", f"sqlite:///{GOOD_DB}", "--out", "afile/sub"],
+            "afile/sub",
+            "'afile' is not a directory",
+        ),  # fmt: skip
+        (
+            ["export", "0", "--storage", f"sqlite:///{GOOD_DB}", "--out", "ro/sub"],
+            "ro/sub",
+            "not writable",
+        ),  # fmt: skip
+    ],
+    ids=[
+        "search-no-dir",
+        "search-a-dir",
+        "search-read-only",
+        "search-too-long",
+        "front-csv",
+        "front-json",
+        "report",
+        "prune",
+        "export-under-a-file",
+        "export-read-only",
+    ],
+)
+def test_bad_output_path_fails_before_the_work(
+    workdir: Path, capsys, monkeypatch: pytest.MonkeyPatch, argv: list[str], path: str, why: str
+) -> None:
+    (workdir / "spec.toml").write_text(SPEC, encoding="utf-8")
+    (workdir / "afile").write_text("", encoding="utf-8")
+    (workdir / "adir").mkdir()
+    (workdir / "ro").mkdir()
+    real = os.access  # chmod does not stop root, who runs CI: os.access says read-only
+    monkeypatch.setattr(os, "access", lambda p, m, **kw: Path(p) != Path("ro") and real(p, m))
+    for module in (searching, baselines):
+        monkeypatch.setattr(module, "load_task", no_work)
+    before = files(workdir)
+    code, out, err = run(capsys, *argv)
+    assert_one_line_error(code, out, err, f"cannot write {path!r}: ")
+    assert why in err
+    assert files(workdir) == before and not (workdir / "autoprune.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "file"),
+    [("../escaped", "_escaped.html"), ("n" * 300, "n" * 146 + "-"), ("a\nb", "a_b.html")],
+)
+def test_search_report_named_after_the_study_stays_here(
+    workdir: Path, capsys, monkeypatch: pytest.MonkeyPatch, name: str, file: str
+) -> None:
+    (workdir / "spec.toml").write_text(SPEC, encoding="utf-8")
+    monkeypatch.setattr(searching, "run_worker", lambda *args, **kwargs: "no trials run")
+    code, out, err = run(capsys, "search", "spec.toml", "-q", "--study-name", name)
+    assert code == 0, err
+    page = [p.name for p in workdir.iterdir() if p.suffix == ".html"]
+    assert len(page) == 1 and page[0].startswith(file) and f"report: {workdir / page[0]}" in out
+    assert not (workdir.parent / "escaped.html").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import random
 import re
 from pathlib import Path
@@ -16,7 +17,7 @@ from optuna.trial import TrialState, create_trial
 from test_cli import run
 from test_report import TOTAL, VALUES, hand_made_trial
 
-from autoprune.errors import SpecError
+from autoprune.errors import OutputError, SpecError
 from autoprune.report.data import (
     SENSITIVITY_ATTR,
     front_share,
@@ -199,3 +200,85 @@ def test_cli_report_of_two_studies(tmp_path: Path, capsys, monkeypatch) -> None:
         run(capsys, "report", "--storage", storage, "--watch", "soon")
     assert exit_.value.code == 2
     assert "--watch: must be a number of seconds > 0, got 'soon'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("name", "file"),
+    [("../escaped", "_escaped.html"), ("{tmp}/index", "{flat}_index.html")],
+)
+def test_report_name_from_a_study_name_stays_here(
+    tmp_path: Path, capsys, monkeypatch, name: str, file: str
+) -> None:
+    """A study named by someone else on a shared database (``../escaped``, ``/var/www/index``)
+    cannot choose where the page goes: it goes here, under a name made safe."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    hand_made(name.format(tmp=tmp_path), storage)
+    file = file.format(flat=str(tmp_path).replace("/", "_"))
+    code, out, _ = run(capsys, "report", "--storage", storage)
+    assert code == 0 and out == f"report: {work / file}\n"
+    assert [p.name for p in work.iterdir()] == [file]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shared.db", "work"]
+
+
+def test_report_to_a_bad_path_writes_nothing(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    storage = f"sqlite:///{tmp_path / 'x.db'}"
+    hand_made("a", storage)
+    (tmp_path / "adir").mkdir()
+    for out, why in [("nodir/r.html", "does not exist"), ("adir", "it is a directory")]:
+        code, stdout, err = run(capsys, "report", "--storage", storage, "--out", out)
+        assert code == 2 and stdout == ""
+        assert err.startswith(f"autoprune: error: cannot write {out!r}: ") and why in err
+        assert err.count("\n") == 1
+        code, stdout, err = run(capsys, "report", "--storage", storage, "--out", out,
+                                "--watch", "1")  # fmt: skip
+        assert code == 2 and stdout == "" and f"cannot write {out!r}" in err
+    with pytest.raises(OutputError, match="cannot write '.*nodir/r.html'"):
+        write_report(optuna.load_study(study_name="a", storage=storage), tmp_path / "nodir/r.html")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "x.db"]
+
+
+def _report_writer(storage: str, path: Path, refresh: float, barrier, rounds: int) -> None:
+    """Write the report of study "a" ``rounds`` times, each write started together with the
+    other writer's (``barrier``). The page is computed once: the race is in the writing."""
+    from autoprune.report import page
+
+    try:
+        study = optuna.load_study(study_name="a", storage=storage)
+        data = page.dashboard_data([study])
+        figures = page.dashboard_figures(data, [study])
+        text = page.render(data, figures, refresh=refresh)
+        page.dashboard_data = lambda studies: data
+        page.dashboard_figures = lambda data, studies: figures
+        page.render = lambda *args, **kwargs: barrier.wait() is None or text
+        for _ in range(rounds):
+            page.write_report([study], path, refresh=refresh)
+    except BaseException:
+        barrier.abort()
+        raise
+
+
+@pytest.mark.slow
+def test_two_processes_writing_one_report(tmp_path: Path) -> None:
+    """Two ``report --watch`` on one file, or a search finishing beside one: each writer
+    has a temporary file of its own, so none crashes and the page is always whole."""
+    storage = f"sqlite:///{tmp_path / 'x.db'}"
+    hand_made("a", storage)
+    path = tmp_path / "r.html"
+    context = multiprocessing.get_context("fork")
+    barrier = context.Barrier(2, timeout=120)
+    writers = [
+        context.Process(target=_report_writer, args=(storage, path, every, barrier, 40))
+        for every in (1.0, 2.0)
+    ]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(timeout=300)
+    assert [w.exitcode for w in writers] == [0, 0]
+    page = path.read_text(encoding="utf-8")
+    assert page.endswith("</html>\n") and page.count("http-equiv='refresh'") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.html", "x.db"]

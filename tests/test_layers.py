@@ -35,6 +35,7 @@ LAYERS: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
             "autoprune.measure",
             "autoprune.trial",
             "autoprune.errors",
+            "autoprune._files",
         ),
         ("optuna", *UPPER, *CLI),
     ),

@@ -4,11 +4,12 @@ and ``sensitivity`` (per-layer curves)."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+import io
 
 import pandas as pd
 import torch
 
+from autoprune._files import atomic_write, check_output_file
 from autoprune.cli._common import DEFAULT_STORAGE, sparsity
 from autoprune.pruning.allocation import ALLOCATIONS
 from autoprune.pruning.masks import prunable_layers
@@ -21,6 +22,7 @@ from autoprune.trial import baseline
 
 def _prune(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
+    out = check_output_file(args.out) if args.out else None  # before the fine-tuning
     task = spec.finetune.apply(load_task(spec.task, seed=spec.seed))
     layers = prunable_layers(task.model, spec.space.include, spec.space.exclude)
     seed = spec.seed if args.seed is None else args.seed
@@ -34,9 +36,10 @@ def _prune(args: argparse.Namespace) -> int:
     )
     for layer, value in result.layer_sparsity.items():
         print(f"  {layer}: sparsity {value:.4f}")
-    if args.out:
-        torch.save(result.model.state_dict(), args.out)
-        print(f"pruned model's state dict: {Path(args.out).resolve()}")
+    if out is not None:
+        buffer = io.BytesIO()
+        torch.save(result.model.state_dict(), buffer)
+        print(f"pruned model's state dict: {atomic_write(out, buffer.getvalue()).resolve()}")
     return 0
 
 

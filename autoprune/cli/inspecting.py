@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
+from autoprune._files import atomic_write, check_output_dir, check_output_file, safe_filename
 from autoprune.cli._common import DEFAULT_STORAGE, front_text, positive_float, study_arguments
 from autoprune.deploy.directory import export
 from autoprune.errors import SpecError
@@ -20,22 +20,26 @@ from autoprune.study.trial_metrics import metric_names, study_total_params, tria
 def _front(args: argparse.Namespace) -> int:
     if args.csv and args.json:
         raise SpecError("give --csv or --json, not both")
+    out = check_output_file(args.csv or args.json) if args.csv or args.json else None
     study = load_study(args.storage, args.study_name)
     front = pareto_front(study)
-    if args.csv:
-        front.to_csv(args.csv, index=False)
-        print(f"wrote {len(front)} front trials to {args.csv}")
-    elif args.json:
-        front.to_json(args.json, orient="records", indent=2, double_precision=15)
-        print(f"wrote {len(front)} front trials to {args.json}")
-    else:
+    if out is None:
         print(front_text(front))
+        return 0
+    if args.csv:
+        atomic_write(out, front.to_csv(index=False))
+    else:
+        atomic_write(out, front.to_json(orient="records", indent=2, double_precision=15))
+    print(f"wrote {len(front)} front trials to {out}")
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
+    out = check_output_file(args.out) if args.out else None
     studies = [load_study(args.storage, name) for name in args.study_name or [None]]
-    out = Path(args.out or "-vs-".join(s.study_name for s in studies) + ".html")
+    # Study names come from a database that others write: never a path of their choosing.
+    names = "-vs-".join(s.study_name for s in studies)
+    out = out or check_output_file(safe_filename(names, ".html"))
     if args.watch is None:
         write_report(studies, out)
         print(f"report: {out.resolve()}")
@@ -72,6 +76,7 @@ def _pick(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    check_output_dir(args.out)  # before the study is read; export checks it again
     study = load_study(args.storage, args.study_name)
     done = export(study, args.trial, args.out, task_ref=args.task, artifact_dir=args.artifact_dir)
     m = done.metrics
@@ -110,7 +115,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                 action="append",
                 help="study to show (repeat to compare studies on one front plot)",
             )
-            p.add_argument("--out", help="HTML path (default: STUDY_NAME.html)")
+            p.add_argument(
+                "--out", help="HTML path (default: STUDY_NAME.html, in the current directory)"
+            )
             p.add_argument(
                 "--watch",
                 type=positive_float,

@@ -14,6 +14,7 @@ import torch
 from optuna.trial import FrozenTrial
 from tqdm import tqdm
 
+from autoprune._files import check_output_file, safe_filename
 from autoprune.cli._common import (
     DEFAULT_STORAGE,
     front_text,
@@ -91,6 +92,8 @@ def _search(args: argparse.Namespace) -> int:
         storage=args.storage or spec.storage,
         study_name=args.study_name or spec.name,
     )
+    # Checked before any work; a name derived from the study's stays in this directory.
+    report = check_output_file(args.report or safe_filename(spec.name, ".html"))
     task = spec.finetune.apply(load_task(spec.task, seed=spec.seed))
     # Opened (and the task checked) before the bar is drawn: bad input gives one line. The
     # study exists before any worker starts.
@@ -137,7 +140,7 @@ def _search(args: argparse.Namespace) -> int:
     print("\n".join(lines))
     print_counts(study)
     print(front_text(pareto_front(study)))
-    out = write_report(study, args.report or f"{spec.name}.html")
+    out = write_report(study, report)
     print(f"study {spec.name!r} in {spec.storage}")
     if weights_dir is not None:
         print(f"front weights: {_relative(weights_dir)}")
@@ -189,7 +192,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )
     p.add_argument("--timeout", help="this run starts no trial after this long: 90, 30m, 8h")
     p.add_argument("--workers", type=positive_int, default=1, help="worker processes (default: 1)")
-    p.add_argument("--report", help="HTML report path (default: STUDY_NAME.html)")
+    p.add_argument(
+        "--report", help="HTML report path (default: STUDY_NAME.html, in the current directory)"
+    )
     _heartbeat_and_quiet(p)
     p.set_defaults(run=_search)
 

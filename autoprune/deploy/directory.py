@@ -27,8 +27,9 @@ from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
 from autoprune import measure
+from autoprune._files import check_output_dir
 from autoprune._version import __version__
-from autoprune.errors import SpecError, StorageError, TaskError
+from autoprune.errors import OutputError, SpecError, StorageError, TaskError
 from autoprune.pruning import structured
 from autoprune.pruning.codec import exported_bytes, load_state, save_state
 from autoprune.pruning.masks import count_nonzero
@@ -87,12 +88,13 @@ def export(
     Raises:
         SpecError: If the trial is not a completed autoprune trial of the study, or ``out``
             exists and is not empty.
+        OutputError: If ``out`` cannot be made (checked before any work), or written.
         TaskError: If the task cannot be rebuilt.
     """
-    trial = _completed_trial(study, trial_number)
-    out = Path(out)
+    out = check_output_dir(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SpecError(f"output directory {str(out)!r} exists and is not empty")
+    trial = _completed_trial(study, trial_number)
     setup = read_setup(study)
     task_ref = task_ref or setup.task_ref or setup.task
     task = task or study_task(setup, task_ref)
@@ -229,6 +231,15 @@ def macs(model: nn.Module, example: torch.Tensor) -> int:
 
 
 def _write(out: Path, model: nn.Module, policy: Any, metrics: Any, manifest: Any) -> None:
+    try:
+        _write_files(out, model, policy, metrics, manifest)
+    except OutputError:
+        raise
+    except OSError as e:
+        raise OutputError(f"cannot write {str(out)!r}: {e.strerror or e}") from e
+
+
+def _write_files(out: Path, model: nn.Module, policy: Any, metrics: Any, manifest: Any) -> None:
     # Written next to ``out`` and renamed into place: a failure leaves no half export.
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from autoprune._files import atomic_write
 from autoprune.errors import StorageError
 
 FORMAT = "autoprune-weights/2"
@@ -131,18 +132,16 @@ def _encode(state: Mapping[str, Tensor]) -> bytes:
 
 def save_state(state: Mapping[str, Tensor], file: str | Path | BinaryIO) -> None:
     """Write a state dict in autoprune's weight format (see the module doc) to a path
-    (replaced atomically) or a binary file object."""
+    (replaced atomically) or a binary file object.
+
+    Raises:
+        OutputError: If the path cannot be written.
+    """
     data = _encode(state)
     if not isinstance(file, (str, Path)):
         file.write(data)
         return
-    path = Path(file)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_bytes(data)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(file, data)
 
 
 def load_state(file: str | Path | BinaryIO) -> dict[str, Tensor]:

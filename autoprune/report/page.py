@@ -21,6 +21,7 @@ import optuna
 import pandas as pd
 import plotly.graph_objects as go
 
+from autoprune._files import atomic_write, check_output_file
 from autoprune.errors import AutopruneError, SpecError
 from autoprune.report.data import (
     front_share,
@@ -225,19 +226,22 @@ def write_report(
 ) -> Path:
     """Write the dashboard of one or more studies to ``path`` (atomically); return the path.
 
+    Concurrent writers of one path (two ``report --watch``, a search finishing beside one)
+    each write a temporary file of their own: a reader sees one whole page.
+
     Args:
         refresh: Seconds after which a browser reloads the page (for ``--watch``).
+
+    Raises:
+        OutputError: If ``path`` cannot be written (checked before the page is computed).
     """
     studies = [studies] if isinstance(studies, optuna.Study) else list(studies)
     if not studies:
         raise SpecError("give at least one study to report")
+    path = check_output_file(path)
     data = dashboard_data(studies)
     page = render(data, dashboard_figures(data, studies), refresh=refresh)
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)  # a reader never sees half a page
-    return path
+    return atomic_write(path, page)
 
 
 def watch_report(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -12,6 +13,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from autoprune._files import atomic_write, safe_filename
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +37,7 @@ def cached_model(
     read with ``weights_only=True`` and must match the model's state dict exactly.
     """
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = cache_dir() / f"{key.get('task', 'model')}-{digest}.pt"
+    path = cache_dir() / safe_filename(f"{key.get('task', 'model')}-{digest}", ".pt")
     if path.exists():
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -45,8 +48,8 @@ def cached_model(
             logger.warning("ignoring unusable cached model %s (%s); retraining", path, e)
     train(model)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    torch.save(model.state_dict(), tmp)
-    tmp.replace(path)  # atomic: a concurrent reader sees the old file or the whole new one
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    atomic_write(path, buffer.getvalue())  # a concurrent reader sees the old or the whole new
     logger.info("trained the dense model and cached it at %s", path)
     return model
