@@ -666,3 +666,17 @@ def test_interruptions_do_not_use_up_the_crash_retries(tiny_task: Task, tmp_path
     trials = study.get_trials(deepcopy=False)
     assert [t.number for t in counted(trials)] == [MAX_RETRY + 2]
     assert trials[-1].state == TrialState.COMPLETE and trials[-1].params == trials[0].params
+
+
+def test_a_worker_killed_by_the_forwarded_signal_was_stopped_not_failed(tmp_path: Path) -> None:
+    """A worker signalled while Python still starts (before it can note signals) dies of the
+    signal: the parent that forwarded it counts it as stopped; one it did not forward, failed."""
+    from autoprune.run.parallel import _stopped, _summary
+
+    dies = "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"
+    proc = subprocess.Popen([sys.executable, "-c", dies], stdout=subprocess.PIPE, text=True)
+    proc.wait()
+    with open(tmp_path / "log", "w+", encoding="utf-8") as log:
+        assert _stopped(proc, True) and not _stopped(proc, False)
+        assert "stopped by signal SIGTERM" in _summary(proc, log, True)
+        assert "ended with signal SIGTERM" in _summary(proc, log, False)
