@@ -30,7 +30,7 @@ from autoprune.run.worker import SURPLUS_ATTR, WORKER_ATTR, counted, run_worker
 from autoprune.spec import spec_from_dict
 from autoprune.study.setup import STUDY_ATTR, read_setup
 from autoprune.study.space import SearchSpace
-from autoprune.study.storages import open_storage
+from autoprune.study.storages import RESUMES_ATTR, open_storage
 from autoprune.study.study import open_study
 from autoprune.task import Task
 from autoprune.tasks import load_task
@@ -358,8 +358,9 @@ def test_sigterm_fails_the_running_trial_and_exits_cleanly(tmp_path: Path) -> No
     failed = trials[hit.number]
     assert failed.state == TrialState.FAIL
     assert failed.user_attrs["fail_reason"].startswith("interrupted by SIGTERM")
-    retry = retry_of(trials, hit.number)
+    retry = resumption_of(trials, hit.number)
     assert retry.state == TrialState.WAITING and "fail_reason" not in retry.user_attrs
+    assert retry.params == hit.params and "retry_history" not in retry.system_attrs
     assert not [t for t in trials if t.state == TrialState.RUNNING]
 
 
@@ -504,3 +505,178 @@ def test_recover_orphans_fails_and_retries_trials_of_dead_local_workers(
     ]
     assert trials[0].user_attrs["fail_reason"] == f"worker {tags[0]} died during the trial"
     assert {retry_of(trials, 0).state, retry_of(trials, 3).state} == {TrialState.WAITING}
+
+
+def start_search(tmp_path: Path, url: str, **extra_env: str) -> subprocess.Popen[str]:
+    """``autoprune search spec.toml --workers 2`` in a process of its own, on study "sig"."""
+    args = ["search", "spec.toml", "-q", "--workers", "2", "--storage", url]
+    args += ["--study-name", "sig", "--report", str(tmp_path / "r.html")]
+    return autoprune(*args, cwd=tmp_path, **extra_env)
+
+
+def term_while_held(
+    tmp_path: Path, url: str, hold: Path, free: int, complete: int
+) -> tuple[FrozenTrial, str, str]:
+    """Start a 2-worker search whose workers hold their trials after the first ``free``
+    (``AUTOPRUNE_TEST_HOLD``); once one worker holds a trial and ``complete`` trials are
+    complete (the other worker has nothing left to start), SIGTERM the parent. Returns the
+    held trial and the parent's stdout and stderr."""
+    hold.touch()
+    parent = start_search(tmp_path, url, **{HOLD: f"{hold}:{free}"})
+    try:
+
+        def one_held() -> list[Path]:
+            assert parent.poll() is None, parent.communicate()
+            done = [t for t in trials_of(url, "sig") if t.state == TrialState.COMPLETE]
+            found = list(tmp_path.glob(f"{hold.name}.*"))
+            return found if len(done) == complete and found else []
+
+        (marker,) = wait_for(one_held, 120, "a worker to hold a trial")  # type: ignore[misc]
+        pid = int(marker.name.rpartition(".")[2])
+        tag = f"{socket.gethostname()}:{pid}"
+        (hit,) = [
+            t
+            for t in trials_of(url, "sig")
+            if t.state == TrialState.RUNNING and t.user_attrs.get(WORKER_ATTR) == tag
+        ]
+        parent.send_signal(signal.SIGTERM)
+        out, err = parent.communicate(timeout=120)
+    finally:
+        parent.kill()
+        hold.unlink(missing_ok=True)
+    assert parent.returncode == 0, out + err
+    assert "Traceback" not in err and "failed" not in err, err
+    return hit, out, err
+
+
+def resumption_of(trials: list[FrozenTrial], number: int) -> FrozenTrial:
+    (again,) = [t for t in trials if t.user_attrs.get(RESUMES_ATTR) == number]
+    return again
+
+
+def resume_to_the_target(tmp_path: Path, url: str, hit: FrozenTrial, target: int) -> None:
+    code = subprocess.run(
+        [sys.executable, "-m", "autoprune", "search", "spec.toml", "-q", "--workers", "2"]
+        + ["--storage", url, "--study-name", "sig", "--report", str(tmp_path / "r.html")],
+        cwd=tmp_path,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert code.returncode == 0, code.stdout + code.stderr
+    trials = trials_of(url, "sig")
+    assert [t.state for t in counted(trials)] == [TrialState.COMPLETE] * target
+    again = [t for t in counted(trials) if t.params == hit.params and t.number >= hit.number]
+    assert len(again) == 1  # the interrupted policy ran to the end, once
+
+
+@pytest.mark.slow
+def test_sigterm_retries_the_held_trial_once_and_the_idle_worker_claims_nothing(
+    tmp_path: Path,
+) -> None:
+    """One worker holds the last trial of 3, the other has nothing left to start and waits
+    for it. One SIGTERM to the parent: one retry of the held trial, which no worker claims
+    after the signal; a resume reaches the target exactly."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    (tmp_path / "spec.toml").write_text(SPEC.format(task="tiny", trials=3), encoding="utf-8")
+    hit, out, _ = term_while_held(tmp_path, url, tmp_path / "hold", free=1, complete=2)
+    assert out.count("stopped by SIGTERM") == 2, out
+    assert out.count("queued for retry") == 1 and f"trial {hit.number} queued for retry" in out
+    trials = trials_of(url, "sig")
+    again = resumption_of(trials, hit.number)
+    assert again.state == TrialState.WAITING and again.params == hit.params
+    assert [t.number for t in trials if t.state == TrialState.FAIL] == [hit.number]
+    assert len(trials) == 4 and again.number == 3  # nothing claimed after the signal
+    assert len(counted(trials)) == 3
+    resume_to_the_target(tmp_path, url, hit, 3)
+    assert len(trials_of(url, "sig")) == 4
+
+
+@pytest.mark.slow
+def test_two_sigterms_in_two_runs_still_retry_the_policy(tmp_path: Path) -> None:
+    """The held trial is interrupted, then its retry too: the policy is queued again each
+    time and a third run reaches the target with it."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    (tmp_path / "spec.toml").write_text(SPEC.format(task="tiny", trials=3), encoding="utf-8")
+    hit, _, _ = term_while_held(tmp_path, url, tmp_path / "hold", free=1, complete=2)
+    again = resumption_of(trials_of(url, "sig"), hit.number)
+    second, out, _ = term_while_held(tmp_path, url, tmp_path / "hold2", free=0, complete=2)
+    assert second.number == again.number and second.params == hit.params
+    assert f"trial {second.number} queued for retry" in out
+    trials = trials_of(url, "sig")
+    assert resumption_of(trials, second.number).state == TrialState.WAITING
+    assert len(counted(trials)) == 3
+    resume_to_the_target(tmp_path, url, hit, 3)
+
+
+@pytest.mark.slow
+def test_sigterm_with_nothing_left_to_do_ends_the_search_normally(tmp_path: Path) -> None:
+    """The study holds its target; a second search's workers are signalled while they start
+    (as a terminal's Ctrl-C reaches them, and the parent forwards it): exit 0, each worker's
+    summary, no trial started."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    spec = SPEC.format(task="tiny_held_at_start", trials=2)
+    (tmp_path / "spec.toml").write_text(spec, encoding="utf-8")
+    first = start_search(tmp_path, url)
+    assert first.wait(timeout=600) == 0, first.communicate()
+    before = trials_of(url, "sig")
+    hold = tmp_path / "hold"
+    hold.touch()
+    parent = start_search(tmp_path, url, **{HOLD: f"{hold}:0"})
+    try:
+        found = lambda: len(list(tmp_path.glob("hold.*"))) == 2 or parent.poll() is not None  # noqa: E731
+        wait_for(found, 120, "both workers to start")
+        assert parent.poll() is None, parent.communicate()
+        pids = [int(p.name.rpartition(".")[2]) for p in tmp_path.glob("hold.*")]
+        parent.send_signal(signal.SIGTERM)
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)
+        hold.unlink()
+        out, err = parent.communicate(timeout=120)
+    finally:
+        parent.kill()
+    assert parent.returncode == 0, out + err
+    assert "failed" not in err and "abnormal" not in err and "ended with" not in out, out + err
+    assert out.count("stopped by SIGTERM") == 2, out
+    assert len(trials_of(url, "sig")) == len(before)
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed")
+def test_interruptions_do_not_use_up_the_crash_retries(tiny_task: Task, tmp_path: Path) -> None:
+    """A policy interrupted more often than a crashing one may be retried is still queued
+    again each time, and runs when the signals stop."""
+    from dataclasses import replace
+
+    from autoprune.study.storages import MAX_RETRY
+    from autoprune.task import adam
+
+    def interrupted(params, lr):  # type: ignore[no-untyped-def]
+        os.kill(os.getpid(), signal.SIGTERM)  # as if sent to the worker in mid-trial
+        return adam(params, lr)
+
+    study = in_process_study(tiny_task, tmp_path, 1)
+    numbers = []
+    for _ in range(MAX_RETRY + 2):
+        summary = run_worker(study, replace(tiny_task, optimizer=interrupted), target=1)
+        assert summary.signal == "SIGTERM" and len(summary.retried) == 1
+        numbers += summary.retried
+    assert numbers == list(range(MAX_RETRY + 2))
+    assert run_worker(study, tiny_task, target=1).states == {"complete": 1}
+    trials = study.get_trials(deepcopy=False)
+    assert [t.number for t in counted(trials)] == [MAX_RETRY + 2]
+    assert trials[-1].state == TrialState.COMPLETE and trials[-1].params == trials[0].params
+
+
+def test_a_worker_killed_by_the_forwarded_signal_was_stopped_not_failed(tmp_path: Path) -> None:
+    """A worker signalled while Python still starts (before it can note signals) dies of the
+    signal: the parent that forwarded it counts it as stopped; one it did not forward, failed."""
+    from autoprune.run.parallel import _stopped, _summary
+
+    dies = "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"
+    proc = subprocess.Popen([sys.executable, "-c", dies], stdout=subprocess.PIPE, text=True)
+    proc.wait()
+    with open(tmp_path / "log", "w+", encoding="utf-8") as log:
+        assert _stopped(proc, True) and not _stopped(proc, False)
+        assert "stopped by signal SIGTERM" in _summary(proc, log, True)
+        assert "ended with signal SIGTERM" in _summary(proc, log, False)

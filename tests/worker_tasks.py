@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -106,3 +107,14 @@ def _wait(condition: Callable[[], bool], what: str) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"waited {WAIT_LIMIT} s for {what}")
         time.sleep(0.01)
+
+
+def tiny_held_at_start() -> autoprune.Task:
+    """The tiny task; a worker process (``autoprune worker``) that builds it first waits while
+    the file named by ``AUTOPRUNE_TEST_HOLD`` (``PATH:K``, K unused) exists, saying so with
+    ``PATH.PID`` (:func:`held`), so that a test can signal a worker while it starts up."""
+    if os.environ.get(HOLD) and sys.argv[1:2] == ["worker"]:
+        path = os.environ[HOLD].rpartition(":")[0]
+        Path(held(path, os.getpid())).touch()
+        _wait(lambda: os.path.exists(path), f"{path} to be removed")
+    return tiny()

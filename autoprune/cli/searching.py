@@ -27,7 +27,7 @@ from autoprune.report.data import pareto_front
 from autoprune.report.page import write_report
 from autoprune.run.parallel import run_workers
 from autoprune.run.status import study_status
-from autoprune.run.worker import join_study, run_worker
+from autoprune.run.worker import join_study, run_worker, stopping
 from autoprune.spec import load_spec, parse_duration
 from autoprune.study.artifacts import resolve_dir
 from autoprune.study.setup import read_setup
@@ -155,16 +155,21 @@ def _search(args: argparse.Namespace) -> int:
 def _worker(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    study, setup, task = join_study(args.storage, args.study_name, heartbeat=args.heartbeat)
-    target = args.trials or setup.trials
-    timeout = parse_duration(args.timeout) if args.timeout is not None else None
-    progress = _Progress(target, initial=study_status(study).done, disable=args.quiet)
-    try:
-        summary = run_worker(study, task, target=target, timeout=timeout, callbacks=[progress])
-    finally:
-        progress.close(study)
-    print(summary, flush=True)
-    print_counts(study)
+    # A signal while the worker starts, or after its trials while it reports, ends it normally
+    # with its summary: its parent (`search --workers`) forwards one at any time.
+    with stopping() as stop:
+        study, setup, task = join_study(args.storage, args.study_name, heartbeat=args.heartbeat)
+        target = args.trials or setup.trials
+        timeout = parse_duration(args.timeout) if args.timeout is not None else None
+        progress = _Progress(target, initial=study_status(study).done, disable=args.quiet)
+        try:
+            summary = run_worker(
+                study, task, target=target, timeout=timeout, callbacks=[progress], stop=stop
+            )
+        finally:
+            progress.close(study)
+        print(summary, flush=True)
+        print_counts(study)
     return 0
 
 

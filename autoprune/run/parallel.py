@@ -72,7 +72,9 @@ def run_workers(
 ) -> tuple[list[str], list[int]]:
     """Run ``workers`` worker processes on ``study`` until all have ended.
 
-    Returns each worker's summary line (or how it ended, if it printed none) and exit codes.
+    Returns each worker's summary line (or how it ended, if it printed none) and exit codes;
+    a worker killed by the signal forwarded to it (while Python started, before it could note
+    signals) was stopped, not failed: its code is 0.
     """
     command = worker_command(
         storage,
@@ -94,9 +96,9 @@ def run_workers(
             for log in logs
         ]
         logger.info("started %d workers (pids %s)", workers, ", ".join(str(p.pid) for p in procs))
-        _watch(study, procs, on_poll, poll)
-        lines = [_summary(proc, log) for proc, log in zip(procs, logs, strict=True)]
-    return lines, [proc.returncode for proc in procs]
+        forwarded = _watch(study, procs, on_poll, poll)
+        lines = [_summary(proc, log, forwarded) for proc, log in zip(procs, logs, strict=True)]
+    return lines, [0 if _stopped(proc, forwarded) else proc.returncode for proc in procs]
 
 
 def _watch(
@@ -104,9 +106,9 @@ def _watch(
     procs: list[subprocess.Popen[str]],
     on_poll: Callable[[optuna.Study], None],
     poll: float,
-) -> None:
-    """Wait for ``procs`` to end: forward SIGINT/SIGTERM to them, and fail and retry at once
-    the trial of one that dies."""
+) -> bool:
+    """Wait for ``procs`` to end: forward SIGINT/SIGTERM to them (as SIGTERM), and fail and
+    retry at once the trial of one that dies. Returns whether a signal was forwarded."""
     forwarded: dict[str, bool] = {"sent": False}
 
     def forward(signum: int, _frame: Any) -> None:
@@ -130,14 +132,22 @@ def _watch(
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    return forwarded["sent"]
 
 
-def _summary(proc: subprocess.Popen[str], log: IO[str]) -> str:
+def _stopped(proc: subprocess.Popen[str], forwarded: bool) -> bool:
+    """Whether ``proc`` ended by the signal forwarded to it (or a terminal's Ctrl-C)."""
+    return forwarded and proc.returncode in (-signal.SIGTERM, -signal.SIGINT)
+
+
+def _summary(proc: subprocess.Popen[str], log: IO[str], forwarded: bool = False) -> str:
     """The worker's own summary line; for one that failed, how it ended and its last words."""
     out = (proc.stdout.read() if proc.stdout else "").strip().splitlines()
     summary = next((line for line in out if line.startswith("worker ")), None)
     if summary is not None and proc.returncode == 0:
         return summary
+    if _stopped(proc, forwarded):
+        return f"worker pid {proc.pid}: stopped by {_how(proc.returncode)} before it could report"
     summary = f"worker pid {proc.pid}: ended with {_how(proc.returncode)}"
     error = _last_line(log)
     return f"{summary}: {error}" if error else summary

@@ -8,7 +8,10 @@ that no completed trial is lost and no trial stays RUNNING:
 - A trial that raises or hits a NaN loss fails alone (``fail_reason`` in its user attrs).
 - SIGINT/SIGTERM fail the running trial at once (``fail_reason`` says so), queue its policy
   to be retried, and end the worker normally. A signal that lands while the trial writes to
-  the storage lets it finish instead, so no write is cut in half.
+  the storage lets it finish instead, so no write is cut in half. A worker that got a signal
+  claims no more work, and a resumption does not use up the retries of a crashing policy
+  (:func:`autoprune.study.storages.resume_later`): however often a study is stopped, it
+  loses no policy and reaches its target exactly.
 - A worker killed outright leaves its trial RUNNING: with RDB heartbeats another worker fails
   it once it is stale and retries it; a worker on the same machine sees at once that the
   trial's process is gone (:func:`recover_orphans`).
@@ -44,7 +47,14 @@ from autoprune.errors import SpecError, StorageError, TrialFailed
 from autoprune.study.objective import Objective
 from autoprune.study.samplers import make_sampler
 from autoprune.study.setup import DEFAULT_SAMPLER, StudySetup, make_setup, read_setup, study_task
-from autoprune.study.storages import HEARTBEAT, retried_numbers, retry_callback
+from autoprune.study.storages import (
+    HEARTBEAT,
+    MAX_RETRY,
+    resume_later,
+    retried_numbers,
+    retry_callback,
+    will_retry,
+)
 from autoprune.study.study import Callback, load_study, objective_for, open_study
 from autoprune.task import Task
 from autoprune.tasks import TASKS
@@ -77,7 +87,8 @@ def worker_id() -> str:
 
 def counted(trials: Iterable[FrozenTrial]) -> list[FrozenTrial]:
     """The trials that count toward a study's target: every trial (waiting, running or
-    finished) except failed ones that were retried (the retry counts) and surplus ones."""
+    finished) except failed ones that were retried or resumed (the retry counts) and surplus
+    ones."""
     trials = list(trials)
     retried = retried_numbers(trials)
     return [t for t in trials if t.number not in retried and not t.user_attrs.get(SURPLUS_ATTR)]
@@ -104,7 +115,7 @@ class WorkerSummary:
 
 
 class _Stop:
-    """Signal state shared by the handler, the objective and the loop."""
+    """Signal state shared by the handler, the objective and the loop (see :func:`stopping`)."""
 
     def __init__(self) -> None:
         self.signal: str | None = None
@@ -142,7 +153,7 @@ class _WorkerObjective:
             trial.set_user_attr("fail_reason", reason)
             raise TrialFailed(reason)
         try:
-            if self.stop.signal:
+            if self.stop.signal:  # claimed as the signal came, before the loop could see it
                 raise Interrupted(f"interrupted by {self.stop.signal}; queued for retry")
             self.stop.in_trial = True
             try:
@@ -162,12 +173,15 @@ def run_worker(
     timeout: float | None = None,
     callbacks: Iterable[Callback] = (),
     poll: float = 1.0,
+    stop: _Stop | None = None,
 ) -> WorkerSummary:
     """The trial loop: run trials of ``study`` (opened by
     :func:`autoprune.study.study.open_study`) as its setup says until it holds ``target``
     counted trials (None: no limit), ``timeout`` seconds pass (no trial starts after), or
     SIGINT or SIGTERM arrive (see the module docstring). ``autoprune search``,
     :func:`autoprune.search` and every worker run trials here. Returns what this worker did.
+    ``stop``: the signals noted by :func:`stopping` around a whole command (one that came
+    before the loop means it starts no trial); by default, those that come during the loop.
 
     Raises:
         SpecError: If neither ``target`` nor ``timeout`` is given, or ``target`` < 1.
@@ -178,17 +192,15 @@ def run_worker(
         raise SpecError(f"the number of trials must be >= 1, got {target!r}")
     limit = math.inf if target is None else target
     inner, ours = objective_for(study, task)
-    stop, summary = _Stop(), WorkerSummary(worker_id())
+    stop, summary = stop or _Stop(), WorkerSummary(worker_id())
     objective = _WorkerObjective(inner, limit, stop, summary.worker)
     deadline = None if timeout is None else time.monotonic() + timeout
 
     def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
         summary.states[STATE_WORDS[trial.state]] += 1
         if str(trial.user_attrs.get("fail_reason", "")).startswith("interrupted"):
-            _retry(study, trial)
+            resume_later(study, _cleaned(trial))
             summary.retried.append(trial.number)
-        if stop.signal or len(counted(study.get_trials(deepcopy=False))) >= limit:
-            study.stop()
 
     with _handling(stop), _quiet_interrupts():
         recover_orphans(study)
@@ -197,8 +209,11 @@ def run_worker(
             if remaining is not None and remaining <= 0:
                 break
             try:
+                # One trial at a time: the loop sees a signal and the target before it claims
+                # the next one (Optuna's own loop would claim it first).
                 study.optimize(
                     objective,
+                    n_trials=1,
                     timeout=remaining,
                     catch=(TrialFailed,),
                     callbacks=[*ours, *callbacks, after_trial],
@@ -219,6 +234,8 @@ def _has_work(
     watched by heartbeats), so that none is left RUNNING."""
     heartbeat = is_heartbeat_enabled(study._storage)
     while True:
+        if stop.signal:  # first: a trial queued again by the signal is not for this worker
+            return False
         trials = study.get_trials(deepcopy=False)
         if any(t.state == TrialState.WAITING for t in trials):
             return True
@@ -227,7 +244,7 @@ def _has_work(
         running = [t for t in trials if t.state == TrialState.RUNNING]
         if not heartbeat:
             running = [t for t in running if _host_pid(t) is not None]
-        if not running or stop.signal or (deadline is not None and time.monotonic() >= deadline):
+        if not running or (deadline is not None and time.monotonic() >= deadline):
             return False
         time.sleep(poll)
         if heartbeat:
@@ -248,9 +265,10 @@ def recover_orphans(study: optuna.Study, pids: Iterable[int] | None = None) -> l
             continue
         reason = f"worker {trial.user_attrs[WORKER_ATTR]} died during the trial"
         if _fail(study, trial, reason):
-            _retry(study, study.get_trials(deepcopy=False)[trial.number])
+            retried = _retry(study, study.get_trials(deepcopy=False)[trial.number])
             failed.append(trial.number)
-            logger.warning("trial %d: %s; queued for retry", trial.number, reason)
+            outcome = "queued for retry" if retried else f"not retried again ({MAX_RETRY} tries)"
+            logger.warning("trial %d: %s; %s", trial.number, reason, outcome)
     return failed
 
 
@@ -282,12 +300,21 @@ def _fail(study: optuna.Study, trial: FrozenTrial, reason: str) -> bool:
         return False
 
 
-def _retry(study: optuna.Study, trial: FrozenTrial) -> None:
+def _retry(study: optuna.Study, trial: FrozenTrial) -> bool:
     """Queue ``trial``'s params again with Optuna's retry callback (which records the retry
-    history that :func:`counted` reads); the retry does not inherit the failure's reason."""
+    history that :func:`counted` reads), unless it used up its retries; whether it did."""
+    retry_callback()(study, _cleaned(trial))
+    return will_retry(trial)
+
+
+def _cleaned(trial: FrozenTrial) -> FrozenTrial:
+    """``trial`` as its retry starts: without the failure's reason, nor its worker (whose
+    process may be gone: another worker would take the claimed retry for an orphan)."""
     clean = copy.deepcopy(trial)
-    clean.user_attrs = {k: v for k, v in trial.user_attrs.items() if k != "fail_reason"}
-    retry_callback()(study, clean)
+    clean.user_attrs = {
+        k: v for k, v in trial.user_attrs.items() if k not in ("fail_reason", WORKER_ATTR)
+    }
+    return clean
 
 
 class _NoInterruptTraceback(logging.Filter):
@@ -310,6 +337,17 @@ def _quiet_interrupts() -> Iterator[None]:
     finally:
         for handler in handlers:
             handler.removeFilter(quiet)
+
+
+@contextmanager
+def stopping() -> Iterator[_Stop]:
+    """SIGINT and SIGTERM noted for a whole command (``autoprune worker``), for
+    :func:`run_worker`'s ``stop``: one that comes while the worker starts means it starts no
+    trial; one that comes after its trials, while it reports, changes nothing (it ends
+    normally, not killed by the signal, so that its parent does not count it as failed)."""
+    stop = _Stop()
+    with _handling(stop):
+        yield stop
 
 
 @contextmanager

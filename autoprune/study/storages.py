@@ -24,7 +24,7 @@ import optuna
 import sqlalchemy
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
 from autoprune.errors import StorageError
 
@@ -32,6 +32,8 @@ JOURNAL_PREFIX = "journal:"
 HEARTBEAT = 10  # seconds between two heartbeats of a running trial
 GRACE_FACTOR = 3  # heartbeats a trial may miss before it is failed as stale
 MAX_RETRY = 3  # a policy that kills its worker every time is not retried for ever
+# User attr of a trial that reruns an interrupted one (SIGINT/SIGTERM): the interrupted number.
+RESUMES_ATTR = "resumes"
 
 
 def retry_callback() -> RetryHeartbeatStaleTrialCallback:
@@ -41,13 +43,39 @@ def retry_callback() -> RetryHeartbeatStaleTrialCallback:
         return RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
 
 
-def retried_numbers(trials: list[FrozenTrial]) -> set[int]:
-    """Numbers of the failed trials that a later trial retries.
+def will_retry(trial: FrozenTrial) -> bool:
+    """Whether :func:`retry_callback` re-queues ``trial`` (it has not used up ``MAX_RETRY``)."""
+    return len(trial.system_attrs.get("retry_history", ())) < MAX_RETRY
 
-    Read as ``RetryHeartbeatStaleTrialCallback.retry_history`` reads it (the system attr
-    that the callback writes); the helper itself warns on every call, once per trial.
+
+def resume_later(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Queue an interrupted trial's params again, as a WAITING trial whose user attr
+    ``RESUMES_ATTR`` names it.
+
+    Unlike a retry, a resumption does not count toward ``MAX_RETRY``: the policy did nothing
+    wrong, so a study stopped any number of times loses none. The retry history of earlier
+    crashes is kept (the system attrs are copied, as Optuna's retry callback copies them).
     """
-    return {number for t in trials for number in t.system_attrs.get("retry_history", ())}
+    study.add_trial(
+        optuna.create_trial(
+            state=TrialState.WAITING,
+            params=trial.params,
+            distributions=trial.distributions,
+            user_attrs={**trial.user_attrs, RESUMES_ATTR: trial.number},
+            system_attrs=trial.system_attrs,
+        )
+    )
+
+
+def retried_numbers(trials: list[FrozenTrial]) -> set[int]:
+    """Numbers of the failed trials that a later trial retries or resumes.
+
+    Retries are read as ``RetryHeartbeatStaleTrialCallback.retry_history`` reads them (the
+    system attr that the callback writes; the helper itself warns on every call, once per
+    trial); resumptions by their ``RESUMES_ATTR``.
+    """
+    retried = {number for t in trials for number in t.system_attrs.get("retry_history", ())}
+    return retried | {t.user_attrs[RESUMES_ATTR] for t in trials if RESUMES_ATTR in t.user_attrs}
 
 
 def is_journal(url: Any) -> bool:
