@@ -108,6 +108,11 @@ def test_integer_lr_becomes_float(tmp_path: Path) -> None:
         ("seed = 4294967295\n", f"key 'seed' must be {SEED}, got 4294967295"),
         ("seed = 9223372036854775807\n", f"key 'seed' must be {SEED}, got 9223372036854775807"),
         ("task = 5\n", "key 'task' must be a non-empty string, got 5"),
+        (  # a list is unhashable: the check must not look it up in a set or dict
+            '[space]\ncriteria = [["magnitude"]]\n',
+            "[space] unknown criterion ['magnitude'] (known: magnitude, random, sensitivity, "
+            "taylor, l1, l2, bn_scale, fpgm)",
+        ),
         ('storage = " "\n', "key 'storage' must be a non-empty string, got ' '"),
         ("space = 3\n", "key 'space' must be a table, got 3"),
         ("[finetune]\nlr = -1\n", "key 'finetune.lr' must be a number > 0, got -1.0"),
