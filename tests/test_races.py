@@ -123,3 +123,45 @@ def test_two_identical_searches_creating_one_study_share_its_warm_starts(
     trials = optuna.load_study(study_name=name, storage=open_storage(url)).trials
     labels = [t.user_attrs["warm_start"] for t in trials if "warm_start" in t.user_attrs]
     assert labels and len(labels) == len(set(labels)) == 2, labels  # half of 4, once each
+
+
+# Opens storage argv[1] for writing once $RACE_BARRIER (DIR:N) holds N files, one per process.
+OPEN = """\
+import os, sys, time
+from pathlib import Path
+
+from autoprune.study.storages import open_storage
+
+barrier, expected = os.environ["RACE_BARRIER"].rsplit(":", 1)
+Path(barrier, str(os.getpid())).touch()
+deadline = time.monotonic() + 120
+while len(os.listdir(barrier)) < int(expected):
+    if time.monotonic() > deadline:
+        raise SystemExit("the other processes never came")
+    time.sleep(0.001)
+open_storage(sys.argv[1], for_writing=True)
+"""
+
+
+@pytest.mark.slow
+def test_processes_creating_one_new_database_at_once(tmp_path: Path) -> None:
+    """Each round, four processes open one new SQLite file at once: Optuna creates its tables
+    in each, and all but the first used to fail (``table studies already exists``,
+    ``UNIQUE constraint failed: alembic_version``)."""
+    for round in range(3):
+        barrier = tmp_path / f"barrier{round}"
+        barrier.mkdir()
+        url = f"sqlite:///{tmp_path / f'new{round}.db'}"
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", OPEN, url],
+                env=env(RACE_BARRIER=f"{barrier}:4"),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(4)
+        ]
+        for proc in procs:
+            _, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0, err.strip().splitlines()[-1]

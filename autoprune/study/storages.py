@@ -70,7 +70,31 @@ def open_journal(url: str) -> JournalStorage:
 
 
 def open_rdb(url: str, *, heartbeat: int | None) -> RDBStorage:
-    """Optuna's RDB storage; with ``heartbeat`` seconds, stale trials are failed and retried."""
+    """Optuna's RDB storage; with ``heartbeat`` seconds, stale trials are failed and retried.
+
+    Opening a new database creates Optuna's tables and stamps their version. Two processes
+    that open one new database at once both try it, and all but one fail on a table or
+    version row the other made first: they open it again, and find it made.
+    """
+    for attempt in range(_CREATE_ATTEMPTS):
+        try:
+            return _open_rdb(url, heartbeat=heartbeat)
+        except sqlalchemy.exc.DBAPIError as e:  # IntegrityError, OperationalError, ...
+            if attempt == _CREATE_ATTEMPTS - 1 or not _made_meanwhile(e):
+                raise
+    raise AssertionError("unreachable")
+
+
+_CREATE_ATTEMPTS = 5  # each failed one means that another process made more of the tables
+_MADE_MEANWHILE = ("already exists", "alembic_version", "version_info", "UNIQUE", "duplicate key")
+
+
+def _made_meanwhile(e: Exception) -> bool:
+    """Whether ``e`` says that another process created a table or version row first."""
+    return any(text in _first_line(e) for text in _MADE_MEANWHILE)
+
+
+def _open_rdb(url: str, *, heartbeat: int | None) -> RDBStorage:
     if heartbeat is None:
         return RDBStorage(url)
     with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9
