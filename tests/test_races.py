@@ -20,6 +20,7 @@ from test_worker import PG_URL, SPEC, env, pg_available
 from autoprune.study.setup import read_setup
 from autoprune.study.storages import open_storage
 
+# Bounds on waits are failure limits only, generous for a loaded machine.
 # Runs `autoprune ARGS...` after gathering with the other searches in $RACE_BARRIER (N files).
 DRIVER = """\
 import os, sys, time
@@ -34,7 +35,7 @@ measure = study_module.dense_metrics
 
 def gathered(task, setup):
     Path(barrier, str(os.getpid())).touch()
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600
     while len(os.listdir(barrier)) < int(expected):
         if time.monotonic() > deadline:
             raise SystemExit("the other searches never came")
@@ -89,7 +90,7 @@ def race(tmp_path: Path, url: str, name: str, epochs: list[int]) -> list[tuple[i
         )
     results = []
     for proc in procs:
-        _, err = proc.communicate(timeout=300)
+        _, err = proc.communicate(timeout=900)
         results.append((proc.returncode, err))
     return results
 
@@ -134,7 +135,7 @@ from autoprune.study.storages import open_storage
 
 barrier, expected = os.environ["RACE_BARRIER"].rsplit(":", 1)
 Path(barrier, str(os.getpid())).touch()
-deadline = time.monotonic() + 120
+deadline = time.monotonic() + 600
 while len(os.listdir(barrier)) < int(expected):
     if time.monotonic() > deadline:
         raise SystemExit("the other processes never came")
@@ -163,5 +164,5 @@ def test_processes_creating_one_new_database_at_once(tmp_path: Path) -> None:
             for _ in range(4)
         ]
         for proc in procs:
-            _, err = proc.communicate(timeout=300)
+            _, err = proc.communicate(timeout=900)
             assert proc.returncode == 0, err.strip().splitlines()[-1]
