@@ -72,7 +72,14 @@ from autoprune.measure import DEFAULT_OBJECTIVES, Latency, check_granularities, 
 from autoprune.study.artifacts import ArtifactSpec
 from autoprune.study.constraints import Constraints
 from autoprune.study.samplers import SAMPLERS
-from autoprune.study.setup import DEFAULT_SAMPLER, DEFAULT_TRIALS, StudySetup, make_setup
+from autoprune.study.setup import (
+    DEFAULT_SAMPLER,
+    DEFAULT_TRIALS,
+    MAX_SEED,
+    MAX_TRIALS,
+    StudySetup,
+    make_setup,
+)
 from autoprune.study.space import SearchSpace
 from autoprune.study.stopping import EarlyStop
 from autoprune.study.warm_start import DEFAULT_WARM_START, WarmStart
@@ -228,10 +235,14 @@ def spec_from_dict(data: dict[str, Any]) -> StudySpec:
             kwargs[key] = _check(
                 key, data[key], str, lambda v: bool(v.strip()), "a non-empty string"
             )
-    for key, low in (("trials", 1), ("seed", 0)):
+    for key, low, high in (("trials", 1, MAX_TRIALS), ("seed", 0, MAX_SEED)):
         if key in data:
             kwargs[key] = _check(
-                key, data[key], int, lambda v, lo=low: v >= lo, f"an integer >= {low}"
+                key,
+                data[key],
+                int,
+                lambda v, lo=low, hi=high: lo <= v <= hi,
+                f"an integer in [{low}, {high}]",
             )
     if "sampler" in data:
         kwargs["sampler"] = _check(

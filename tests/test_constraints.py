@@ -22,8 +22,11 @@ def test_violations_are_positive_when_a_bound_is_missed() -> None:
         ({"max_density": 0}, "constraint max_density must be a number in (0, 1], got 0"),
         ({"max_density": 1.5}, "constraint max_density must be a number in (0, 1], got 1.5"),
         ({"max_params": 10.5}, "constraint max_params must be an integer >= 0, got 10.5"),
-        ({"min_accuracy": "0.9"}, "constraint min_accuracy must be a finite number, got '0.9'"),
-        ({"min_accuracy": True}, "constraint min_accuracy must be a finite number, got True"),
+        ({"min_accuracy": "0.9"}, "constraint min_accuracy must be a number in [0, 1], got '0.9'"),
+        ({"min_accuracy": True}, "constraint min_accuracy must be a number in [0, 1], got True"),
+        ({"min_accuracy": 2}, "constraint min_accuracy must be a number in [0, 1], got 2"),
+        ({"min_accuracy": -0.1}, "constraint min_accuracy must be a number in [0, 1], got -0.1"),
+        ({"min_accuracy": float("nan")}, "constraint min_accuracy must be a number in [0, 1]"),
         ({"max_size": 3}, "unknown constraint 'max_size' (known: min_accuracy, max_density, "),
     ],
 )

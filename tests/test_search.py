@@ -11,6 +11,7 @@ from typing import Any
 import optuna
 import pytest
 import torch
+from conftest import new_study
 from optuna.trial import TrialState
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -405,6 +406,45 @@ def test_load_study_does_not_create_a_database(tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="cannot open storage 'nosuchdialect://x': "):
         load_study("nosuchdialect://x", None)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_read_only_database_is_named_read_only(tiny_task: Task, tmp_path: Path) -> None:
+    """Optuna says only that "an exception is raised during the commit"."""
+    new_study(tiny_task, storage=url(tmp_path), study_name="s")
+    read_only = f"sqlite:///file:{tmp_path / 'x.db'}?mode=ro&uri=true"  # root may write any file
+    with pytest.raises(StorageError) as info:
+        new_study(tiny_task, storage=read_only, study_name="t")
+    message = str(info.value)
+    assert message.startswith("cannot write to storage 'sqlite:///file") and "\n" not in message
+    assert "x.db" in message and "it is read-only (" in message
+    assert optuna.get_all_study_names(url(tmp_path)) == ["s"]
+
+
+@pytest.mark.parametrize(
+    ("record", "error"),
+    [
+        ('{"op_code": 0, "worker_id": "w", "study_name": "b"}', "KeyError: 'directions'"),
+        ('{"op_code": 0, "worker_id": "w", "study_name": "b", "directions": [7]}', "ValueError"),
+        ('{"op_code": 99, "worker_id": "w"}', "AssertionError"),
+        ("[1, 2]", "TypeError"),
+    ],
+)
+def test_a_malformed_journal_record_is_named(
+    tiny_task: Task, tmp_path: Path, record: str, error: str
+) -> None:
+    path = tmp_path / "j.log"
+    new_study(tiny_task, storage=f"journal:{path}", study_name="s")
+    with path.open("a", encoding="utf-8") as f:
+        f.write(record + "\n")
+    for attempt in (
+        lambda: load_study(f"journal:{path}", "s"),
+        lambda: new_study(tiny_task, storage=f"journal:{path}", study_name="s"),
+    ):
+        with pytest.raises(StorageError) as info:
+            attempt()
+        message = str(info.value)
+        assert message.startswith(f"storage 'journal:{path}' holds a malformed record ({error}")
+        assert "\n" not in message
 
 
 # --- structured studies and per-study objectives (issue 4) ---------------------------------

@@ -80,9 +80,12 @@ def test_setup_round_trips_through_json(
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"trials": 0}, "trials must be an integer >= 1 or None, got 0"),
-        ({"trials": 2.5}, "trials must be an integer >= 1 or None, got 2.5"),
-        ({"seed": -1}, "seed must be an integer >= 0, got -1"),
+        ({"trials": 0}, "trials must be an integer in [1, 10000000] or None, got 0"),
+        ({"trials": 2.5}, "trials must be an integer in [1, 10000000] or None, got 2.5"),
+        ({"trials": 10**20}, f"trials must be an integer in [1, 10000000] or None, got {10**20}"),
+        ({"seed": -1}, "seed must be an integer in [0, 2147483647], got -1"),
+        ({"seed": 2**32 - 1}, "seed must be an integer in [0, 2147483647], got 4294967295"),
+        ({"seed": 2**63 - 1}, f"seed must be an integer in [0, 2147483647], got {2**63 - 1}"),
         ({"sampler": "anneal"}, "unknown sampler 'anneal' (known: tpe, nsga2, gp, random, auto)"),
         ({"objectives": ["accuracy", "macs"]}, "macs"),
         ({"warm_start": "lamp"}, "warm_start must be a WarmStart or None, got 'lamp'"),

@@ -273,7 +273,11 @@ def test_builtin_names() -> None:
         ("{mod}:not_a_task", "task '{mod}:not_a_task' returned int, not an autoprune.Task"),
         ("{mod}:value", "task '{mod}:value' raised TypeError: 'int' object is not callable"),
         ("{mod}:broken", "task '{mod}:broken' raised RuntimeError: no data here"),
-        (":make", "task ':make' does not import: "),
+        (":make", "task reference ':make' is not package.module:function"),
+        ("..x:f", "task reference '..x:f' is not package.module:function"),  # was a TypeError
+        (".x:f", "task reference '.x:f' is not package.module:function"),
+        ("os:", "task reference 'os:' is not package.module:function"),
+        ("os:path:join", "task reference 'os:path:join' is not package.module:function"),
     ],
 )
 def test_bad_references(user_module: str, ref: str, expected: str) -> None:

@@ -15,6 +15,7 @@ from autoprune.pruning.allocation import ALLOCATIONS
 from autoprune.pruning.masks import prunable_layers
 from autoprune.spec import load_spec
 from autoprune.study.sensitivity import analyze
+from autoprune.study.setup import check_seed
 from autoprune.study.study import open_study
 from autoprune.tasks import load_task
 from autoprune.trial import baseline
@@ -23,9 +24,10 @@ from autoprune.trial import baseline
 def _prune(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     out = check_output_file(args.out) if args.out else None  # before the fine-tuning
+    seed = spec.seed if args.seed is None else args.seed
+    check_seed(seed)
     task = spec.finetune.apply(load_task(spec.task, seed=spec.seed))
     layers = prunable_layers(task.model, spec.space.include, spec.space.exclude)
-    seed = spec.seed if args.seed is None else args.seed
     result = baseline(task, args.policy, args.sparsity, seed=seed, layers=layers)
     m = result.metrics
     print(

@@ -18,7 +18,7 @@ from autoprune.measure import DEFAULT_OBJECTIVES, Latency
 from autoprune.run.worker import run_worker
 from autoprune.study.artifacts import ArtifactSpec
 from autoprune.study.constraints import Constraints
-from autoprune.study.setup import DEFAULT_SAMPLER, DEFAULT_TRIALS, make_setup
+from autoprune.study.setup import DEFAULT_SAMPLER, DEFAULT_TRIALS, check_seed, make_setup
 from autoprune.study.space import SearchSpace
 from autoprune.study.stopping import EarlyStop
 from autoprune.study.study import Callback, open_study
@@ -95,6 +95,7 @@ def search(
         raise SpecError("give n_trials or timeout, or the search never ends")
     if not isinstance(sampler, (str, optuna.samplers.BaseSampler)):
         raise SpecError(f"sampler must be a name or an Optuna sampler, got {sampler!r}")
+    check_seed(seed)  # before the task is built with it
     task_ref = task if isinstance(task, str) else None
     loaded = load_task(task, seed=seed) if isinstance(task, str) else task
     setup = make_setup(

@@ -378,7 +378,7 @@ def join_study(
             this machine builds a different task than the study's.
         TaskError: If the study's task does not import or build here.
     """
-    found = load_study(storage, study_name)
+    found = load_study(storage, study_name, wait=True)  # its creator may store the setup now
     name, stored = found.study_name, read_setup(found)
     if stored.version != __version__:
         raise StorageError(

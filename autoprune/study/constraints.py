@@ -8,7 +8,6 @@ model is accurate and small enough.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,7 +20,7 @@ class Constraints:
     """Bounds a trial must meet to be feasible; None: no bound.
 
     Args:
-        min_accuracy: Least validation accuracy.
+        min_accuracy: Least validation accuracy, in [0, 1].
         max_density: Largest fraction of the prunable weights left nonzero, in (0, 1].
         max_params: Most nonzero prunable weights.
 
@@ -35,7 +34,7 @@ class Constraints:
 
     def __post_init__(self) -> None:
         for key, ok, what in (
-            ("min_accuracy", lambda v: math.isfinite(v), "a finite number"),
+            ("min_accuracy", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
             ("max_density", lambda v: 0 < v <= 1, "a number in (0, 1]"),
             ("max_params", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
         ):

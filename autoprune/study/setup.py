@@ -48,6 +48,11 @@ _LEGACY_TASK_REF_ATTR = "autoprune_task_ref"
 # What a study is searched with when its creator says nothing: the spec's defaults too.
 DEFAULT_SAMPLER = "tpe"
 DEFAULT_TRIALS = 40
+# Bounds of a study's target and seed. Seeds derive from the seed: the sampler's is the seed
+# plus the trials already run (numpy needs it below 2**32), each trial's is
+# seed * 1_000_003 + its number (torch needs it below 2**64).
+MAX_TRIALS = 10**7
+MAX_SEED = 2**31 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,12 +263,9 @@ def make_setup(
     space = space if space is not None else SearchSpace()
     objectives = tuple(measure.check_objectives(objectives))
     measure.check_granularities(objectives, space.granularities)
-    if trials is not None and (isinstance(trials, bool) or not isinstance(trials, int)):
-        raise SpecError(f"trials must be an integer >= 1 or None, got {trials!r}")
-    if trials is not None and trials < 1:
-        raise SpecError(f"trials must be an integer >= 1 or None, got {trials!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise SpecError(f"seed must be an integer >= 0, got {seed!r}")
+    if trials is not None and not _int_in(trials, 1, MAX_TRIALS):
+        raise SpecError(f"trials must be an integer in [1, {MAX_TRIALS}] or None, got {trials!r}")
+    check_seed(seed)
     if sampler is not None and sampler not in SAMPLERS:
         raise SpecError(f"unknown sampler {sampler!r} (known: {', '.join(SAMPLERS)})")
     if constraints is not None and not any(constraints.to_dict().values()):
@@ -293,6 +295,16 @@ def make_setup(
         artifacts=artifacts or ArtifactSpec(),
         front_table=front_table,
     )
+
+
+def check_seed(seed: Any) -> None:
+    """Raise SpecError unless ``seed`` is an integer in [0, ``MAX_SEED``]."""
+    if not _int_in(seed, 0, MAX_SEED):
+        raise SpecError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
+
+
+def _int_in(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
 def structured_setup(task: Task, space: SearchSpace) -> tuple[tuple[str, ...], tuple[str, ...]]:

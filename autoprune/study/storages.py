@@ -14,6 +14,7 @@ hidden (:func:`storage_errors`).
 
 from __future__ import annotations
 
+import traceback
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -98,7 +99,31 @@ def open_journal(url: str) -> JournalStorage:
 
 
 def open_rdb(url: str, *, heartbeat: int | None) -> RDBStorage:
-    """Optuna's RDB storage; with ``heartbeat`` seconds, stale trials are failed and retried."""
+    """Optuna's RDB storage; with ``heartbeat`` seconds, stale trials are failed and retried.
+
+    Opening a new database creates Optuna's tables and stamps their version. Two processes
+    that open one new database at once both try it, and all but one fail on a table or
+    version row the other made first: they open it again, and find it made.
+    """
+    for attempt in range(_CREATE_ATTEMPTS):
+        try:
+            return _open_rdb(url, heartbeat=heartbeat)
+        except sqlalchemy.exc.DBAPIError as e:  # IntegrityError, OperationalError, ...
+            if attempt == _CREATE_ATTEMPTS - 1 or not _made_meanwhile(e):
+                raise
+    raise AssertionError("unreachable")
+
+
+_CREATE_ATTEMPTS = 5  # each failed one means that another process made more of the tables
+_MADE_MEANWHILE = ("already exists", "alembic_version", "version_info", "UNIQUE", "duplicate key")
+
+
+def _made_meanwhile(e: Exception) -> bool:
+    """Whether ``e`` says that another process created a table or version row first."""
+    return any(text in _first_line(e) for text in _MADE_MEANWHILE)
+
+
+def _open_rdb(url: str, *, heartbeat: int | None) -> RDBStorage:
     if heartbeat is None:
         return RDBStorage(url)
     with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9
@@ -173,12 +198,55 @@ def storage_errors(storage: Any) -> Iterator[None]:
     try:
         yield
     except Exception as e:
-        raise StorageError(f"cannot open storage {describe(storage)}: {_first_line(e)}") from e
+        if _in_journal_replay(e):
+            raise StorageError(
+                f"storage {describe(storage)} holds a malformed record ({type(e).__name__}: "
+                f"{_first_line(e)}): it was not written by Optuna, or was edited"
+            ) from e
+        causes = _causes(e)
+        for cause in causes:
+            if any(text in str(cause) for text in _READ_ONLY):
+                raise StorageError(
+                    f"cannot write to storage {describe(storage)}: it is read-only "
+                    f"({_first_line(cause)})"
+                ) from e
+        # Optuna says only that "an exception is raised during the commit": say which.
+        said = causes[-1] if isinstance(e, optuna.exceptions.StorageInternalError) else e
+        raise StorageError(f"cannot open storage {describe(storage)}: {_first_line(said)}") from e
+
+
+def _in_journal_replay(e: BaseException) -> bool:
+    """Whether ``e`` is Optuna's journal storage failing to read or replay a record (it
+    takes each record as it comes: a bad one raises KeyError, TypeError, ValueError, ...)."""
+    if not isinstance(e, (KeyError, TypeError, ValueError, AssertionError, IndexError)):
+        return False
+    frames = traceback.extract_tb(e.__traceback__)
+    return any(
+        "storages" in frame.filename
+        and "journal" in frame.filename
+        and (frame.name == "read_logs" or "apply" in frame.name)
+        for frame in frames
+    )
+
+
+# What SQLite and PostgreSQL say when a database cannot be written.
+_READ_ONLY = ("readonly database", "read-only transaction", "read-only file system")
+
+
+def _causes(e: BaseException) -> list[BaseException]:
+    """``e`` and the exceptions it was raised from (or while handling), outermost first."""
+    chain = [e]
+    while (cause := chain[-1].__cause__ or chain[-1].__context__) and cause not in chain:
+        chain.append(cause)
+    return chain
 
 
 def describe(storage: Any) -> str:
     """The storage's URL with any password hidden, for messages."""
     url = storage if isinstance(storage, str) else getattr(storage, "url", None)
+    if url is None and isinstance(storage, JournalStorage):  # Optuna keeps the path private
+        path = getattr(getattr(storage, "_backend", None), "_file_path", None)
+        url = None if path is None else JOURNAL_PREFIX + str(path)
     if url is None:
         return type(storage).__name__
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -41,6 +42,9 @@ from autoprune.train import evaluate
 from autoprune.trial import PruneResult, prune_and_finetune
 
 logger = logging.getLogger(__name__)
+# Seconds a process that opens a study which holds nothing yet waits for its creator (another
+# process, between creating the study and storing its setup) to store the setup.
+SETUP_WAIT = 30.0
 
 Callback = Callable[[optuna.Study, FrozenTrial], None]
 
@@ -74,33 +78,31 @@ def open_study(
             layers, space, objectives, seed).
     """
     storage = storages.open_storage(storage, for_writing=True, heartbeat=heartbeat)
-    existing = _load_existing(storage, study_name)
-    if existing is not None:
-        stored = read_setup(existing)
+    study = _load_existing(storage, study_name)
+    created = False
+    if study is None:
+        setup = _with_dense(setup, dense_metrics(task, setup))
+        study = _create(storage, study_name, setup)
+        created = study is not None
+        if study is None:  # another process created it since: join it as any other
+            study = _load_existing(storage, study_name)
+            assert study is not None
+    if not created:
+        _await_setup(storage, study)
+        stored = read_setup(study)
         check_same(stored, setup, study_name)
         setup = _with_dense(setup, stored.dense)
-    else:
-        setup = _with_dense(setup, dense_metrics(task, setup))
     if sampler is None:
-        n_before = len(existing.trials) if existing is not None else 0
+        n_before = 0 if created else len(study.trials)
         sampler = make_sampler(
             setup.sampler or DEFAULT_SAMPLER, seed=setup.seed + n_before, space=setup.space
         )
+    study.sampler = sampler
     with storages.storage_errors(storage):
-        study = optuna.create_study(
-            storage=storage,
-            study_name=study_name,
-            sampler=sampler,
-            directions=measure.directions(setup.objectives),
-            load_if_exists=True,
-        )
-    if existing is None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names(list(setup.objectives))
-    write_setup(study, setup)
-    if existing is None and setup.warm_start is not None:
-        # Warm starts take at most half of a known budget: the rest is the search's.
+        write_setup(study, setup)
+    if created and setup.warm_start is not None:
+        # Warm starts take at most half of a known budget: the rest is the search's. Only
+        # the process that created the study enqueues them, so that none is run twice.
         limit = None if setup.trials is None else max(1, setup.trials // 2)
         enqueue_warm_starts(
             study,
@@ -198,8 +200,12 @@ def replay(task: Task, trial: FrozenTrial) -> PruneResult:
     return result
 
 
-def load_study(storage: str, study_name: str | None) -> optuna.Study:
+def load_study(storage: str, study_name: str | None, *, wait: bool = False) -> optuna.Study:
     """Load an existing autoprune study; with one study in the storage, the name may be omitted.
+
+    A search creates its study, then stores the setup. With ``wait``, a study that holds
+    nothing yet is waited for (at most ``SETUP_WAIT`` seconds), as a process that joins the
+    study needs; without it, such a study is refused at once.
 
     Raises:
         StorageError: If the storage cannot be opened, holds no such study, or the study was
@@ -221,9 +227,53 @@ def load_study(storage: str, study_name: str | None) -> optuna.Study:
     if study_name not in names:
         raise StorageError(f"no study named {study_name!r} in {storages.describe(storage)}")
     study = optuna.load_study(study_name=study_name, storage=storage)
+    if wait:
+        _await_setup(storage, study)
     if STUDY_ATTR not in study.user_attrs:
-        raise StorageError(f"study {study_name!r} was not made by autoprune")
+        creating = ", or a search is still creating it" if _holds_nothing(storage, study) else ""
+        raise StorageError(f"study {study_name!r} was not made by autoprune{creating}")
     return study
+
+
+def _create(storage: Any, study_name: str | None, setup: StudySetup) -> optuna.Study | None:
+    """Create the study and store ``setup`` with it at once; None if another process created
+    a study of that name first (then that process stores its setup, and this one joins)."""
+    with storages.storage_errors(storage):
+        try:
+            study = optuna.create_study(
+                storage=storage,
+                study_name=study_name,
+                directions=measure.directions(setup.objectives),
+            )
+        except optuna.exceptions.DuplicatedStudyError:
+            return None
+        write_setup(study, setup)  # first: whoever joins waits for it (_await_setup)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(setup.objectives))
+    return study
+
+
+def _await_setup(storage: Any, study: optuna.Study) -> None:
+    """Wait while ``study`` holds nothing at all: another process creates a study, then
+    stores its setup, and may be between the two.
+
+    Raises:
+        StorageError: If nothing appears within ``SETUP_WAIT`` seconds.
+    """
+    deadline = time.monotonic() + SETUP_WAIT
+    while _holds_nothing(storage, study):
+        if time.monotonic() > deadline:
+            raise StorageError(
+                f"study {study.study_name!r} was not made by autoprune, or the search that "
+                f"created it stopped before storing its setup (none came in {SETUP_WAIT:g} s)"
+            )
+        time.sleep(0.05)
+
+
+def _holds_nothing(storage: Any, study: optuna.Study) -> bool:
+    with storages.storage_errors(storage):
+        return not study.user_attrs and not study.get_trials(deepcopy=False)
 
 
 def _load_existing(storage: Any, study_name: str | None) -> optuna.Study | None:

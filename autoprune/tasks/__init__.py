@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Callable
 
 from autoprune.errors import TaskError
 from autoprune.task import Task
 from autoprune.tasks.digits import digits_cnn, digits_mlp, digits_resnet
+
+# package.module:function, absolute (a relative import has no package to start from).
+_REFERENCE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 
 # Built-in task factories, by the name a spec uses.
 TASKS: dict[str, Callable[..., Task]] = {
@@ -31,10 +35,15 @@ def load_task(ref: str, *, seed: int = 0) -> Task:
         raise TaskError(
             f"unknown task {ref!r} (built-in: {', '.join(TASKS)}; or give package.module:function)"
         )
+    if not _REFERENCE.match(ref):
+        raise TaskError(
+            f"task reference {ref!r} is not package.module:function (names of letters, digits "
+            "and underscores; no relative module)"
+        )
     module_name, _, attr = ref.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError) as e:
+    except Exception as e:  # a module may raise anything while it is imported
         raise TaskError(f"task {ref!r} does not import: {e}") from e
     try:
         task = factory()
