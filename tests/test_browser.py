@@ -1,17 +1,22 @@
-"""The report in a real browser: headless Chromium, driven over the DevTools protocol (a pipe,
-no extra package). No console errors, plotly's SVG rendered, a click on a front point shows that
-trial, and a screenshot is saved under the test's temporary directory."""
+"""The report in a real browser: headless Chromium driven by Debian's chromedriver through
+Selenium (WebDriver, the W3C protocol that the browser's makers keep working). No console
+errors, plotly's SVG rendered, a click on a front point shows that trial, and a screenshot is
+saved under the test's temporary directory.
+
+Nothing here waits a fixed time or decides by a short timeout: chromedriver starts Chromium and
+waits for its DevTools endpoint itself, ``driver.get`` returns after the page's load event,
+and each later check polls a DOM condition that the page's script sets, bounded only by
+``DEADLINE`` (a stuck browser fails in minutes; a slow one passes).
+"""
 
 from __future__ import annotations
 
-import base64
-import fcntl
-import json
-import os
+import re
 import select
 import shutil
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,202 +26,180 @@ from test_dashboard import hand_made
 
 from autoprune.report.page import write_report
 
+try:
+    from selenium import webdriver
+    from selenium.webdriver.chromium.remote_connection import ChromiumRemoteConnection
+    from selenium.webdriver.common.actions.action_builder import ActionBuilder
+    from selenium.webdriver.remote.client_config import ClientConfig
+    from selenium.webdriver.remote.command import Command
+    from selenium.webdriver.support.wait import WebDriverWait
+except ImportError:  # the test extra brings it; without it the tests skip, saying so
+    webdriver = None
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+# The one bound on any wait, start-up included: generous, so that only a stuck browser hits it.
+DEADLINE = 300
+
+
+def _missing() -> str | None:
+    if webdriver is None:
+        return "selenium is not installed (it is in the test extra: pip install -e '.[test]')"
+    if CHROMIUM is None:
+        return (
+            "headless Chromium is not installed (Debian: apt-get install chromium "
+            "chromium-driver; .ci/run installs them when it runs as root or with passwordless "
+            "sudo)"
+        )
+    if CHROMEDRIVER is None:
+        return (
+            "chromedriver is not installed (Debian: apt-get install chromium-driver; .ci/run "
+            "installs it when it runs as root or with passwordless sudo)"
+        )
+    return None
+
+
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(
-        CHROMIUM is None,
-        reason="headless Chromium is not installed (Debian: apt-get install chromium; .ci/run "
-        "installs it when it runs as root or with passwordless sudo)",
-    ),
+    pytest.mark.skipif(_missing() is not None, reason=_missing() or ""),
 ]
 
 
-class Browser:
-    """Chromium with ``--remote-debugging-pipe``: JSON commands on fd 3, replies on fd 4."""
-
-    def __init__(self, profile: Path):
-        to_browser, self._commands = os.pipe()
-        self._replies, from_browser = os.pipe()
-        # The child must see them as fds 3 and 4: move ours out of the way first.
-        fds = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (to_browser, from_browser)]
-        os.close(to_browser), os.close(from_browser)
-
-        def child_fds() -> None:
-            os.dup2(fds[0], 3)
-            os.dup2(fds[1], 4)
-
-        self.process = subprocess.Popen(
-            [
-                str(CHROMIUM),
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--remote-debugging-pipe",
-                f"--user-data-dir={profile}",
-                "--window-size=1400,2000",
-                "about:blank",
-            ],
-            pass_fds=(3, 4),
-            preexec_fn=child_fds,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for fd in fds:
-            os.close(fd)
-        self._buffer, self._id, self.events = b"", 0, []
-        self.session = ""
-
-    def send(self, method: str, timeout: float = 30, **params: Any) -> dict[str, Any]:
-        self._id += 1
-        message = {"id": self._id, "method": method, "params": params}
-        if self.session:
-            message["sessionId"] = self.session
-        os.write(self._commands, json.dumps(message).encode() + b"\0")
-        while True:
-            reply = self._next(timeout)
-            if reply.get("id") == self._id:
-                assert "error" not in reply, (method, reply["error"])
-                return reply.get("result", {})
-            self.events.append(reply)
-
-    def wait_for(self, method: str, timeout: float = 30) -> dict[str, Any]:
-        for event in self.events:
-            if event.get("method") == method:
-                return event
-        while True:
-            event = self._next(timeout)
-            self.events.append(event)
-            if event.get("method") == method:
-                return event
-
-    def evaluate(self, expression: str) -> Any:
-        result = self.send("Runtime.evaluate", expression=expression, returnByValue=True)
-        assert "exceptionDetails" not in result, result["exceptionDetails"]
-        return result["result"].get("value")
-
-    def _next(self, timeout: float) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while b"\0" not in self._buffer:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self._replies], [], [], left)[0]:
-                raise TimeoutError("Chromium did not answer")
-            chunk = os.read(self._replies, 1 << 20)
-            if not chunk:
-                raise RuntimeError("Chromium closed the pipe")
-            self._buffer += chunk
-        message, self._buffer = self._buffer.split(b"\0", 1)
-        return json.loads(message)
-
-    def close(self) -> None:
-        self.process.kill()
-        self.process.wait(timeout=10)
-        os.close(self._commands), os.close(self._replies)
-
-
-def errors(events: list[dict[str, Any]]) -> list[str]:
-    """Console errors and uncaught exceptions among the page's events."""
-    found = []
-    for event in events:
-        params = event.get("params", {})
-        if event.get("method") == "Runtime.exceptionThrown":
-            details = params["exceptionDetails"]
-            found.append(details.get("exception", {}).get("description") or details["text"])
-        elif event.get("method") == "Runtime.consoleAPICalled" and params["type"] == "error":
-            found.append(json.dumps(params["args"])[:300])
-        elif event.get("method") == "Log.entryAdded" and params["entry"]["level"] == "error":
-            found.append(params["entry"]["text"])
-    return found
+def listening(process: subprocess.Popen[str]) -> str:
+    """chromedriver's URL, once it says it listens (``--port=0``: it picks a free port, so no
+    other process can take the port between choosing and binding it)."""
+    deadline = time.monotonic() + DEADLINE
+    assert process.stdout is not None
+    while time.monotonic() < deadline:
+        if select.select([process.stdout], [], [], deadline - time.monotonic())[0]:
+            line = process.stdout.readline()
+            if not line:
+                raise RuntimeError(f"chromedriver exited ({process.wait()}) before listening")
+            found = re.search(r"started successfully on port (\d+)", line)
+            if found:
+                return f"http://127.0.0.1:{found[1]}"
+    raise TimeoutError(f"chromedriver did not listen within {DEADLINE} s")
 
 
 @pytest.fixture
-def browser(tmp_path: Path) -> Browser:
-    opened = Browser(tmp_path / "profile")
-    try:
-        target = opened.send("Target.createTarget", url="about:blank")["targetId"]
-        opened.session = opened.send("Target.attachToTarget", targetId=target, flatten=True)[
-            "sessionId"
-        ]
-        for domain in ("Page", "Runtime", "Log"):
-            opened.send(f"{domain}.enable")
-        yield opened
-    finally:
-        opened.close()
-
-
-def point_center(browser: Browser, trace: int, index: int) -> tuple[float, float]:
-    """Page coordinates of one marker of the front plot (its SVG path's bounding box)."""
-    box = browser.evaluate(
-        f"""(() => {{
-            const trace = document.querySelectorAll('#pareto .scatterlayer .trace')[{trace}];
-            const r = trace.querySelectorAll('.points path')[{index}].getBoundingClientRect();
-            return [r.x + r.width / 2, r.y + r.height / 2];
-        }})()"""
+def browser(tmp_path: Path) -> Iterator[Any]:
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for argument in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--window-size=1400,2000",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ):
+        options.add_argument(argument)
+    # Console messages, uncaught exceptions and the browser's own errors, read by errors().
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    # chromedriver waits for Chromium's DevTools endpoint to answer; 60 s by default.
+    options.add_experimental_option("browserStartupTimeout", DEADLINE * 1000)
+    # Debian's chromedriver, started here (never Selenium Manager, which looks online).
+    service = subprocess.Popen(
+        [str(CHROMEDRIVER), "--port=0", f"--log-path={tmp_path / 'chromedriver.log'}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
-    return box[0], box[1]
+    try:
+        url = listening(service)
+        connection = ChromiumRemoteConnection(
+            remote_server_addr=url,
+            browser_name="chrome",
+            vendor_prefix="goog",
+            keep_alive=True,
+            ignore_proxy=True,
+            client_config=ClientConfig(url, timeout=DEADLINE),  # Selenium's own is 120 s
+        )
+        driver = webdriver.Remote(command_executor=connection, options=options)
+        try:
+            driver.set_page_load_timeout(DEADLINE)
+            driver.set_script_timeout(DEADLINE)
+            yield driver
+        finally:
+            driver.quit()
+    finally:
+        service.kill()
+        service.wait()
+        service.stdout.close()
 
 
-def test_report_renders_and_clicks_in_chromium(browser: Browser, tmp_path: Path) -> None:
+def until(driver: Any, condition: Callable[[Any], Any]) -> Any:
+    """Poll ``condition(driver)`` until it is truthy; its value (``DEADLINE`` bounds it)."""
+    return WebDriverWait(driver, DEADLINE, poll_frequency=0.05).until(condition)
+
+
+def js(expression: str) -> Callable[[Any], Any]:
+    """A condition for ``until``: the value of a JavaScript expression in the page."""
+    return lambda driver: driver.execute_script(f"return {expression};")
+
+
+def errors(driver: Any) -> list[str]:
+    """Console errors, uncaught exceptions and failed loads since the last call."""
+    entries = driver.execute(Command.GET_LOG, {"type": "browser"})["value"]
+    return [e["message"] for e in entries if e["level"] == "SEVERE"]
+
+
+def point_center(driver: Any, trace: int, index: int) -> tuple[int, int]:
+    """Viewport coordinates of one marker of the front plot (its SVG path's bounding box)."""
+    x, y = driver.execute_script(
+        """const trace = document.querySelectorAll('#pareto .scatterlayer .trace')[arguments[0]];
+        const r = trace.querySelectorAll('.points path')[arguments[1]].getBoundingClientRect();
+        return [r.x + r.width / 2, r.y + r.height / 2];""",
+        trace,
+        index,
+    )
+    return round(x), round(y)
+
+
+def test_report_renders_and_clicks_in_chromium(browser: Any, tmp_path: Path) -> None:
     study: optuna.Study = hand_made()
     page = write_report(study, tmp_path / "report.html")
-    browser.send("Page.navigate", url=page.as_uri())
-    browser.wait_for("Page.loadEventFired", timeout=60)
-    svgs = 0
-    for _ in range(50):  # plotly draws right after load; give it a moment on a busy machine
-        svgs = browser.evaluate("document.querySelectorAll('svg.main-svg').length")
-        if svgs and browser.evaluate("document.getElementById('detail').dataset.shown"):
-            break
-        time.sleep(0.1)
+    browser.get(page.as_uri())  # returns after the load event
+    # The page's load handler shows the first trial once plotly has drawn.
+    assert until(browser, js("document.getElementById('detail').dataset.shown")) == "hand/0"
     # Each of the 6 figures and the 2 detail plots draw two SVG layers.
-    assert svgs >= 16
-    assert browser.evaluate("document.getElementById('detail').dataset.shown") == "hand/0"
-    assert browser.evaluate("document.querySelectorAll('#detail-sparsity .bars path').length") > 0
+    assert browser.execute_script("return document.querySelectorAll('svg.main-svg').length") >= 16
+    assert browser.execute_script(
+        "return document.querySelectorAll('#detail-sparsity .bars path').length"
+    )
 
     # A real mouse click on a front point: trial 3, the most accurate (last in x order).
-    front = browser.evaluate("document.getElementById('pareto').data[1].customdata")
-    index = front.index("hand/3")
-    x, y = point_center(browser, 1, index)
-    browser.send("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
-    for kind in ("mousePressed", "mouseReleased"):
-        browser.send("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
-    shown = None
-    for _ in range(50):
-        shown = browser.evaluate("document.getElementById('detail').dataset.shown")
-        if shown == "hand/3":
-            break
-        time.sleep(0.1)
-    assert shown == "hand/3"
-    assert browser.evaluate("document.getElementById('detail-title').textContent") == (
-        "hand: trial 3"
-    )
-    assert browser.evaluate("location.hash") == "#hand%2F3"
+    front = browser.execute_script("return document.getElementById('pareto').data[1].customdata")
+    x, y = point_center(browser, 1, front.index("hand/3"))
+    mouse = ActionBuilder(browser)
+    mouse.pointer_action.move_to_location(x, y).click()
+    mouse.perform()
+    until(browser, js("document.getElementById('detail').dataset.shown === 'hand/3'"))
+    title = "return document.getElementById('detail-title').textContent"
+    assert browser.execute_script(title) == "hand: trial 3"
+    assert browser.execute_script("return location.hash") == "#hand%2F3"
 
-    shot = browser.send("Page.captureScreenshot", format="png")["data"]
-    (tmp_path / "report.png").write_bytes(base64.b64decode(shot))
+    assert browser.save_screenshot(str(tmp_path / "report.png"))
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert errors(browser.events) == []
+    assert errors(browser) == []
 
 
-def test_empty_report_has_no_errors(browser: Browser, tmp_path: Path) -> None:
+def test_empty_report_has_no_errors(browser: Any, tmp_path: Path) -> None:
     empty = optuna.create_study(directions=["maximize", "minimize"], study_name="empty")
     page = write_report(empty, tmp_path / "empty.html")
-    browser.send("Page.navigate", url=page.as_uri())
-    browser.wait_for("Page.loadEventFired", timeout=60)
-    assert browser.evaluate("document.querySelectorAll('svg.main-svg').length") >= 12
-    assert browser.evaluate("document.getElementById('detail-title').textContent") == (
-        "click a point"
-    )
-    assert errors(browser.events) == []
+    browser.get(page.as_uri())
+    assert until(browser, js("document.querySelectorAll('svg.main-svg').length >= 12"))
+    title = "return document.getElementById('detail-title').textContent"
+    assert browser.execute_script(title) == "click a point"
+    assert errors(browser) == []
 
 
-def test_errors_are_caught(browser: Browser, tmp_path: Path) -> None:
+def test_errors_are_caught(browser: Any, tmp_path: Path) -> None:
     """The check above can fail: an exception and a console error are both seen."""
     page = tmp_path / "bad.html"
     page.write_text(
         "<script>console.error('bad')</script><script>throw new Error('boom')</script>"
     )
-    browser.send("Page.navigate", url=page.as_uri())
-    browser.wait_for("Page.loadEventFired", timeout=60)
-    found = errors(browser.events)
+    browser.get(page.as_uri())
+    found = errors(browser)
     assert len(found) == 2 and "bad" in found[0] and "boom" in found[1]
