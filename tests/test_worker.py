@@ -233,8 +233,13 @@ def run_search(tmp_path: Path, spec: str, *args: str, **extra_env: str) -> tuple
 )
 def test_workers_run_every_kind_of_study(tmp_path: Path, spec: str, objectives: list[str]) -> None:
     """The workers join from the stored setup: objectives, latency, channel groups,
-    constraints and early stop reach them, and the study gets exactly its target."""
-    code, out, err = run_search(tmp_path, spec, "--workers", "2")
+    constraints and early stop reach them, and the study gets exactly its target. Both
+    workers run a trial: their first trials wait for each other (a late start on a busy
+    machine would leave one worker none)."""
+    (tmp_path / "gather").mkdir()
+    code, out, err = run_search(
+        tmp_path, spec, "--workers", "2", **{GATHER: f"{tmp_path / 'gather'}:2"}
+    )
     assert code == 0, out + err
     trials = trials_of(f"sqlite:///{tmp_path / 's.db'}", "s")
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
