@@ -52,7 +52,8 @@ def tiny() -> autoprune.Task:
 
 
 def tiny_resnet_task() -> autoprune.Task:
-    """The tiny ResNet of conftest (BatchNorm, residual blocks), for structured studies."""
+    """The tiny ResNet of conftest (BatchNorm, residual blocks), for structured studies,
+    paced as :func:`tiny` is."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -70,7 +71,7 @@ def tiny_resnet_task() -> autoprune.Task:
         fit(model, task, epochs=3, seed=0)
     finally:
         torch.set_num_threads(threads)
-    return task
+    return dataclasses.replace(task, optimizer=_paced_adam)
 
 
 def parent_only() -> autoprune.Task:
