@@ -11,10 +11,12 @@ and each later check polls a DOM condition that the page's script sets, bounded 
 
 from __future__ import annotations
 
+import queue
 import re
-import select
 import shutil
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -67,18 +69,31 @@ pytestmark = [
 
 def listening(process: subprocess.Popen[str]) -> str:
     """chromedriver's URL, once it says it listens (``--port=0``: it picks a free port, so no
-    other process can take the port between choosing and binding it)."""
+    other process can take the port between choosing and binding it).
+
+    A thread reads its stdout line by line (and keeps draining it): ``select`` on a buffered
+    stream would miss a line that came in the same read as the one before it.
+    """
+    lines: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.put(line)
+        lines.put("")  # end of output: chromedriver exited
+
+    threading.Thread(target=pump, daemon=True).start()
     deadline = time.monotonic() + DEADLINE
-    assert process.stdout is not None
-    while time.monotonic() < deadline:
-        if select.select([process.stdout], [], [], deadline - time.monotonic())[0]:
-            line = process.stdout.readline()
-            if not line:
-                raise RuntimeError(f"chromedriver exited ({process.wait()}) before listening")
-            found = re.search(r"started successfully on port (\d+)", line)
-            if found:
-                return f"http://127.0.0.1:{found[1]}"
-    raise TimeoutError(f"chromedriver did not listen within {DEADLINE} s")
+    while True:
+        try:
+            line = lines.get(timeout=max(deadline - time.monotonic(), 0))
+        except queue.Empty:
+            raise TimeoutError(f"chromedriver did not listen within {DEADLINE} s") from None
+        if not line:
+            raise RuntimeError(f"chromedriver exited ({process.wait()}) before listening")
+        found = re.search(r"started successfully on port (\d+)", line)
+        if found:
+            return f"http://127.0.0.1:{found[1]}"
 
 
 @pytest.fixture
@@ -125,7 +140,6 @@ def browser(tmp_path: Path) -> Iterator[Any]:
     finally:
         service.kill()
         service.wait()
-        service.stdout.close()
 
 
 def until(driver: Any, condition: Callable[[Any], Any]) -> Any:
@@ -203,3 +217,22 @@ def test_errors_are_caught(browser: Any, tmp_path: Path) -> None:
     browser.get(page.as_uri())
     found = errors(browser)
     assert len(found) == 2 and "bad" in found[0] and "boom" in found[1]
+
+
+def test_listening_sees_a_banner_that_comes_in_one_write() -> None:
+    """chromedriver's four start-up lines can reach a slow reader in one read (this was lost
+    under load, and the fixture waited out its deadline)."""
+    banner = (
+        "Starting ChromeDriver\nOnly local connections\nPlease see\n"
+        "ChromeDriver was started successfully on port 1234.\n"
+    )
+    # One write, then silence until killed: only the buffered line can answer.
+    script = f"import sys; sys.stdout.write({banner!r}); sys.stdout.flush(); sys.stdin.read()"
+    fake = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert listening(fake) == "http://127.0.0.1:1234"
+    finally:
+        fake.kill()
+        fake.wait()
