@@ -103,6 +103,11 @@ def tiny_resnet() -> nn.Module:
 @pytest.fixture(scope="module")
 def resnet_task() -> autoprune.Task:
     """A tiny ResNet (BatchNorm, residual blocks) trained briefly on the three-class data."""
+    return make_resnet_task()
+
+
+def make_resnet_task() -> autoprune.Task:
+    """The task of the ``resnet_task`` fixture (worker processes build it too)."""
     torch.manual_seed(0)
     model = tiny_resnet()
     task = autoprune.Task(

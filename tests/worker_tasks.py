@@ -27,12 +27,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
-from conftest import make_data, make_task, tiny_resnet
+from conftest import make_resnet_task, make_task
 from torch import nn
 
 import autoprune
 from autoprune.task import adam
-from autoprune.train import fit
 
 GATHER, HOLD = "AUTOPRUNE_TEST_GATHER", "AUTOPRUNE_TEST_HOLD"
 PARENT = "AUTOPRUNE_TEST_PARENT"
@@ -57,18 +56,7 @@ def tiny_resnet_task() -> autoprune.Task:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        torch.manual_seed(0)
-        model = tiny_resnet()
-        task = autoprune.Task(
-            model=model,
-            train=make_data(192, 0),
-            val=make_data(96, 1),
-            test=make_data(96, 2),
-            finetune_epochs=1,
-            lr=1e-2,
-            name="tiny-resnet",
-        )
-        fit(model, task, epochs=3, seed=0)
+        task = make_resnet_task()
     finally:
         torch.set_num_threads(threads)
     return dataclasses.replace(task, optimizer=_paced_adam)
