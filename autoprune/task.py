@@ -98,8 +98,9 @@ class Task:
 
     Args:
         model: The trained dense model. It is never modified: every trial prunes a copy.
-        train: Fine-tuning data: an ``(inputs, targets)`` tensor pair (sliced into batches of
-            ``batch_size``), a ``DataLoader``, or any re-iterable of batches.
+        train: Fine-tuning data: an ``(inputs, targets)`` tensor pair or a dict of tensors
+            with one row per sample (both sliced into batches of ``batch_size``, shuffled by
+            the trial's seed), a ``DataLoader``, or any re-iterable of batches.
         val: Validation data; its score is the accuracy objective of the search.
         test: Optional test data; recorded for every trial, never used to select.
         loss: ``loss(logits, targets) -> scalar tensor``, used by the default ``batch_loss``.
@@ -161,12 +162,14 @@ class Task:
             data = getattr(self, field)
             if data is None and field == "test":
                 continue
-            if isinstance(data, (str, bytes, Mapping, Tensor)) or not (
+            if isinstance(data, Mapping):
+                _check_tensor_dict(field, data)
+            elif isinstance(data, (str, bytes, Tensor)) or not (
                 _is_tensor_pair(data) or isinstance(data, Iterable)
             ):
                 raise TaskError(
-                    f"Task.{field} must be an (inputs, targets) tensor pair, a DataLoader or an "
-                    f"iterable of batches, got {type(data).__name__}"
+                    f"Task.{field} must be an (inputs, targets) tensor pair, a dict of tensors, "
+                    f"a DataLoader or an iterable of batches, got {type(data).__name__}"
                 )
             if isinstance(data, Iterator):
                 raise TaskError(
@@ -216,24 +219,22 @@ class Task:
         data = getattr(self, split)
         if data is None:
             return
-        if not _is_tensor_pair(data):
+        if not _is_sliced(data):
             yield from data
             return
-        inputs, targets = data
-        n = len(inputs)
+        n = _rows(data)
+        order = None
         if shuffle:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-        else:
-            order = None
         for start in range(0, n, self.batch_size):
             if order is None:
-                yield (
-                    inputs[start : start + self.batch_size],
-                    targets[start : start + self.batch_size],
-                )
+                rows: slice | Tensor = slice(start, start + self.batch_size)
             else:
-                index = order[start : start + self.batch_size]
-                yield inputs[index], targets[index]
+                rows = order[start : start + self.batch_size]
+            if isinstance(data, Mapping):
+                yield {key: value[rows] for key, value in data.items()}
+            else:
+                yield data[0][rows], data[1][rows]
 
     def batches_per_epoch(self) -> int:
         """Training batches in one pass through ``train``.
@@ -241,8 +242,8 @@ class Task:
         Raises:
             TaskError: If ``train`` has no length (an iterable dataset): give ``finetune_steps``.
         """
-        if _is_tensor_pair(self.train):
-            return math.ceil(len(self.train[0]) / self.batch_size)
+        if _is_sliced(self.train):
+            return math.ceil(_rows(self.train) / self.batch_size)
         try:
             return len(self.train)
         except TypeError:
@@ -335,6 +336,30 @@ def _shape_text(batch: Batch) -> str:
 def _check_int(field: str, value: object, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise TaskError(f"Task.{field} must be an integer >= {low}, got {value!r}")
+
+
+def _check_tensor_dict(field: str, data: Mapping[Any, Any]) -> None:
+    lengths = set()
+    for key, value in data.items():
+        if not isinstance(key, str) or not isinstance(value, Tensor) or not value.dim():
+            raise TaskError(
+                f"Task.{field} as a dict must map names to tensors with a row per sample, got "
+                f"{key!r}: {type(value).__name__}"
+            )
+        lengths.add(len(value))
+    if len(lengths) != 1:
+        raise TaskError(
+            f"Task.{field}'s tensors must have the same number of rows, got {sorted(lengths)}"
+        )
+
+
+def _is_sliced(data: Any) -> bool:
+    """Whether ``data`` is held as tensors that :meth:`Task.batches` slices itself."""
+    return isinstance(data, Mapping) or _is_tensor_pair(data)
+
+
+def _rows(data: Any) -> int:
+    return len(next(iter(data.values()))) if isinstance(data, Mapping) else len(data[0])
 
 
 def _is_tensor_pair(data: Any) -> bool:
