@@ -21,7 +21,9 @@ import pytest
 from optuna.trial import TrialState
 
 import autoprune
-from autoprune.cli import baselines, main, searching
+import autoprune.run.worker
+import autoprune.tasks
+from autoprune.cli import main
 from autoprune.report.data import pareto_front
 from autoprune.tasks import load_task
 
@@ -436,8 +438,8 @@ def test_bad_output_path_fails_before_the_work(
     (workdir / "ro").mkdir()
     real = os.access  # chmod does not stop root, who runs CI: os.access says read-only
     monkeypatch.setattr(os, "access", lambda p, m, **kw: Path(p) != Path("ro") and real(p, m))
-    for module in (searching, baselines):
-        monkeypatch.setattr(module, "load_task", no_work)
+    # The commands import what does the work when they run: replace it where it is defined.
+    monkeypatch.setattr(autoprune.tasks, "load_task", no_work)
     before = files(workdir)
     code, out, err = run(capsys, *argv)
     assert_one_line_error(code, out, err, f"cannot write {path!r}: ")
@@ -453,9 +455,75 @@ def test_search_report_named_after_the_study_stays_here(
     workdir: Path, capsys, monkeypatch: pytest.MonkeyPatch, name: str, file: str
 ) -> None:
     (workdir / "spec.toml").write_text(SPEC, encoding="utf-8")
-    monkeypatch.setattr(searching, "run_worker", lambda *args, **kwargs: "no trials run")
+    monkeypatch.setattr(
+        autoprune.run.worker, "run_worker", lambda *args, **kwargs: "no trials run"
+    )
     code, out, err = run(capsys, "search", "spec.toml", "-q", "--study-name", name)
     assert code == 0, err
     page = [p.name for p in workdir.iterdir() if p.suffix == ".html"]
     assert len(page) == 1 and page[0].startswith(file) and f"report: {workdir / page[0]}" in out
     assert not (workdir.parent / "escaped.html").exists()
+
+
+READING = [["status"], ["front"], ["pick", "--knee"], ["report", "--out", "r.html"]]
+
+
+@pytest.mark.parametrize("argv", READING, ids=lambda argv: argv[0])
+def test_reading_commands_read_whole_only_the_trials_they_show(
+    tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch, argv: list[str]
+) -> None:
+    """Counts and fronts come from every trial's state and values; whole records (policy,
+    loss curves) are read only of the trials shown: none for status, the front for front and
+    pick, the front and the dominated points shown for report."""
+    from test_dashboard import hand_made
+
+    from autoprune.study import _optuna
+
+    monkeypatch.chdir(tmp_path)
+    storage = f"sqlite:///{tmp_path / 'x.db'}"
+    study = hand_made("a", storage)
+    front = {t.number for t in study.best_trials}
+    reads: list[tuple[set[int] | None, object]] = []
+    real = _optuna.read_trials
+
+    def read_trials(*args: Any, **kwargs: Any) -> list[optuna.trial.FrozenTrial]:
+        numbers = kwargs.get("numbers")
+        reads.append((None if numbers is None else set(numbers), kwargs.get("user_attrs")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_optuna, "read_trials", read_trials)
+    monkeypatch.setattr(optuna.Study, "get_trials", None)  # never Optuna's whole read
+    code, _, err = run(capsys, *argv, "--storage", storage)
+    assert code == 0, err
+    whole = [numbers for numbers, attrs in reads if attrs is None]
+    assert all(numbers is not None for numbers in whole)
+    if argv[0] == "status":
+        assert whole == []
+    elif argv[0] in ("front", "pick"):
+        assert whole == [front]
+    else:
+        assert len(whole) == 1 and front <= whole[0]
+    summaries = [attrs for numbers, attrs in reads if attrs is not None]
+    assert summaries and all(set(attrs) <= {"density", "policy", "worker", "surplus", "resumes"}
+                             for attrs in summaries)  # fmt: skip
+
+
+def test_reading_commands_never_import_torch(tmp_path: Path) -> None:
+    """status, front, pick and report start without torch (seconds of import)."""
+    from test_dashboard import hand_made
+
+    storage = f"sqlite:///{tmp_path / 'x.db'}"
+    hand_made("a", storage)
+    script = (
+        "import sys\n"
+        "from autoprune.cli import main\n"
+        f"for argv in {READING!r}:\n"
+        f"    assert main([*argv, '--storage', {storage!r}]) == 0, argv\n"
+        "print(sorted(m for m in ('torch', 'autoprune.task', 'autoprune.measure') "
+        "if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"

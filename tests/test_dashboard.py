@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import optuna
+import pandas as pd
 import pytest
 from conftest import hand_setup
 from optuna.trial import TrialState, create_trial
@@ -181,10 +182,34 @@ def test_page_embeds_the_details_safely(tmp_path: Path) -> None:
 
 def test_watch_rewrites_with_a_refresh(tmp_path: Path) -> None:
     study = hand_made()
-    out = watch_report([study], tmp_path / "w.html", every=0.01, rounds=2)
-    assert "<meta http-equiv='refresh' content='0.01'>" in out.read_text(encoding="utf-8")
+    out = watch_report([study], tmp_path / "w.html", every=30, rounds=1)
+    assert "<meta http-equiv='refresh' content='30'>" in out.read_text(encoding="utf-8")
     with pytest.raises(SpecError, match="watch interval must be > 0 seconds, got 0"):
         watch_report([study], tmp_path / "w.html", every=0, rounds=1)
+
+
+def test_watch_never_overlaps_and_skips_the_turns_it_overran(tmp_path: Path, monkeypatch) -> None:
+    """A rewrite slower than the interval delays the next to the next whole turn after it
+    began (the missed turns are dropped, not run back to back), and its page asks the browser
+    to reload at that pace."""
+    from autoprune.report import page
+
+    now, events = [0.0], []
+    durations = iter([0.5, 2.5, 0.5, 0.5])  # seconds each rewrite takes
+
+    def write_report(studies: object, path: Path, *, refresh: float) -> Path:
+        start = now[0]
+        now[0] += next(durations)
+        events.append((start, now[0], refresh))
+        return Path(path)
+
+    monkeypatch.setattr(page, "write_report", write_report)
+    monkeypatch.setattr(page, "_now", lambda: now[0])
+    monkeypatch.setattr(page, "_sleep", lambda seconds: now.__setitem__(0, now[0] + seconds))
+    watch_report([hand_made()], tmp_path / "w.html", every=1.0, rounds=4)
+    assert [start for start, _, _ in events] == [0.0, 1.0, 4.0, 5.0]  # turns 2, 3 skipped
+    assert all(later[0] >= earlier[1] for earlier, later in zip(events, events[1:], strict=False))
+    assert [refresh for _, _, refresh in events] == [1.0, 1.0, 3.0, 1.0]
 
 
 def test_cli_report_of_two_studies(tmp_path: Path, capsys, monkeypatch) -> None:
@@ -282,3 +307,129 @@ def test_two_processes_writing_one_report(tmp_path: Path) -> None:
     page = path.read_text(encoding="utf-8")
     assert page.endswith("</html>\n") and page.count("http-equiv='refresh'") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.html", "x.db"]
+
+
+def test_a_big_study_shows_every_front_trial_and_a_spread_of_the_others(tmp_path: Path) -> None:
+    """Above ``max_dominated`` the page shows fewer dominated points, and nothing else
+    changes: the front, its table, counts, shares, hypervolume and states are those of
+    every trial."""
+    rng = random.Random(4)
+    values = [(rng.uniform(0.1, 1.0), rng.choice([10, 20, 40, 80, 100, 200])) for _ in range(40)]
+    study = hand_made("big", f"sqlite:///{tmp_path / 'x.db'}", values)
+    every = dashboard_data([study], max_dominated=None)
+    few = dashboard_data([study], max_dominated=5)
+    front = {t.number for t in study.best_trials}
+    shown = set(few.trials["trial"])
+    assert front <= shown and len(shown - front) == 5 and len(every.trials) == 40
+    assert set(few.details) == {f"big/{n}" for n in shown}
+    assert few.details == {k: v for k, v in every.details.items() if k in few.details}
+    kept = every.trials[every.trials["trial"].isin(shown)].reset_index(drop=True)
+    pd.testing.assert_frame_equal(few.trials, kept)
+    pd.testing.assert_frame_equal(every.trials.drop(columns=["study", "key"]), trials_frame(study))
+    for name in ("front", "share", "hypervolume", "states", "importances"):
+        pd.testing.assert_frame_equal(getattr(few, name), getattr(every, name))
+    share = front_share(trials_frame(study)).assign(study="big")
+    pd.testing.assert_frame_equal(few.share, share)
+    dominated = 40 - len(front)
+    assert f"5 of the {dominated} dominated trials shown" in few.summaries[0]
+    assert "dominated trials shown" not in every.summaries[0]
+    assert few.initial == every.initial
+
+
+def test_long_lines_keep_their_steps_and_their_last_point() -> None:
+    from autoprune.report import figures
+
+    steps = [min(i // 700, 3) / 3 for i in range(3000)]
+    history = pd.DataFrame({"trial": range(3000), "completed": range(3000), "hypervolume": steps})
+    drawn = figures.hypervolume_figure(history).data[0]
+    assert list(drawn.y) == [0.0, 1 / 3, 2 / 3, 1.0, 1.0]  # every step, and the end
+    assert list(drawn.x) == [0, 700, 1400, 2100, 2999]
+    states = pd.DataFrame({"time": range(2500), "state": "complete", "count": range(1, 2501)})
+    line = figures.states_figure(states).data[0]
+    assert len(line.y) <= figures.MAX_LINE_POINTS + 1 and line.y[-1] == 2500 and line.y[0] == 1
+
+
+def test_importances_over_their_budget_are_skipped_with_a_note(
+    searched_study: optuna.Study, tmp_path: Path, monkeypatch
+) -> None:
+    frame, reason = param_importances(searched_study, budget=0.0)
+    assert frame.empty
+    assert reason.startswith("importances skipped: fanova on 6 trials takes about ")
+    assert reason.endswith("s of CPU, over the page's budget of 0 s")
+    from autoprune.report import importance
+
+    monkeypatch.setattr(importance, "BUDGET", 0.0)
+    page = write_report(searched_study, tmp_path / "r.html").read_text(encoding="utf-8")
+    assert "importances skipped: fanova on 6 trials" in page
+
+
+def test_importances_use_ped_anova_on_a_bounded_sample_of_big_studies() -> None:
+    from autoprune.report import importance
+
+    assert importance.choose(99) == ("fanova", 99)
+    assert importance.choose(100) == ("ped-anova", 100)
+    assert importance.choose(10_000) == ("ped-anova", importance.SAMPLE)
+    assert importance.spread(list(range(10)), 4) == [0, 2, 5, 7]
+    assert importance.spread(list(range(3)), 4) == [0, 1, 2]
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.set_metric_names(["accuracy", "nonzero_params"])
+    rng = random.Random(0)
+    for _ in range(120):
+        x, kind = rng.random(), rng.choice(["a", "b"])
+        study.add_trial(
+            create_trial(
+                values=[x, 10.0 * (kind == "a") + rng.random()],
+                params={"x": x, "kind": kind},
+                distributions={
+                    "x": optuna.distributions.FloatDistribution(0, 1),
+                    "kind": optuna.distributions.CategoricalDistribution(["a", "b"]),
+                },
+            )
+        )
+    frame, reason = param_importances(study)
+    assert reason == ""
+    top = frame.loc[frame.groupby("objective")["importance"].idxmax()]
+    assert dict(zip(top["objective"], top["param"], strict=True)) == {
+        "accuracy": "x",
+        "nonzero_params": "kind",
+    }
+
+
+def test_ped_anova_does_not_import_scikit_learn_and_fanova_still_does() -> None:
+    """The page of a big study uses PED-ANOVA: Optuna's importance package is imported
+    without scikit-learn (a second and a half), which fANOVA and mean decrease impurity
+    import when they are made, giving what they give after a plain import."""
+    script = """
+import json, sys
+import optuna
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+study.optimize(lambda t: t.suggest_float("x", 0, 1) ** 2 + 0.1 * t.suggest_float("y", 0, 1),
+               n_trials=30)
+if sys.argv[1] == "lean":
+    from autoprune.study._optuna import importance_package
+    package = importance_package()
+else:
+    import optuna.importance as package
+found = [sorted(package.get_param_importances(study, evaluator=e).items()) for e in (
+    package.PedAnovaImportanceEvaluator(),)]
+before = "sklearn" in sys.modules
+found += [sorted(package.get_param_importances(study, evaluator=e).items()) for e in (
+    package.FanovaImportanceEvaluator(seed=0),
+    package.MeanDecreaseImpurityImportanceEvaluator(seed=0),
+)]
+print(json.dumps([before, found]))
+"""
+    import subprocess
+    import sys
+
+    done = {
+        how: subprocess.run(
+            [sys.executable, "-c", script, how], capture_output=True, text=True, timeout=600
+        )
+        for how in ("lean", "plain")
+    }
+    assert [d.returncode for d in done.values()] == [0, 0], [d.stderr for d in done.values()]
+    (lean_before, lean), (plain_before, plain) = (json.loads(d.stdout) for d in done.values())
+    assert (lean_before, plain_before) == (False, True)
+    assert lean == plain

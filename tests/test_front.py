@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import random
+
 import optuna
 from optuna.trial import TrialState, create_trial
 
-from autoprune.study.front import front_trials
+from autoprune.study.front import FrontTracker, current_front, front_trials
 
 
 def numbers(trials: list[optuna.trial.FrozenTrial]) -> list[int]:
@@ -47,3 +49,29 @@ def test_front_trials_are_not_copies() -> None:
     study = study_of([(0.9, 100.0), (0.5, 10.0)])
     stored = {t.number: t for t in study.get_trials(deepcopy=False)}
     assert all(t is stored[t.number] for t in front_trials(study))
+
+
+def test_the_tracked_front_is_the_front_of_every_trial_so_far() -> None:
+    """Trials finish out of order, some infeasible, some equal; after each update the tracked
+    front is Optuna's front of all the trials so far, and only new trials were looked at."""
+    rng = random.Random(3)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    tracker = FrontTracker()
+    running: list[optuna.Trial] = []
+    for step in range(120):
+        if running and rng.random() < 0.5:
+            trial = running.pop(rng.randrange(len(running)))
+            value = (rng.choice([0.5, 0.7, 0.9]), float(rng.choice([10, 20, 30])))
+            if rng.random() < 0.2:
+                trial.set_constraint("c", rng.uniform(-1, 1))
+            if rng.random() < 0.9:
+                study.tell(trial, value)
+            else:
+                study.tell(trial, state=TrialState.FAIL)
+        else:
+            running.append(study.ask())
+        trials = study.get_trials(deepcopy=False)
+        new = tracker.update(study, trials)
+        assert numbers(tracker.front) == numbers(study.best_trials), step
+        assert all(t.state.is_finished() for t in new)
+    assert numbers(current_front(study)) == numbers(study.best_trials)

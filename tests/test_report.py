@@ -180,3 +180,12 @@ def test_write_report_of_real_and_empty_studies(searched: optuna.Study, tmp_path
     # Written again over an old page.
     write_report(searched, tmp_path / "empty.html")
     assert "0 complete trials" not in (tmp_path / "empty.html").read_text(encoding="utf-8")
+
+
+def test_studies_that_name_no_objective_read_the_default_ones() -> None:
+    """trial_metrics keeps its own copy of the default objectives (it is read without
+    torch): the same as measure's."""
+    from autoprune.measure import DEFAULT_OBJECTIVES
+    from autoprune.study.trial_metrics import METRIC_NAMES
+
+    assert tuple(METRIC_NAMES) == tuple(DEFAULT_OBJECTIVES)

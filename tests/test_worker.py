@@ -26,7 +26,8 @@ from worker_tasks import GATHER, HOLD, held
 
 from autoprune.cli import main
 from autoprune.errors import TrialFailed
-from autoprune.run.worker import SURPLUS_ATTR, WORKER_ATTR, counted, run_worker
+from autoprune.run.budget import SURPLUS_ATTR, WORKER_ATTR, counted
+from autoprune.run.worker import run_worker
 from autoprune.spec import spec_from_dict
 from autoprune.study.setup import STUDY_ATTR, read_setup
 from autoprune.study.space import SearchSpace

@@ -4,13 +4,19 @@ a study (trial counts, status, Pareto front)."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import optuna
-import pandas as pd
 from optuna.trial import TrialState
 
 from autoprune.run.status import StudyStatus
+from autoprune.study.trials import trial_summaries
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 DEFAULT_STORAGE = "sqlite:///autoprune.db"
 _STATE_WORDS = {TrialState.PRUNED: "stopped early"}
@@ -53,10 +59,31 @@ def sparsity(text: str) -> float:
     return value
 
 
+class RegistryNames:
+    """argparse ``choices``: the names of a registry, read when first needed (the
+    registries of criteria and allocations live beside torch code, which a command that does
+    not take the option never imports). Give the argument a ``metavar``: argparse lists
+    choices in the usage line otherwise, at once."""
+
+    def __init__(self, module: str, name: str):
+        self.module, self.name = module, name
+
+    def _names(self) -> list[str]:
+        return list(getattr(importlib.import_module(self.module), self.name))
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._names()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+
 def print_counts(study: optuna.Study) -> None:
+    import pandas as pd
+
     # A PRUNED trial is one that autoprune.study.stopping stopped early: say so in our words.
     states = pd.Series(
-        [_STATE_WORDS.get(t.state, t.state.name.lower()) for t in study.get_trials(deepcopy=False)]
+        [_STATE_WORDS.get(t.state, t.state.name.lower()) for t in trial_summaries(study)]
     )
     counts = ", ".join(f"{n} {state}" for state, n in states.value_counts().items())
     print(f"study {study.study_name!r}: {len(states)} trials ({counts})")

@@ -1,27 +1,25 @@
 """The commands that measure without searching: ``prune`` (a one-shot heuristic baseline)
-and ``sensitivity`` (per-layer curves)."""
+and ``sensitivity`` (per-layer curves). Both import torch when they run, not when the command
+line is parsed (see :mod:`autoprune.cli.searching`)."""
 
 from __future__ import annotations
 
 import argparse
 import io
 
-import pandas as pd
-import torch
-
 from autoprune._files import atomic_write, check_output_file
-from autoprune.cli._common import DEFAULT_STORAGE, sparsity
-from autoprune.pruning.allocation import ALLOCATIONS
-from autoprune.pruning.masks import prunable_layers
-from autoprune.spec import load_spec
-from autoprune.study.sensitivity import analyze
-from autoprune.study.setup import check_seed
-from autoprune.study.study import open_study
-from autoprune.tasks import load_task
-from autoprune.trial import baseline
+from autoprune.cli._common import DEFAULT_STORAGE, RegistryNames, sparsity
 
 
 def _prune(args: argparse.Namespace) -> int:
+    import torch
+
+    from autoprune.pruning.masks import prunable_layers
+    from autoprune.spec import load_spec
+    from autoprune.study.setup import check_seed
+    from autoprune.tasks import load_task
+    from autoprune.trial import baseline
+
     spec = load_spec(args.spec)
     out = check_output_file(args.out) if args.out else None  # before the fine-tuning
     seed = spec.seed if args.seed is None else args.seed
@@ -46,6 +44,13 @@ def _prune(args: argparse.Namespace) -> int:
 
 
 def _sensitivity(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from autoprune.spec import load_spec
+    from autoprune.study.sensitivity import analyze
+    from autoprune.study.study import open_study
+    from autoprune.tasks import load_task
+
     spec = load_spec(args.spec)
     storage = args.storage or spec.storage
     study_name = args.study_name or spec.name
@@ -65,7 +70,13 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     """Add ``prune`` and ``sensitivity`` to the subcommands ``sub``."""
     p = sub.add_parser("prune", help="one-shot baseline: prune by a heuristic and fine-tune")
     p.add_argument("spec", help="study spec (task, layers, fine-tuning recipe, seed)")
-    p.add_argument("--policy", required=True, choices=list(ALLOCATIONS), help="allocation")
+    p.add_argument(
+        "--policy",
+        required=True,
+        choices=RegistryNames("autoprune.pruning.allocation", "ALLOCATIONS"),
+        metavar="ALLOCATION",
+        help="allocation: %(choices)s",
+    )
     p.add_argument("--sparsity", required=True, type=sparsity, help="target, e.g. 0.9")
     p.add_argument("--seed", type=int, help="fine-tuning seed (default: the spec's)")
     p.add_argument("--out", help="save the pruned model's state dict here")

@@ -1,4 +1,8 @@
-"""The commands that read a study: ``front``, ``report``, ``pick`` and ``export``."""
+"""The commands that read a study: ``front``, ``report``, ``pick`` and ``export``.
+
+Each imports what it needs when it runs: ``front``, ``pick`` and ``report`` never import torch
+(only ``export`` rebuilds a model), and ``pick`` neither pandas nor plotly.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +11,16 @@ import sys
 
 from autoprune._files import atomic_write, check_output_dir, check_output_file, safe_filename
 from autoprune.cli._common import DEFAULT_STORAGE, front_text, positive_float, study_arguments
-from autoprune.deploy.directory import export
 from autoprune.errors import SpecError
-from autoprune.report.data import pareto_front
-from autoprune.report.page import watch_report, write_report
 from autoprune.study.artifacts import FrontWeights
+from autoprune.study.loading import load_study
 from autoprune.study.pick import pick
-from autoprune.study.study import load_study
 from autoprune.study.trial_metrics import metric_names, study_total_params, trial_metrics
 
 
 def _front(args: argparse.Namespace) -> int:
+    from autoprune.report.data import pareto_front
+
     if args.csv and args.json:
         raise SpecError("give --csv or --json, not both")
     out = check_output_file(args.csv or args.json) if args.csv or args.json else None
@@ -35,6 +38,8 @@ def _front(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from autoprune.report.page import watch_report, write_report
+
     out = check_output_file(args.out) if args.out else None
     studies = [load_study(args.storage, name) for name in args.study_name or [None]]
     # Study names come from a database that others write: never a path of their choosing.
@@ -76,6 +81,8 @@ def _pick(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from autoprune.deploy.directory import export
+
     check_output_dir(args.out)  # before the study is read; export checks it again
     study = load_study(args.storage, args.study_name)
     done = export(study, args.trial, args.out, task_ref=args.task, artifact_dir=args.artifact_dir)

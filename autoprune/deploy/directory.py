@@ -42,6 +42,7 @@ from autoprune.study.trial_metrics import (
     study_total_params,
     trial_metrics,
 )
+from autoprune.study.trials import full_trial
 from autoprune.task import Task
 from autoprune.tasks import TASKS, load_task
 from autoprune.train import evaluate
@@ -193,10 +194,9 @@ def _kind(tensor: torch.Tensor) -> str:
 
 
 def _completed_trial(study: optuna.Study, number: int) -> FrozenTrial:
-    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
-    if number not in trials:
+    trial = full_trial(study, number)  # that trial only, not the study
+    if trial is None:
         raise SpecError(f"study {study.study_name!r} has no trial {number}")
-    trial = trials[number]
     if trial.state != TrialState.COMPLETE or "policy" not in trial.user_attrs:
         raise SpecError(f"trial {number} is {trial.state.name.lower()}, not a completed trial")
     return trial

@@ -3,25 +3,33 @@
 Computing is kept apart from drawing: everything here is a plain DataFrame or dict (tested on
 its own); :mod:`autoprune.report.figures` draws them and :mod:`autoprune.report.page` lays
 out the page.
+
+A study is read once per page (:func:`read_study`): every trial's number, state, values, times,
+density and policy (for counts, fronts, shares and hypervolume), and whole records (loss
+curves, per-layer sparsity) only of the trials the page shows: the front, and of the
+dominated trials at most ``MAX_DOMINATED`` spread over the study, so that a page of a
+10,000-trial study stays light in the browser.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import math
-import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import optuna
 import pandas as pd
-from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from autoprune.report import importance
 from autoprune.report.figures import loss_curves_figure, pareto_figure
-from autoprune.study.front import front_trials
-from autoprune.study.sensitivity import SENSITIVITY_ATTR  # {layer: [[sparsity, accuracy], ...]}
-from autoprune.study.setup import setup_if_any
+from autoprune.study.front import front_numbers, front_trials
+from autoprune.study.record import (
+    SENSITIVITY_ATTR,  # {layer: [[sparsity, accuracy], ...]}
+    recorded_dense,
+)
 from autoprune.study.trial_metrics import (
     ACCURACY,
     metric_names,
@@ -29,11 +37,17 @@ from autoprune.study.trial_metrics import (
     study_total_params,
     trial_metrics,
 )
+from autoprune.study.trials import full_trials, trial_summaries
 
 # Policy columns whose values are compared by their share of the front.
 ASPECTS = ("criterion", "scope", "rule", "schedule", "granularity")
 # Fewer complete trials than this give importances that mean nothing.
-MIN_TRIALS_FOR_IMPORTANCE = 4
+MIN_TRIALS_FOR_IMPORTANCE = importance.MIN_TRIALS
+# Dominated trials a page shows at most (spread evenly over the study); every front trial is
+# shown. Chromium draws and hovers 1,000 markers without lag.
+MAX_DOMINATED = 1000
+# The user attrs read from every trial: what counts, shares and hypervolume need.
+SUMMARY_ATTRS = ("density", "policy")
 _EPOCH = datetime.datetime(1970, 1, 1)
 # Optuna's PRUNED is a trial stopped early as hopeless: "pruned" means something else here.
 STATE_LABELS = {TrialState.PRUNED: "stopped"}
@@ -56,6 +70,7 @@ COLUMNS = [
 
 __all__ = [
     "COLUMNS",
+    "StudyRead",
     "front_share",
     "hypervolume_2d",
     "hypervolume_history",
@@ -63,6 +78,7 @@ __all__ = [
     "param_importances",
     "pareto_figure",
     "pareto_front",
+    "read_study",
     "sensitivity_frame",
     "states_over_time",
     "trial_details",
@@ -70,26 +86,65 @@ __all__ = [
 ]
 
 
-def trials_frame(study: optuna.Study) -> pd.DataFrame:
-    """One row per complete trial, front and dominated alike; ``on_front`` marks the front."""
-    numbers = {t.number for t in front_trials(study)}
-    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+@dataclasses.dataclass(frozen=True)
+class StudyRead:
+    """What a page reads of one study (see the module docstring).
+
+    Attributes:
+        summaries: Every trial: number, state, values, times, constraints, density, policy.
+        complete: The complete ones among them.
+        front: The front trials, whole (``study.best_trials``).
+        shown: The trials the page shows, whole: the front, and dominated ones spread
+            evenly over the study (all of them if there are at most ``max_dominated``).
+        dominated: How many complete trials are off the front.
+    """
+
+    summaries: list[FrozenTrial]
+    complete: list[FrozenTrial]
+    front: list[FrozenTrial]
+    shown: list[FrozenTrial]
+    dominated: int
+
+
+def read_study(study: optuna.Study, *, max_dominated: int | None = MAX_DOMINATED) -> StudyRead:
+    """Read what a page of ``study`` needs, once: the front is computed here, not again.
+    ``max_dominated=None`` shows every trial."""
+    summaries = trial_summaries(study, user_attrs=SUMMARY_ATTRS)
+    complete = [t for t in summaries if t.state == TrialState.COMPLETE]
+    on_front = front_numbers(study, complete)
+    off = [t for t in complete if t.number not in on_front]
+    limit = len(off) if max_dominated is None else max_dominated
+    shown = full_trials(study, on_front | {t.number for t in importance.spread(off, limit)})
+    front = [t for t in shown if t.number in on_front]
+    return StudyRead(summaries, complete, front, shown, len(off))
+
+
+def trials_frame(study: optuna.Study, read: StudyRead | None = None) -> pd.DataFrame:
+    """One row per complete trial, front and dominated alike (given ``read``: per trial it
+    shows); ``on_front`` marks the front."""
+    read = read or read_study(study, max_dominated=None)
+    numbers = {t.number for t in read.front}
+    trials = [t for t in read.shown if t.state == TrialState.COMPLETE]
     names, total = metric_names(study), study_total_params(study)
     rows = [_row(t, t.number in numbers, names, total) for t in trials]
     frame = pd.DataFrame(rows, columns=[*COLUMNS, "on_front"] if not rows else None)
     return frame.sort_values("nonzero_params", kind="stable").reset_index(drop=True)
 
 
-def pareto_front(study: optuna.Study) -> pd.DataFrame:
+def pareto_front(study: optuna.Study, front: Sequence[FrozenTrial] | None = None) -> pd.DataFrame:
     """The Pareto front (``study.best_trials``), one row per trial, smallest model first
     (by the study's first size objective).
 
     Columns: ``trial``, ``accuracy`` (validation), ``test_accuracy``, ``nonzero_params``,
     ``density``, ``sparsity``, ``criterion``, ``scope``, ``rule``, ``alpha``, ``schedule``, the
     study's other size objectives, then ``sparsity:<layer>`` (achieved) for every pruned layer.
+
+    Args:
+        front: The front trials, whole, if the caller has them (None: read here).
     """
     names, total = metric_names(study), study_total_params(study)
-    rows = [_row(t, True, names, total) for t in front_trials(study)]
+    front = front_trials(study) if front is None else front
+    rows = [_row(t, True, names, total) for t in front]
     if not rows:
         return pd.DataFrame(columns=COLUMNS)
     frame = pd.DataFrame(rows).drop(columns="on_front")
@@ -109,14 +164,8 @@ def _row(
         "nonzero_params": int(metrics.get("nonzero_params", -1)),
         "density": attrs.get("density", float("nan")),
         "sparsity": 1.0 - attrs.get("density", float("nan")),
-        "criterion": policy.get("criterion"),
-        "scope": policy.get("scope"),
-        "rule": policy.get("rule"),
-        "alpha": policy.get("alpha") if policy.get("rule") == "mean" else float("nan"),
-        "schedule": policy.get("schedule", "oneshot"),
+        **_aspects(policy),
     }
-    if "granularity" in policy:
-        row["granularity"] = policy["granularity"]
     for name in names:  # size objectives other than nonzero_params (bytes, macs, ...)
         row.setdefault(name, metrics[name])
     for layer, value in attrs.get("layer_sparsity", {}).items():
@@ -125,16 +174,41 @@ def _row(
     return row
 
 
+def _aspects(policy: dict[str, Any]) -> dict[str, object]:
+    """The policy columns of a row: the aspects of :func:`front_share`, and alpha."""
+    row: dict[str, object] = {
+        "criterion": policy.get("criterion"),
+        "scope": policy.get("scope"),
+        "rule": policy.get("rule"),
+        "alpha": policy.get("alpha") if policy.get("rule") == "mean" else float("nan"),
+        "schedule": policy.get("schedule", "oneshot"),
+    }
+    if "granularity" in policy:
+        row["granularity"] = policy["granularity"]
+    return row
+
+
+def aspects_frame(read: StudyRead) -> pd.DataFrame:
+    """For :func:`front_share`: every complete trial's policy aspects, and ``on_front``."""
+    numbers = {t.number for t in read.front}
+    rows = [
+        {**_aspects(t.user_attrs.get("policy", {})), "on_front": t.number in numbers}
+        for t in read.complete
+    ]
+    return pd.DataFrame(rows, columns=[*ASPECTS[:-1], "on_front"] if not rows else None)
+
+
 def relative_size(study: optuna.Study) -> Callable[[FrozenTrial], float]:
     """``size(trial)``: the trial's size objective as a fraction of the dense model's (its
     density when the dense value is not recorded). The study is read once, not per trial."""
     name, names, total = size_metric(study), metric_names(study), study_total_params(study)
-    setup = setup_if_any(study)
-    dense = None if setup is None else setup.dense.get(name)
+    dense = recorded_dense(study).get(name)
+    index = names.index(name)
 
     def size(trial: FrozenTrial) -> float:
-        metrics = trial_metrics(trial, names, total_params=total)
-        return metrics[name] / dense if dense else metrics.get("density", math.nan)
+        if dense:  # the size objective (trial_metrics would read it from the values too)
+            return float(trial.values[index]) / dense
+        return trial_metrics(trial, names, total_params=total).get("density", math.nan)
 
     return size
 
@@ -153,23 +227,32 @@ def hypervolume_2d(points: Iterable[tuple[float, float]]) -> float:
     return area
 
 
-def hypervolume_history(study: optuna.Study) -> pd.DataFrame:
+def hypervolume_history(
+    study: optuna.Study, complete: Sequence[FrozenTrial] | None = None
+) -> pd.DataFrame:
     """Hypervolume of the completed trials after each completion, in normalised space.
 
     Each trial is the point (decades of compression ``-log10(relative size)``, val accuracy);
     the reference point is the dense size at zero accuracy, so values are comparable across
     studies of one model. Columns: ``trial``, ``completed``, ``hypervolume``.
+
+    Args:
+        complete: The study's complete trials, if the caller has read them (summaries do).
     """
-    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    trials = sorted(trials, key=lambda t: (t.datetime_complete or _EPOCH, t.number))
+    if complete is None:
+        complete = trial_summaries(study, user_attrs=SUMMARY_ATTRS, states=[TrialState.COMPLETE])
+    trials = sorted(complete, key=lambda t: (t.datetime_complete or _EPOCH, t.number))
     rows: list[dict[str, Any]] = []
     staircase: list[tuple[float, float]] = []
     relative = relative_size(study)
+    value = hypervolume_2d(staircase)
     for trial in trials:
         size = relative(trial)
         if size > 0 and math.isfinite(size):
+            before = staircase
             staircase = _step(staircase, (-math.log10(size), float(trial.values[0])))
-        value = hypervolume_2d(staircase)
+            if staircase is not before:  # a covered point leaves the area as it was
+                value = hypervolume_2d(staircase)
         rows.append(
             {"trial": trial.number, "completed": trial.datetime_complete, "hypervolume": value}
         )
@@ -191,19 +274,25 @@ def _step(
     return [p for p in staircase if not covers(point, p)] + [point]
 
 
-def states_over_time(study: optuna.Study) -> pd.DataFrame:
+def states_over_time(
+    study: optuna.Study, trials: Sequence[FrozenTrial] | None = None
+) -> pd.DataFrame:
     """Cumulative trial counts by state over time (a running trial counts from its start;
     Optuna's PRUNED is labelled ``stopped``).
 
     Columns: ``time``, ``state``, ``count``.
+
+    Args:
+        trials: Every trial of the study, if the caller has read them (summaries do).
     """
+    trials = trial_summaries(study) if trials is None else trials
     events = sorted(
         (
             t.datetime_complete or t.datetime_start or _EPOCH,
             STATE_LABELS.get(t.state, t.state.name.lower()),
             t.number,
         )
-        for t in study.get_trials(deepcopy=False)
+        for t in trials
     )
     counts: dict[str, int] = {}
     rows = []
@@ -240,38 +329,30 @@ def front_share(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
-def param_importances(study: optuna.Study) -> tuple[pd.DataFrame, str]:
-    """Optuna's parameter importances for each objective; ``(frame, "")``, or an empty frame
-    and the reason there are none (too few trials, nothing varied).
+def param_importances(
+    study: optuna.Study,
+    complete: Sequence[FrozenTrial] | None = None,
+    *,
+    budget: float | None = None,
+) -> tuple[pd.DataFrame, str]:
+    """Optuna's parameter importances for each objective; ``(frame, "")``, or the frame of
+    what was computed and the reason the rest is missing (too few trials, nothing varied,
+    over ``budget`` CPU seconds; None: ``importance.BUDGET``). The evaluator and sample
+    follow the study's size (:mod:`autoprune.report.importance`).
 
     Columns: ``objective``, ``param``, ``importance``.
+
+    Args:
+        complete: The study's complete trials, if the caller has them (params are read here
+            for the sample only).
     """
-    columns = ["objective", "param", "importance"]
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if len(complete) < MIN_TRIALS_FOR_IMPORTANCE:
-        reason = f"{len(complete)} complete trials; importances need {MIN_TRIALS_FOR_IMPORTANCE}"
-        return pd.DataFrame(columns=columns), reason
-    rows = []
-    for i, name in enumerate(metric_names(study)):
-        # fANOVA, seeded: the default (PED-ANOVA) looks at the best 10 % of trials, which in a
-        # study of a few dozen is one or two, and then credits one parameter with everything.
-        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
-        sign = -1.0 if study.directions[i] == StudyDirection.MAXIMIZE else 1.0
-        try:
-            with warnings.catch_warnings():  # "few trials": the reason says it
-                warnings.simplefilter("ignore", UserWarning)
-                importances = optuna.importance.get_param_importances(
-                    study, evaluator=evaluator, target=_objective(i, sign)
-                )
-        except (ValueError, RuntimeError) as e:  # e.g. no parameter common to all trials
-            return pd.DataFrame(columns=columns), f"importances unavailable: {e}"
-        rows += [{"objective": name, "param": p, "importance": v} for p, v in importances.items()]
-    reason = "" if rows else "no parameter was searched in every complete trial"
-    return pd.DataFrame(rows, columns=columns), reason
-
-
-def _objective(index: int, sign: float) -> Callable[[FrozenTrial], float]:
-    return lambda trial: sign * float(trial.values[index])
+    if complete is None:
+        complete = trial_summaries(study, states=[TrialState.COMPLETE])
+    _, n = importance.choose(len(complete))
+    numbers = [t.number for t in importance.spread(complete, n)]
+    sample = trial_summaries(study, states=[TrialState.COMPLETE], numbers=numbers, params=True)
+    budget = importance.BUDGET if budget is None else budget
+    return importance.param_importances(study, sample, metric_names(study), budget=budget)
 
 
 def sensitivity_frame(study: optuna.Study) -> pd.DataFrame:
@@ -289,12 +370,19 @@ def sensitivity_frame(study: optuna.Study) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["layer", "sparsity", "accuracy"])
 
 
-def trial_details(study: optuna.Study, *, key_prefix: str = "") -> dict[str, dict[str, Any]]:
-    """What the dashboard shows when a trial is clicked, for each complete trial, keyed by
-    ``key_prefix + str(number)``: numbers, policy, per-layer sparsity and loss curves."""
+def trial_details(
+    study: optuna.Study, *, key_prefix: str = "", trials: Iterable[FrozenTrial] | None = None
+) -> dict[str, dict[str, Any]]:
+    """What the dashboard shows when a trial is clicked, for each complete trial (of
+    ``trials``, whole, if given), keyed by ``key_prefix + str(number)``: numbers, policy,
+    per-layer sparsity and loss curves."""
     names, total = metric_names(study), study_total_params(study)
+    if trials is None:
+        trials = full_trials(study, [t.number for t in trial_summaries(study)])
     details = {}
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+    for trial in trials:
+        if trial.state != TrialState.COMPLETE:
+            continue
         policy = dict(trial.user_attrs.get("policy", {}))
         target = policy.pop("sparsity", {})
         metrics = trial_metrics(trial, names, total_params=total)

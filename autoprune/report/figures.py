@@ -5,16 +5,24 @@ Nothing here computes a number the page shows; a figure with nothing to draw say
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import optuna
 import pandas as pd
 import plotly.colors
 import plotly.graph_objects as go
+from optuna.trial import FrozenTrial
 
 from autoprune.study.front import front_trials
 
 PALETTE = plotly.colors.qualitative.Plotly
+# Points a line over time draws at most; longer lines keep the points where they change
+# (hypervolume) or evenly spaced ones (counts), and always their last point.
+MAX_LINE_POINTS = 1000
+# Front trials whose loss curves are drawn as traces of their own, each in its colour.
+MAX_CURVE_TRACES = 20
 _SIZE_TITLES = {
     "nonzero_params": "nonzero prunable weights",
     "bytes": "bytes of the exported model",
@@ -86,26 +94,56 @@ def _hover(row: dict[str, Any]) -> str:
     return "<br>".join(lines)
 
 
-def loss_curves_figure(study: optuna.Study) -> go.Figure:
-    """Fine-tuning loss curves (train solid, validation dashed) of the front trials."""
+def loss_curves_figure(
+    study: optuna.Study, front: Sequence[FrozenTrial] | None = None
+) -> go.Figure:
+    """Fine-tuning loss curves (train solid, validation dashed) of the front trials (``front``,
+    whole, if the caller has read them). A front of more than ``MAX_CURVE_TRACES`` trials is
+    drawn as one line per split, its trials apart (hover names each): every curve, without
+    the hundreds of traces that keep a browser busy for seconds."""
     fig = go.Figure()
-    for i, trial in enumerate(sorted(front_trials(study), key=lambda t: t.values[1])):
-        history = trial.user_attrs.get("history", {})
-        density = trial.user_attrs.get("density", float("nan"))
-        color = PALETTE[i % len(PALETTE)]  # a trial's train and val curves share a colour
+    front = front_trials(study) if front is None else front
+    trials = sorted(front, key=lambda t: t.values[1])
+    curves = [(trial, trial.user_attrs.get("history", {})) for trial in trials]
+    if len(trials) > MAX_CURVE_TRACES:
         for split, dash in (("train", "solid"), ("val", "dash")):
-            points = history.get(split, [])
-            if points:
-                fig.add_trace(
-                    go.Scatter(
-                        x=[p[0] for p in points],
-                        y=[p[1] for p in points],
-                        mode="lines+markers",
-                        line={"dash": dash, "color": color},
-                        legendgroup=str(trial.number),
-                        name=f"trial {trial.number} {split} (density {density:.3f})",
-                    )
+            x: list[float | None] = []
+            y: list[float | None] = []
+            text: list[str] = []
+            for trial, history in curves:
+                points = history.get(split, [])
+                x += [p[0] for p in points] + [None]
+                y += [p[1] for p in points] + [None]
+                text += [f"trial {trial.number}"] * len(points) + [""]
+            fig.add_trace(
+                go.Scatter(
+                    x=x,
+                    y=y,
+                    text=text,
+                    mode="lines",
+                    line={"dash": dash, "width": 1},
+                    opacity=0.5,
+                    name=f"{split} ({len(trials)} front trials)",
+                    hovertemplate="%{text}: %{y:.4g}<extra></extra>",
                 )
+            )
+    else:
+        for i, (trial, history) in enumerate(curves):
+            density = trial.user_attrs.get("density", float("nan"))
+            color = PALETTE[i % len(PALETTE)]  # a trial's train and val curves share a colour
+            for split, dash in (("train", "solid"), ("val", "dash")):
+                points = history.get(split, [])
+                if points:
+                    fig.add_trace(
+                        go.Scatter(
+                            x=[p[0] for p in points],
+                            y=[p[1] for p in points],
+                            mode="lines+markers",
+                            line={"dash": dash, "color": color},
+                            legendgroup=str(trial.number),
+                            name=f"trial {trial.number} {split} (density {density:.3f})",
+                        )
+                    )
     fig.update_layout(
         title="Fine-tuning loss of the front trials",
         xaxis_title="epoch",
@@ -119,6 +157,10 @@ def hypervolume_figure(history: pd.DataFrame) -> go.Figure:
     """Hypervolume over time, one line per study (``study`` column of stacked histories)."""
     fig = go.Figure()
     for i, (study, part) in enumerate(_by_study(history)):
+        if len(part) > MAX_LINE_POINTS:  # a step line: its steps are all it shows
+            changed = part["hypervolume"].ne(part["hypervolume"].shift())
+            changed.iloc[-1] = True
+            part = part[changed]
         fig.add_trace(
             go.Scatter(
                 x=part["completed"],
@@ -143,6 +185,7 @@ def states_figure(states: pd.DataFrame) -> go.Figure:
     fig = go.Figure()
     for study, part in _by_study(states):
         for state, rows in part.groupby("state", sort=True):
+            rows = _thinned(rows)
             fig.add_trace(
                 go.Scatter(
                     x=rows["time"],
@@ -207,6 +250,15 @@ def sensitivity_figure(curves: pd.DataFrame) -> go.Figure:
             )
     title = "Sensitivity: one layer pruned at a time (magnitude, no fine-tune)"
     return _titled(fig, curves, title, "sparsity of that layer", "val accuracy")
+
+
+def _thinned(rows: pd.DataFrame) -> pd.DataFrame:
+    """At most ``MAX_LINE_POINTS`` rows, evenly spaced, the last one kept."""
+    if len(rows) <= MAX_LINE_POINTS:
+        return rows
+    step = math.ceil(len(rows) / MAX_LINE_POINTS)
+    keep = list(range(0, len(rows) - 1, step)) + [len(rows) - 1]
+    return rows.iloc[keep]
 
 
 def _by_study(frame: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:

@@ -12,6 +12,7 @@ import dataclasses
 import html
 import json
 import logging
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,10 +25,14 @@ import plotly.graph_objects as go
 from autoprune._files import atomic_write, check_output_file
 from autoprune.errors import AutopruneError, SpecError
 from autoprune.report.data import (
+    MAX_DOMINATED,
+    StudyRead,
+    aspects_frame,
     front_share,
     hypervolume_history,
     param_importances,
     pareto_front,
+    read_study,
     sensitivity_frame,
     states_over_time,
     trial_details,
@@ -43,7 +48,7 @@ from autoprune.report.figures import (
     states_figure,
 )
 from autoprune.study.pick import pick
-from autoprune.study.setup import setup_if_any
+from autoprune.study.record import recorded_dense, recorded_task
 from autoprune.study.trial_metrics import size_metric
 
 logger = logging.getLogger(__name__)
@@ -68,6 +73,7 @@ class DashboardData:
 
     studies: list[str]
     summaries: list[str]
+    reads: list[StudyRead]
     trials: pd.DataFrame
     front: pd.DataFrame
     size: str
@@ -81,39 +87,57 @@ class DashboardData:
     initial: str | None
 
 
-def dashboard_data(studies: Sequence[optuna.Study]) -> DashboardData:
-    """Compute the dashboard of ``studies`` (their fronts share one plot)."""
+def dashboard_data(
+    studies: Sequence[optuna.Study], *, max_dominated: int | None = MAX_DOMINATED
+) -> DashboardData:
+    """Compute the dashboard of ``studies`` (their fronts share one plot). Each study is read
+    once (:func:`autoprune.report.data.read_study`) and its importances computed once.
+
+    Args:
+        max_dominated: Dominated trials shown per study at most (None: all).
+    """
     names = [s.study_name for s in studies]
     sizes = {size_metric(s) for s in studies}
     # Studies that minimise different sizes still compare on density.
     size = sizes.pop() if len(sizes) == 1 else "density"
+    reads = [read_study(s, max_dominated=max_dominated) for s in studies]
     trials, fronts, share, importances, reasons = [], [], [], [], []
     details: dict[str, dict[str, Any]] = {}
-    for study in studies:
-        frame = trials_frame(study)
-        trials.append(frame.assign(study=study.study_name, key=_keys(study, frame["trial"])))
-        fronts.append(pareto_front(study).assign(study=study.study_name))
-        share.append(front_share(frame).assign(study=study.study_name))
-        found, reason = param_importances(study)
-        importances.append(found.assign(study=study.study_name))
-        reasons += [f"{study.study_name}: {reason}"] if reason else []
-        details.update(trial_details(study, key_prefix=f"{study.study_name}/"))
+    for study, read in zip(studies, reads, strict=True):
+        name = study.study_name
+        frame = trials_frame(study, read)
+        trials.append(frame.assign(study=name, key=_keys(study, frame["trial"])))
+        fronts.append(pareto_front(study, read.front).assign(study=name))
+        share.append(front_share(aspects_frame(read)).assign(study=name))
+        found, reason = param_importances(study, read.complete)
+        importances.append(found.assign(study=name))
+        reasons += [f"{name}: {reason}"] if reason else []
+        details.update(trial_details(study, key_prefix=f"{name}/", trials=read.shown))
     return DashboardData(
         studies=names,
-        summaries=[
-            _summary(s, len(f), len(p)) for s, f, p in zip(studies, trials, fronts, strict=True)
-        ],
+        summaries=[_summary(s, r) for s, r in zip(studies, reads, strict=True)],
+        reads=reads,
         trials=_stack(trials),
         front=_stack(fronts),
         size=size,
-        hypervolume=_stack([hypervolume_history(s).assign(study=s.study_name) for s in studies]),
-        states=_stack([states_over_time(s).assign(study=s.study_name) for s in studies]),
+        hypervolume=_stack(
+            [
+                hypervolume_history(s, r.complete).assign(study=s.study_name)
+                for s, r in zip(studies, reads, strict=True)
+            ]
+        ),
+        states=_stack(
+            [
+                states_over_time(s, r.summaries).assign(study=s.study_name)
+                for s, r in zip(studies, reads, strict=True)
+            ]
+        ),
         share=_stack(share),
         importances=_stack(importances),
         importance_reason="; ".join(reasons),
         sensitivity=_stack([sensitivity_frame(s).assign(study=s.study_name) for s in studies]),
         details=details,
-        initial=_initial(studies[0]),
+        initial=_initial(studies[0], reads[0]),
     )
 
 
@@ -126,24 +150,29 @@ def _stack(frames: list[pd.DataFrame]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def _initial(study: optuna.Study) -> str | None:
+def _initial(study: optuna.Study, read: StudyRead) -> str | None:
     """The trial shown before any click: the knee of the first study's front."""
     try:
-        return f"{study.study_name}/{pick(study, knee=True).number}"
+        return f"{study.study_name}/{pick(study, knee=True, front=read.front).number}"
     except AutopruneError:  # an empty front
         return None
 
 
-def _summary(study: optuna.Study, n_trials: int, n_front: int) -> str:
-    setup = setup_if_any(study)
+def _summary(study: optuna.Study, read: StudyRead) -> str:
     dense = ", ".join(
         f"{key} {value:.4f}" if value % 1 else f"{key} {int(value)}"
-        for key, value in (setup.dense if setup else {}).items()
+        for key, value in recorded_dense(study).items()
         if isinstance(value, (int, float))
     )
+    shown = len(read.shown) - len(read.front)
+    sampled = (
+        f" ({shown} of the {read.dominated} dominated trials shown, spread over the study)"
+        if shown < read.dominated
+        else ""
+    )
     return (
-        f"{n_trials} complete trials, {n_front} on the front; "
-        f"task {setup.task if setup else None}; "
+        f"{len(read.complete)} complete trials, {len(read.front)} on the front{sampled}; "
+        f"task {recorded_task(study)}; "
         f"dense model: {dense}"
     )
 
@@ -162,7 +191,7 @@ def dashboard_figures(
     }
     if not data.sensitivity.empty:
         figures["sensitivity"] = sensitivity_figure(data.sensitivity)
-    figures["loss-curves"] = loss_curves_figure(studies[0])
+    figures["loss-curves"] = loss_curves_figure(studies[0], data.reads[0].front)
     return figures
 
 
@@ -244,6 +273,11 @@ def write_report(
     return atomic_write(path, page)
 
 
+# The clock and the wait of --watch (tests replace them).
+_now = time.monotonic
+_sleep = time.sleep
+
+
 def watch_report(
     studies: Sequence[optuna.Study],
     path: str | Path,
@@ -254,16 +288,33 @@ def watch_report(
     """Rewrite the dashboard every ``every`` seconds (``rounds`` times; None: until
     interrupted), each page telling the browser to reload itself as often.
 
+    A rewrite never starts while the last one runs: one that takes longer than ``every``
+    makes the next start at the next whole multiple of ``every`` after it began (the turns it
+    overran are skipped, not queued), and the pages then ask the browser to reload at that
+    pace, not faster than they change.
+
     Raises:
         SpecError: If ``every`` is not a positive number of seconds.
     """
     if not every > 0:
         raise SpecError(f"watch interval must be > 0 seconds, got {every!r}")
-    done = 0
+    done, period = 0, every
     while True:
-        out = write_report(studies, path, refresh=every)
+        started = _now()
+        out = write_report(studies, path, refresh=period)
+        took = _now() - started
         done += 1
+        turns = max(1, math.ceil(took / every - 1e-9))
+        if turns > 1 and period != every * turns:
+            logger.warning(
+                "rewriting the report took %.3g s, longer than the %g s interval: "
+                "rewriting it every %g s",
+                took,
+                every,
+                every * turns,
+            )
+        period = every * turns
         logger.info("report rewritten (%s)", time.strftime("%H:%M:%S"))
         if rounds is not None and done >= rounds:
             return out
-        time.sleep(every)
+        _sleep(max(0.0, started + period - _now()))

@@ -22,6 +22,7 @@ from autoprune.study.setup import DEFAULT_SAMPLER, DEFAULT_TRIALS, check_seed, m
 from autoprune.study.space import SearchSpace
 from autoprune.study.stopping import EarlyStop
 from autoprune.study.study import Callback, open_study
+from autoprune.study.trials import whole
 from autoprune.study.warm_start import DEFAULT_WARM_START, WarmStart
 from autoprune.task import Task
 from autoprune.tasks import load_task
@@ -122,4 +123,4 @@ def search(
     )
     summary = run_worker(study, loaded, target=n_trials, timeout=timeout, callbacks=callbacks)
     logger.info("%s", summary)
-    return study
+    return whole(study)

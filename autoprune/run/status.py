@@ -1,7 +1,8 @@
 """Where a study stands, across all its workers: counts, pace, front, workers, stuck trials.
 
 Computed from the storage alone (any worker, any machine), for ``autoprune status`` and the
-progress display of a search.
+progress display of a search, from trial summaries (:mod:`autoprune.study.trials`): states,
+values, times and the few small attrs it counts with, never a trial's whole record.
 """
 
 from __future__ import annotations
@@ -15,16 +16,18 @@ from typing import Any
 
 import numpy as np
 import optuna
-from optuna._hypervolume import compute_hypervolume  # Optuna's, not public API
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from autoprune.measure import DEFAULT_OBJECTIVES as METRIC_NAMES
-from autoprune.run.worker import STATE_WORDS, WORKER_ATTR, counted
-from autoprune.study.front import front_trials
-from autoprune.study.setup import setup_if_any
+from autoprune.run.budget import COUNT_ATTRS, STATE_WORDS, WORKER_ATTR, counted
+from autoprune.study import _optuna
+from autoprune.study.record import recorded_dense, recorded_target
+from autoprune.study.trial_metrics import metric_names
+from autoprune.study.trials import trial_summaries
 
 SPARSITY_LEVELS = (0.5, 0.75, 0.9, 0.95)
+# The user attrs a status reads from each trial.
+STATUS_ATTRS = (*COUNT_ATTRS, WORKER_ATTR, "density")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,16 +74,14 @@ def study_status(
         now: The current time (``time.time()``), for tests.
     """
     now = time.time() if now is None else now
-    trials = study.get_trials(deepcopy=False)
+    trials = trial_summaries(study, user_attrs=STATUS_ATTRS)
     states = Counter(STATE_WORDS[t.state] for t in trials)
     kept = counted(trials)
-    setup = setup_if_any(study)
-    target = None if setup is None else setup.trials
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    front = front_trials(study) if complete else []
+    front = _optuna.pareto_front(complete, study.directions)
     return StudyStatus(
         name=study.study_name,
-        target=target,
+        target=recorded_target(study),
         states={word: states[word] for word in STATE_WORDS.values()},
         counted=len(kept),
         done=sum(t.state.is_finished() for t in kept),
@@ -97,8 +98,7 @@ def hypervolume(study: optuna.Study, front: Sequence[FrozenTrial]) -> float | No
     """Hypervolume of ``front`` in a box normalised by the dense model: each size objective
     divided by the dense model's value, accuracy from 0. In [0, 1]; None without a dense
     value for some objective or without a front."""
-    setup = setup_if_any(study)
-    dense = {} if setup is None else setup.dense
+    dense = recorded_dense(study)
     names = _metric_names(study)
     if not front or any(d == StudyDirection.MINIMIZE and not dense.get(n) for n, d in names):
         return None
@@ -111,12 +111,11 @@ def hypervolume(study: optuna.Study, front: Sequence[FrozenTrial]) -> float | No
     ]
     reference = [0.0 if d == StudyDirection.MAXIMIZE else 1.0 for _, d in names]
     points = np.minimum(np.asarray(losses, dtype=float), reference)  # clip into the box
-    return float(compute_hypervolume(points, np.asarray(reference)))
+    return float(_optuna.hypervolume(points, np.asarray(reference)))
 
 
 def _metric_names(study: optuna.Study) -> list[tuple[str, StudyDirection]]:
-    names = study.metric_names or list(METRIC_NAMES)
-    return list(zip(names, study.directions, strict=True))
+    return list(zip(metric_names(study), study.directions, strict=True))
 
 
 def _when(trial: FrozenTrial) -> float | None:

@@ -39,11 +39,13 @@ from typing import Any
 
 import optuna
 from optuna.storages import fail_stale_trials
-from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
 from autoprune._version import __version__
 from autoprune.errors import SpecError, StorageError, TrialFailed
+from autoprune.run.budget import STATE_WORDS, SURPLUS_ATTR, WORKER_ATTR, count_tracker
+from autoprune.study import _optuna
+from autoprune.study.loading import load_study
 from autoprune.study.objective import Objective
 from autoprune.study.samplers import make_sampler
 from autoprune.study.setup import DEFAULT_SAMPLER, StudySetup, make_setup, read_setup, study_task
@@ -51,27 +53,17 @@ from autoprune.study.storages import (
     HEARTBEAT,
     MAX_RETRY,
     resume_later,
-    retried_numbers,
     retry_callback,
     will_retry,
 )
-from autoprune.study.study import Callback, load_study, objective_for, open_study
+from autoprune.study.study import Callback, objective_for, open_study
+from autoprune.study.trials import full_trial
 from autoprune.task import Task
 from autoprune.tasks import TASKS
 
 logger = logging.getLogger(__name__)
 
-WORKER_ATTR = "worker"  # trial user attr: "host:pid" of the worker that ran it
-SURPLUS_ATTR = "surplus"  # trial user attr: started after the target was met; not counted
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
-# Trial states in the words the user reads (PRUNED: stopped early as hopeless).
-STATE_WORDS = {
-    TrialState.COMPLETE: "complete",
-    TrialState.FAIL: "failed",
-    TrialState.PRUNED: "stopped",
-    TrialState.RUNNING: "running",
-    TrialState.WAITING: "waiting",
-}
 # Modules whose calls a signal must not cut in half (the trial finishes instead).
 _STORAGE_MODULES = ("optuna.storages", "sqlalchemy", "psycopg", "sqlite3")
 
@@ -83,15 +75,6 @@ class Interrupted(TrialFailed):
 def worker_id() -> str:
     """``host:pid`` of this process, as recorded in the trials it runs."""
     return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def counted(trials: Iterable[FrozenTrial]) -> list[FrozenTrial]:
-    """The trials that count toward a study's target: every trial (waiting, running or
-    finished) except failed ones that were retried or resumed (the retry counts) and surplus
-    ones."""
-    trials = list(trials)
-    retried = retried_numbers(trials)
-    return [t for t in trials if t.number not in retried and not t.user_attrs.get(SURPLUS_ATTR)]
 
 
 @dataclasses.dataclass
@@ -144,10 +127,8 @@ class _WorkerObjective:
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
         trial.set_user_attr(WORKER_ATTR, self.me)
-        before = [
-            t for t in counted(trial.study.get_trials(deepcopy=False)) if t.number < trial.number
-        ]
-        if len(before) >= self.target:  # another worker started the last trial first
+        before = count_tracker(trial.study).before(trial.number)
+        if before >= self.target:  # another worker started the last trial first
             trial.set_user_attr(SURPLUS_ATTR, True)
             reason = f"surplus: the study already held its target of {self.target:g} trials"
             trial.set_user_attr("fail_reason", reason)
@@ -232,16 +213,17 @@ def _has_work(
     """Whether a trial should start: waiting trials, or fewer than ``target`` counted. Else
     waits while trials run that may yet fail and be retried (alive on this machine, or
     watched by heartbeats), so that none is left RUNNING."""
-    heartbeat = is_heartbeat_enabled(study._storage)
+    heartbeat = _optuna.heartbeat_enabled(study)
     while True:
         if stop.signal:  # first: a trial queued again by the signal is not for this worker
             return False
-        trials = study.get_trials(deepcopy=False)
-        if any(t.state == TrialState.WAITING for t in trials):
+        tracker = count_tracker(study)  # reads the study once, and only new trials after
+        unfinished = tracker.unfinished()
+        if any(t.state == TrialState.WAITING for t in unfinished):
             return True
-        if len(counted(trials)) < target:
+        if tracker.total() < target:
             return True
-        running = [t for t in trials if t.state == TrialState.RUNNING]
+        running = [t for t in unfinished if t.state == TrialState.RUNNING]
         if not heartbeat:
             running = [t for t in running if _host_pid(t) is not None]
         if not running or (deadline is not None and time.monotonic() >= deadline):
@@ -265,7 +247,9 @@ def recover_orphans(study: optuna.Study, pids: Iterable[int] | None = None) -> l
             continue
         reason = f"worker {trial.user_attrs[WORKER_ATTR]} died during the trial"
         if _fail(study, trial, reason):
-            retried = _retry(study, study.get_trials(deepcopy=False)[trial.number])
+            failed_trial = full_trial(study, trial.number)  # whole, as its retry copies it
+            assert failed_trial is not None
+            retried = _retry(study, failed_trial)
             failed.append(trial.number)
             outcome = "queued for retry" if retried else f"not retried again ({MAX_RETRY} tries)"
             logger.warning("trial %d: %s; %s", trial.number, reason, outcome)
@@ -292,7 +276,7 @@ def _fail(study: optuna.Study, trial: FrozenTrial, reason: str) -> bool:
     """Fail a RUNNING trial from outside its worker; False if it finished meanwhile."""
     # Optuna's own fail_stale_trials does it this way: the state change is atomic in the
     # storage, so of two workers that try, one succeeds.
-    storage, trial_id = study._storage, trial._trial_id
+    storage, trial_id = _optuna.storage_of(study), _optuna.trial_id(trial)
     try:
         storage.set_trial_user_attr(trial_id, "fail_reason", reason)
         return storage.set_trial_state_values(trial_id, state=TrialState.FAIL)

@@ -17,23 +17,25 @@ import logging
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import sqlalchemy
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.artifacts.exceptions import ArtifactNotFound
-from optuna.storages.journal import JournalFileBackend
 from optuna.study import StudyDirection
-from optuna.trial import FrozenTrial, TrialState
-from torch import Tensor
+from optuna.trial import FrozenTrial
 
 from autoprune._registry import from_dict, to_dict
 from autoprune.errors import SpecError, StorageError
-from autoprune.pruning.codec import load_state, save_state
-from autoprune.study.front import front_trials
+from autoprune.study import _optuna
+from autoprune.study.front import FrontTracker, current_front
 from autoprune.study.storages import JOURNAL_PREFIX, is_journal, journal_path
-from autoprune.trial import PruneResult
+
+if TYPE_CHECKING:  # torch is imported by what writes weights, not by what reads a study
+    from torch import Tensor
+
+    from autoprune.trial import PruneResult
 
 logger = logging.getLogger(__name__)
 
@@ -100,14 +102,8 @@ def sqlite_file(storage: str | None) -> Path | None:
 
 
 def rdb_storage(study: optuna.Study) -> optuna.storages.RDBStorage | None:
-    """The SQLAlchemy-backed storage of ``study``, or None (e.g. in memory).
-
-    Optuna keeps the storage private (and wraps an RDBStorage in a cache), so this is the one
-    place that reaches for it.
-    """
-    storage = getattr(study, "_storage", None)
-    storage = getattr(storage, "_backend", storage)
-    return storage if isinstance(storage, optuna.storages.RDBStorage) else None
+    """The SQLAlchemy-backed storage of ``study``, or None (e.g. in memory)."""
+    return _optuna.rdb_storage(study)
 
 
 def storage_url(study: optuna.Study) -> str | None:
@@ -116,10 +112,8 @@ def storage_url(study: optuna.Study) -> str | None:
     storage = rdb_storage(study)
     if storage is not None:
         return str(storage.url)
-    backend = getattr(getattr(study, "_storage", None), "_backend", None)
-    if isinstance(backend, JournalFileBackend):
-        return JOURNAL_PREFIX + str(Path(backend._file_path).resolve())
-    return None
+    path = _optuna.journal_file(study)
+    return None if path is None else JOURNAL_PREFIX + str(Path(path).resolve())
 
 
 def _journal_file(storage: str | None) -> Path | None:
@@ -128,12 +122,21 @@ def _journal_file(storage: str | None) -> Path | None:
 
 def dominated(study: optuna.Study, values: Sequence[float]) -> bool:
     """Whether a completed, feasible trial of ``study`` dominates ``values`` (equal values do
-    not). Like ``study.best_trials``, trials that violate a ``set_constraint`` are ignored."""
-    signs = [1.0 if d == StudyDirection.MAXIMIZE else -1.0 for d in study.directions]
+    not). Like ``study.best_trials``, trials that violate a ``set_constraint`` are ignored.
+
+    A trial that dominates ``values`` is on the front or dominated by a front trial, which
+    then dominates ``values`` too: the front (kept current, :func:`current_front`) decides.
+    """
+    return dominated_by(current_front(study), study.directions, values)
+
+
+def dominated_by(
+    front: Sequence[FrozenTrial], directions: Sequence[StudyDirection], values: Sequence[float]
+) -> bool:
+    """Whether a trial of ``front`` dominates ``values`` (equal values do not)."""
+    signs = [1.0 if d == StudyDirection.MAXIMIZE else -1.0 for d in directions]
     mine = [s * v for s, v in zip(signs, values, strict=True)]
-    for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if any(c > 0 for c in other.constraints.values()):  # infeasible
-            continue
+    for other in front:
         theirs = [s * v for s, v in zip(signs, other.values, strict=True)]
         if all(t >= m for t, m in zip(theirs, mine, strict=True)) and theirs != mine:
             return True
@@ -154,6 +157,8 @@ class FrontWeights:
         self.store = FileSystemArtifactStore(self.directory)
         self.keep = keep
         self._removed: set[str] = set()
+        self._tracker = FrontTracker()  # the front as this callback last saw it
+        self._holders: dict[int, str] = {}  # trials seen with weights: number -> artifact id
 
     @classmethod
     def for_study(cls, study: optuna.Study, spec: ArtifactSpec) -> FrontWeights | None:
@@ -189,6 +194,8 @@ class FrontWeights:
         """Store the trial's weights if ``values`` are on the current front (objective hook)."""
         if dominated(trial.study, values):
             return
+        from autoprune.pruning.codec import save_state  # torch: only where weights are made
+
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "weights.pt"
@@ -202,23 +209,32 @@ class FrontWeights:
         trial.set_user_attr(ARTIFACT_ID_ATTR, artifact_id)
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        """Remove the weights of trials that are no longer on the front (study callback)."""
+        """Remove the weights of trials that are no longer on the front (study callback).
+
+        Only trials that finished since the last call and those that were on the front then
+        are looked at (every trial, the first time): a trial off the front never returns.
+        """
         if self.keep != "front" or ARTIFACT_ID_ATTR not in trial.user_attrs:
             return  # a trial that uploaded nothing pushed nobody off the front
-        front = {t.number for t in front_trials(study)}
-        for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            artifact_id = other.user_attrs.get(ARTIFACT_ID_ATTR)
-            if artifact_id is None or other.number in front or artifact_id in self._removed:
+        new = self._tracker.update(study, study.get_trials(deepcopy=False))
+        for other in new:
+            if ARTIFACT_ID_ATTR in other.user_attrs:
+                self._holders[other.number] = other.user_attrs[ARTIFACT_ID_ATTR]
+        front = {t.number for t in self._tracker.front}
+        for number, artifact_id in list(self._holders.items()):
+            if number in front:
                 continue
-            try:
-                self.store.remove(artifact_id)
-                logger.debug("removed the weights of trial %d (off the front)", other.number)
-            except ArtifactNotFound:
-                pass  # removed by an earlier run or another worker
-            except OSError as e:  # tried again after the next trial that reaches the front
-                logger.warning("could not remove the weights of trial %d: %s", other.number, e)
-                continue
-            self._removed.add(artifact_id)
+            if artifact_id not in self._removed:
+                try:
+                    self.store.remove(artifact_id)
+                    logger.debug("removed the weights of trial %d (off the front)", number)
+                except ArtifactNotFound:
+                    pass  # removed by an earlier run or another worker
+                except OSError as e:  # tried again after the next trial that reaches the front
+                    logger.warning("could not remove the weights of trial %d: %s", number, e)
+                    continue
+                self._removed.add(artifact_id)
+            del self._holders[number]
 
     def has(self, trial: FrozenTrial) -> bool:
         """Whether ``trial``'s weights are in the store."""
@@ -240,5 +256,7 @@ class FrontWeights:
             reader = self.store.open_reader(artifact_id)
         except ArtifactNotFound:
             return None
+        from autoprune.pruning.codec import load_state  # torch: only where weights are read
+
         with reader:
             return load_state(reader)

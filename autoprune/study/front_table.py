@@ -3,8 +3,9 @@
 After each completed trial that reaches the front, the study's rows are replaced in one
 transaction (SQLAlchemy Core, in the study's own database, next to but apart from Optuna's
 tables), so that Grafana, Metabase, Superset or ``pandas.read_sql`` can read the front without
-Optuna. The front itself is Optuna's (``study.best_trials``, read without copying every trial:
-:func:`autoprune.study.front.front_trials`); this is only a copy of it.
+Optuna. The front itself is Optuna's (``study.best_trials``, kept current after each trial by
+:func:`autoprune.study.front.current_front`); this is only a copy of it, written from the
+front trials' whole records.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import sqlalchemy as sa
 from optuna.trial import FrozenTrial, TrialState
 
 from autoprune.study.artifacts import ARTIFACT_ID_ATTR, dominated, rdb_storage
-from autoprune.study.front import front_trials
+from autoprune.study.front import current_front
 from autoprune.study.trial_metrics import metric_names, study_total_params, trial_metrics
+from autoprune.study.trials import full_trials
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +88,8 @@ class FrontTable:
         names = metric_names(study)
         total = study_total_params(study)
         now = datetime.datetime.now(datetime.UTC)
-        rows = [_row(study.study_name, t, names, total, now) for t in front_trials(study)]
+        front = full_trials(study, [t.number for t in current_front(study)])
+        rows = [_row(study.study_name, t, names, total, now) for t in front]
         if not self._created:
             self.table.create(self.engine, checkfirst=True)
             self._created = True

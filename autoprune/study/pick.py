@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import optuna
 from optuna.trial import FrozenTrial
@@ -20,11 +20,14 @@ from autoprune.study.trial_metrics import (
 )
 
 
-def front_metrics(study: optuna.Study) -> list[tuple[FrozenTrial, dict[str, float]]]:
-    """The front trials (``study.best_trials``, uncopied: read them only) with their numbers
-    by name."""
+def front_metrics(
+    study: optuna.Study, front: Sequence[FrozenTrial] | None = None
+) -> list[tuple[FrozenTrial, dict[str, float]]]:
+    """The front trials (``study.best_trials``, uncopied: read them only; ``front`` if the
+    caller has read them whole) with their numbers by name."""
     names, total = metric_names(study), study_total_params(study)
-    return [(t, trial_metrics(t, names, total_params=total)) for t in front_trials(study)]
+    front = front_trials(study) if front is None else front
+    return [(t, trial_metrics(t, names, total_params=total)) for t in front]
 
 
 def pick(
@@ -35,6 +38,7 @@ def pick(
     max_size: float | None = None,
     knee: bool = False,
     by: str | None = None,
+    front: Sequence[FrozenTrial] | None = None,
 ) -> FrozenTrial:
     """Choose one front trial by exactly one rule.
 
@@ -44,6 +48,7 @@ def pick(
         max_size: The most accurate model whose ``by`` is at most this.
         knee: The knee of the front in (accuracy, log10 size) space.
         by: The size objective (default: the study's first one, e.g. ``nonzero_params``).
+        front: The study's front trials, whole, if the caller has read them (None: read).
 
     Raises:
         SpecError: If not exactly one rule is given, ``by`` is not a size objective of the
@@ -57,10 +62,10 @@ def pick(
     by = by or size_metric(study)
     if by not in sizes:
         raise SpecError(f"size objective must be one of {', '.join(sizes)}, got {by!r}")
-    front = front_metrics(study)
-    if not front:
+    found = front_metrics(study, front)
+    if not found:
         raise SpecError(f"study {study.study_name!r} has no completed trial to pick")
-    return copy.deepcopy(_CHOOSERS[given[0]](front, by, rules.get(given[0]) or 0.0))
+    return copy.deepcopy(_CHOOSERS[given[0]](found, by, rules.get(given[0]) or 0.0))
 
 
 Front = list[tuple[FrozenTrial, dict[str, float]]]

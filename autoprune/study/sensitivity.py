@@ -17,12 +17,12 @@ import optuna
 
 from autoprune.pruning.masks import apply_masks, compute_masks, score
 from autoprune.pruning.policy import Policy
+from autoprune.study.record import SENSITIVITY_ATTR
 from autoprune.study.setup import read_setup
 from autoprune.study.space import SearchSpace, heuristic_params
 from autoprune.task import Task
 from autoprune.train import evaluate
 
-SENSITIVITY_ATTR = "autoprune_sensitivity"
 SPARSITIES = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 Curves = dict[str, list[list[float]]]
 

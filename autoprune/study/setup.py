@@ -32,6 +32,7 @@ from autoprune.pruning.criteria import get_criterion
 from autoprune.pruning.masks import prunable_layers
 from autoprune.study.artifacts import ArtifactSpec
 from autoprune.study.constraints import Constraints
+from autoprune.study.record import FORMAT, STUDY_ATTR, recorded
 from autoprune.study.samplers import SAMPLERS
 from autoprune.study.space import SearchSpace
 from autoprune.study.stopping import EarlyStop
@@ -41,8 +42,6 @@ from autoprune.tasks import load_task
 
 logger = logging.getLogger(__name__)
 
-# Study user attr holding the setup (``StudySetup.to_dict``).
-STUDY_ATTR = "autoprune"
 # Study user attr of studies made before the setup held the task reference.
 _LEGACY_TASK_REF_ATTR = "autoprune_task_ref"
 # What a study is searched with when its creator says nothing: the spec's defaults too.
@@ -186,7 +185,6 @@ class StudySetup:
         return {name: getattr(self, name) for name in names}
 
 
-FORMAT = 2
 IDENTITY = (
     "task",
     "model",
@@ -365,8 +363,8 @@ def read_setup(study: optuna.Study) -> StudySetup:
         StorageError: If the study was not made by autoprune, or by a version whose setup
             this one cannot read.
     """
-    stored = study.user_attrs.get(STUDY_ATTR)
-    if not isinstance(stored, Mapping):
+    stored = recorded(study)
+    if stored is None:
         raise StorageError(f"study {study.study_name!r} was not made by autoprune")
     if stored.get("format") != FORMAT and _LEGACY_TASK_REF_ATTR in study.user_attrs:
         stored = {**stored, "task_ref": study.user_attrs[_LEGACY_TASK_REF_ATTR]}

@@ -19,7 +19,7 @@ from torch import nn
 from autoprune._registry import from_dict, to_dict
 from autoprune.errors import SpecError
 from autoprune.pruning.masks import count_nonzero
-from autoprune.study.front import front_trials
+from autoprune.study.front import current_front
 from autoprune.train import EpochHook
 
 
@@ -79,7 +79,7 @@ def front_accuracy(study: optuna.Study, density: float) -> float | None:
     """
     values = [
         t.values[0]
-        for t in front_trials(study)
+        for t in current_front(study)
         if t.user_attrs.get("density", math.inf) <= density + 1e-12
     ]
     return max(values) if values else None

@@ -28,6 +28,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from autoprune.errors import StorageError
+from autoprune.study._optuna import LeanRDBStorage
 
 JOURNAL_PREFIX = "journal:"
 HEARTBEAT = 10  # seconds between two heartbeats of a running trial
@@ -98,8 +99,10 @@ def open_journal(url: str) -> JournalStorage:
     return JournalStorage(JournalFileBackend(str(path)))
 
 
-def open_rdb(url: str, *, heartbeat: int | None) -> RDBStorage:
-    """Optuna's RDB storage; with ``heartbeat`` seconds, stale trials are failed and retried.
+def open_rdb(url: str, *, heartbeat: int | None, lean: bool = False) -> RDBStorage:
+    """Optuna's RDB storage; with ``heartbeat`` seconds, stale trials are failed and retried;
+    ``lean``: its cache holds finished trials without their bulky records, for processes that
+    run trials (:class:`autoprune.study._optuna.LeanRDBStorage`).
 
     Opening a new database creates Optuna's tables and stamps their version. Two processes
     that open one new database at once both try it, and all but one fail on a table or
@@ -107,7 +110,7 @@ def open_rdb(url: str, *, heartbeat: int | None) -> RDBStorage:
     """
     for attempt in range(_CREATE_ATTEMPTS):
         try:
-            return _open_rdb(url, heartbeat=heartbeat)
+            return _open_rdb(url, heartbeat=heartbeat, lean=lean)
         except sqlalchemy.exc.DBAPIError as e:  # IntegrityError, OperationalError, ...
             if attempt == _CREATE_ATTEMPTS - 1 or not _made_meanwhile(e):
                 raise
@@ -123,12 +126,13 @@ def _made_meanwhile(e: Exception) -> bool:
     return any(text in _first_line(e) for text in _MADE_MEANWHILE)
 
 
-def _open_rdb(url: str, *, heartbeat: int | None) -> RDBStorage:
+def _open_rdb(url: str, *, heartbeat: int | None, lean: bool) -> RDBStorage:
+    kind = LeanRDBStorage if lean else RDBStorage
     if heartbeat is None:
-        return RDBStorage(url)
+        return kind(url)
     with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return RDBStorage(
+        return kind(
             url,
             heartbeat_interval=heartbeat,
             grace_period=GRACE_FACTOR * heartbeat,
@@ -156,16 +160,16 @@ def open_storage(
     """A URL becomes a storage object, opened once for all that follows.
 
     ``journal:PATH`` opens a journal file (see :func:`open_journal`). An RDB opened for
-    writing (running trials) gets heartbeats every ``heartbeat`` seconds, and a SQLite file
-    is switched to write-ahead logging (see :func:`_sqlite_pragmas`); read-only commands
-    leave the file as they find it.
+    writing (running trials) gets heartbeats every ``heartbeat`` seconds, keeps finished
+    trials lean in its cache (``open_rdb``), and a SQLite file is switched to write-ahead
+    logging (see :func:`_sqlite_pragmas`); read-only commands leave the file as they find it.
     """
     if not isinstance(storage, str):
         return storage
     with storage_errors(storage):
         if is_journal(storage):
             return open_journal(storage)
-        opened = open_rdb(storage, heartbeat=heartbeat if for_writing else None)
+        opened = open_rdb(storage, heartbeat=heartbeat if for_writing else None, lean=for_writing)
     if for_writing and opened.engine.name == "sqlite":
         sqlalchemy.event.listen(opened.engine, "connect", _sqlite_pragmas)
         sqlalchemy.event.listen(opened.engine, "begin", _sqlite_begin)

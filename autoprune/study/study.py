@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -19,18 +18,18 @@ from optuna.trial import FrozenTrial
 from torch import nn
 
 from autoprune import measure
-from autoprune.errors import StorageError, TaskError
+from autoprune.errors import TaskError
 from autoprune.pruning import structured
 from autoprune.pruning.masks import count_nonzero
 from autoprune.pruning.policy import Policy
 from autoprune.study import storages
 from autoprune.study.artifacts import FrontWeights
 from autoprune.study.front_table import FrontTable
+from autoprune.study.loading import await_setup
 from autoprune.study.objective import Objective
 from autoprune.study.samplers import make_sampler
 from autoprune.study.setup import (
     DEFAULT_SAMPLER,
-    STUDY_ATTR,
     StudySetup,
     check_same,
     read_setup,
@@ -42,9 +41,6 @@ from autoprune.train import evaluate
 from autoprune.trial import PruneResult, prune_and_finetune
 
 logger = logging.getLogger(__name__)
-# Seconds a process that opens a study which holds nothing yet waits for its creator (another
-# process, between creating the study and storing its setup) to store the setup.
-SETUP_WAIT = 30.0
 
 Callback = Callable[[optuna.Study, FrozenTrial], None]
 
@@ -88,12 +84,12 @@ def open_study(
             study = _load_existing(storage, study_name)
             assert study is not None
     if not created:
-        _await_setup(storage, study)
+        await_setup(storage, study)
         stored = read_setup(study)
         check_same(stored, setup, study_name)
         setup = _with_dense(setup, stored.dense)
     if sampler is None:
-        n_before = 0 if created else len(study.trials)
+        n_before = 0 if created else len(study.get_trials(deepcopy=False))
         sampler = make_sampler(
             setup.sampler or DEFAULT_SAMPLER, seed=setup.seed + n_before, space=setup.space
         )
@@ -200,41 +196,6 @@ def replay(task: Task, trial: FrozenTrial) -> PruneResult:
     return result
 
 
-def load_study(storage: str, study_name: str | None, *, wait: bool = False) -> optuna.Study:
-    """Load an existing autoprune study; with one study in the storage, the name may be omitted.
-
-    A search creates its study, then stores the setup. With ``wait``, a study that holds
-    nothing yet is waited for (at most ``SETUP_WAIT`` seconds), as a process that joins the
-    study needs; without it, such a study is refused at once.
-
-    Raises:
-        StorageError: If the storage cannot be opened, holds no such study, or the study was
-            not made by autoprune.
-    """
-    if storages.missing_file(storage):  # opening it would leave an empty database behind
-        raise StorageError(f"storage {storages.describe(storage)} does not exist")
-    storage = storages.open_storage(storage)
-    with storages.storage_errors(storage):
-        names = optuna.get_all_study_names(storage)
-    if study_name is None:
-        if len(names) != 1:
-            listed = ", ".join(names) if names else "none"
-            raise StorageError(
-                f"give --study-name: storage {storages.describe(storage)} holds "
-                f"{len(names)} studies ({listed})"
-            )
-        study_name = names[0]
-    if study_name not in names:
-        raise StorageError(f"no study named {study_name!r} in {storages.describe(storage)}")
-    study = optuna.load_study(study_name=study_name, storage=storage)
-    if wait:
-        _await_setup(storage, study)
-    if STUDY_ATTR not in study.user_attrs:
-        creating = ", or a search is still creating it" if _holds_nothing(storage, study) else ""
-        raise StorageError(f"study {study_name!r} was not made by autoprune{creating}")
-    return study
-
-
 def _create(storage: Any, study_name: str | None, setup: StudySetup) -> optuna.Study | None:
     """Create the study and store ``setup`` with it at once; None if another process created
     a study of that name first (then that process stores its setup, and this one joins)."""
@@ -252,28 +213,6 @@ def _create(storage: Any, study_name: str | None, setup: StudySetup) -> optuna.S
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(list(setup.objectives))
     return study
-
-
-def _await_setup(storage: Any, study: optuna.Study) -> None:
-    """Wait while ``study`` holds nothing at all: another process creates a study, then
-    stores its setup, and may be between the two.
-
-    Raises:
-        StorageError: If nothing appears within ``SETUP_WAIT`` seconds.
-    """
-    deadline = time.monotonic() + SETUP_WAIT
-    while _holds_nothing(storage, study):
-        if time.monotonic() > deadline:
-            raise StorageError(
-                f"study {study.study_name!r} was not made by autoprune, or the search that "
-                f"created it stopped before storing its setup (none came in {SETUP_WAIT:g} s)"
-            )
-        time.sleep(0.05)
-
-
-def _holds_nothing(storage: Any, study: optuna.Study) -> bool:
-    with storages.storage_errors(storage):
-        return not study.user_attrs and not study.get_trials(deepcopy=False)
 
 
 def _load_existing(storage: Any, study_name: str | None) -> optuna.Study | None:

@@ -12,10 +12,12 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial
 
-from autoprune.measure import DEFAULT_OBJECTIVES as METRIC_NAMES
-from autoprune.study.setup import setup_if_any
+from autoprune.study.record import recorded_dense
 
 ACCURACY = "accuracy"
+# The objectives of a study that names none (made before autoprune named them): the
+# default ones (autoprune.measure.DEFAULT_OBJECTIVES; a test holds them equal).
+METRIC_NAMES = ("accuracy", "nonzero_params")
 # User attrs that are bookkeeping, not measurements.
 _NOT_METRICS = {"seed"}
 
@@ -49,8 +51,7 @@ def trial_metrics(
 
 def study_total_params(study: optuna.Study) -> float | None:
     """The dense model's prunable weights, as recorded in an autoprune study."""
-    setup = setup_if_any(study)
-    return None if setup is None else setup.dense.get("total_params")
+    return recorded_dense(study).get("total_params")
 
 
 def _is_number(value: Any) -> bool:
