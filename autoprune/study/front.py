@@ -19,7 +19,7 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from autoprune.study import _optuna
-from autoprune.study.trials import full_trials, trial_summaries
+from autoprune.study.trials import check_numbered, full_trials, trial_summaries
 
 
 def front_trials(
@@ -58,6 +58,7 @@ class FrontTracker:
     def update(self, study: optuna.Study, trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
         """The front after ``trials`` (all the study's, in number order, as ``get_trials``
         gives them); returns the trials that finished since the last update."""
+        check_numbered(trials)
         looked = [trials[i] for i in sorted(self._pending)] + list(trials[self._seen :])
         self._seen = len(trials)
         new = [t for t in looked if t.state.is_finished()]

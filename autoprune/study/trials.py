@@ -14,7 +14,7 @@ read them for their numbers, states, values, times, constraints and the attrs na
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -65,6 +65,20 @@ def full_trial(study: optuna.Study, number: int) -> FrozenTrial | None:
     """The whole trial ``number``, or None if the study has none of that number."""
     found = full_trials(study, [number])
     return found[0] if found else None
+
+
+def check_numbered(trials: Sequence[FrozenTrial]) -> None:
+    """Check that ``trials`` are a study's trials in number order, as ``get_trials`` gives
+    them (trial ``i`` at index ``i``), which code that finds a trial by its number needs.
+
+    Raises:
+        ValueError: If they are not.
+    """
+    if trials and trials[-1].number != len(trials) - 1:
+        raise ValueError(
+            f"not a study's trials in number order: {len(trials)} trials end with "
+            f"trial {trials[-1].number}"
+        )
 
 
 def _cache_serves(study: optuna.Study, user_attrs: Collection[str]) -> bool:
