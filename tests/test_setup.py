@@ -27,7 +27,7 @@ from autoprune.study.stopping import EarlyStop
 
 # search()'s arguments that are make_setup()'s under another name, and those of the run only.
 RENAMED = {"n_trials": "trials"}
-RUN_ONLY = {"task", "timeout", "storage", "study_name", "callbacks"}
+RUN_ONLY = {"task", "timeout", "storage", "study_name", "callbacks", "create_in_existing"}
 
 
 def test_make_setup_s_defaults_are_search_s() -> None:

@@ -25,7 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 from worker_tasks import GATHER, HOLD, held
 
 from autoprune.cli import main
-from autoprune.errors import TrialFailed
+from autoprune.errors import StorageError, TrialFailed
 from autoprune.run.worker import SURPLUS_ATTR, WORKER_ATTR, counted, run_worker
 from autoprune.spec import spec_from_dict
 from autoprune.study.setup import STUDY_ATTR, read_setup
@@ -82,8 +82,11 @@ def create_study(storage: str, name: str, *, task: str, trials: int) -> optuna.S
 
 
 def trials_of(storage: str, name: str) -> list[FrozenTrial]:
-    """The study's trials; none while the study does not exist yet."""
-    opened = open_storage(storage)
+    """The study's trials; none while the study (or its database) does not exist yet."""
+    try:
+        opened = open_storage(storage)
+    except StorageError:  # no Optuna tables yet: reading does not make them
+        return []
     if name not in optuna.get_all_study_names(opened):
         return []
     return optuna.load_study(study_name=name, storage=opened).get_trials(deepcopy=False)

@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 
 from autoprune._files import atomic_write, check_output_file
-from autoprune.cli._common import DEFAULT_STORAGE, sparsity
+from autoprune.cli._common import DEFAULT_STORAGE, create_in_existing_argument, sparsity
 from autoprune.pruning.allocation import ALLOCATIONS
 from autoprune.pruning.masks import prunable_layers
 from autoprune.spec import load_spec
@@ -50,7 +50,13 @@ def _sensitivity(args: argparse.Namespace) -> int:
     storage = args.storage or spec.storage
     study_name = args.study_name or spec.name
     task = spec.finetune.apply(load_task(spec.task, seed=spec.seed))
-    study = open_study(spec.setup(task), task, storage=storage, study_name=study_name)
+    study = open_study(
+        spec.setup(task),
+        task,
+        storage=storage,
+        study_name=study_name,
+        create_in_existing=args.create_in_existing,
+    )
     curves, enqueued = analyze(study, task, spec.warm_start.sparsities)
     table = pd.DataFrame(
         {layer: {s: a for s, a in curve} for layer, curve in curves.items()}
@@ -75,4 +81,5 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("spec", help="study spec; the study is created if it does not exist")
     p.add_argument("--storage", help=f"database URL (default: the spec's, else {DEFAULT_STORAGE})")
     p.add_argument("--study-name", help="study name (default: the spec's)")
+    create_in_existing_argument(p)
     p.set_defaults(run=_sensitivity)

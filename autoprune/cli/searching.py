@@ -17,6 +17,7 @@ from tqdm import tqdm
 from autoprune._files import check_output_file, safe_filename
 from autoprune.cli._common import (
     DEFAULT_STORAGE,
+    create_in_existing_argument,
     front_text,
     positive_int,
     print_counts,
@@ -103,6 +104,7 @@ def _search(args: argparse.Namespace) -> int:
         storage=spec.storage,
         study_name=spec.name,
         heartbeat=args.heartbeat,
+        create_in_existing=args.create_in_existing,
     )
     weights_dir = resolve_dir(spec.storage, spec.artifacts)
     dense = read_setup(study).dense
@@ -200,6 +202,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument(
         "--report", help="HTML report path (default: STUDY_NAME.html, in the current directory)"
     )
+    create_in_existing_argument(p)
     _heartbeat_and_quiet(p)
     p.set_defaults(run=_search)
 

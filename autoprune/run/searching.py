@@ -47,6 +47,7 @@ def search(
     front_table: bool = True,
     objectives: Sequence[str] = DEFAULT_OBJECTIVES,
     latency: Latency | None = None,
+    create_in_existing: bool = False,
 ) -> optuna.Study:
     """Search pruning policies of ``task``'s model; return the (new or resumed) Optuna study.
 
@@ -78,6 +79,8 @@ def search(
         front_table: Keep the ``autoprune_front`` table of a database storage up to date.
         objectives: ``"accuracy"``, then one or two of :data:`autoprune.measure.OBJECTIVES`.
         latency: How ``latency_ms`` is measured (batch size, threads, repeats).
+        create_in_existing: Add Optuna's tables to a database that holds another
+            application's tables (without it, such a database is refused, untouched).
 
     SIGINT and SIGTERM stop the search as they stop a worker: the running trial fails, is
     queued for retry, and the study is returned.
@@ -87,8 +90,9 @@ def search(
             objective blind to it.
         TaskError: If the task reference does not build a task, the model has no prunable
             layer left by the space's globs, or the data does not fit the model.
-        StorageError: If the storage cannot be opened, or the named study was created with a
-            different task, recipe, search space, objectives or seed.
+        StorageError: If the storage cannot be opened, holds another application's tables
+            (see ``create_in_existing``), or the named study was created with a different
+            task, recipe, search space, objectives or seed.
         SpecError: Also if neither ``n_trials`` nor ``timeout`` is given (a ValueError).
     """
     if n_trials is None and timeout is None:
@@ -119,6 +123,7 @@ def search(
         storage=storage,
         study_name=study_name,
         sampler=None if isinstance(sampler, str) else sampler,
+        create_in_existing=create_in_existing,
     )
     summary = run_worker(study, loaded, target=n_trials, timeout=timeout, callbacks=callbacks)
     logger.info("%s", summary)

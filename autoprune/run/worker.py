@@ -318,10 +318,11 @@ def _cleaned(trial: FrozenTrial) -> FrozenTrial:
 
 
 class _NoInterruptTraceback(logging.Filter):
-    """Optuna logs a failed trial with its traceback; an interrupted one needs no traceback."""
+    """Optuna logs a failed trial with its traceback; an interrupted one needs none, nor one
+    whose storage failed (the search stops with that one-line StorageError)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], Interrupted):
+        if record.exc_info and isinstance(record.exc_info[1], (Interrupted, StorageError)):
             record.exc_info, record.exc_text = None, None
         return True
 

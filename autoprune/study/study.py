@@ -11,8 +11,8 @@ import dataclasses
 import logging
 import time
 import warnings
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import optuna
 from optuna.trial import FrozenTrial
@@ -57,6 +57,7 @@ def open_study(
     study_name: str | None,
     sampler: optuna.samplers.BaseSampler | None = None,
     heartbeat: int | None = storages.HEARTBEAT,
+    create_in_existing: bool = False,
 ) -> optuna.Study:
     """Create the study of ``setup`` (made by :func:`autoprune.study.setup.make_setup` for
     ``task``), or open it if it exists and was made with the same identity.
@@ -71,13 +72,18 @@ def open_study(
             first run's random draws.
         heartbeat: Seconds between heartbeats of running trials, for an RDB URL (None: no
             heartbeats); see :mod:`autoprune.study.storages`.
+        create_in_existing: Add Optuna's tables to a database that holds another
+            application's tables (refused without it).
 
     Raises:
-        StorageError: If the storage cannot be opened, or the named study was not made by
-            autoprune or was made with a different identity (task, dense weights, recipe,
-            layers, space, objectives, seed).
+        StorageError: If the storage cannot be opened, holds another application's tables
+            (without ``create_in_existing``), or the named study was not made by autoprune or
+            was made with a different identity (task, dense weights, recipe, layers, space,
+            objectives, seed).
     """
-    storage = storages.open_storage(storage, for_writing=True, heartbeat=heartbeat)
+    storage = storages.open_storage(
+        storage, for_writing=True, heartbeat=heartbeat, create_in_existing=create_in_existing
+    )
     study = _load_existing(storage, study_name)
     created = False
     if study is None:
@@ -88,7 +94,7 @@ def open_study(
             study = _load_existing(storage, study_name)
             assert study is not None
     if not created:
-        _await_setup(storage, study)
+        _await_setup(storage, study, _directions(setup))
         stored = read_setup(study)
         check_same(stored, setup, study_name)
         setup = _with_dense(setup, stored.dense)
@@ -243,7 +249,7 @@ def _create(storage: Any, study_name: str | None, setup: StudySetup) -> optuna.S
             study = optuna.create_study(
                 storage=storage,
                 study_name=study_name,
-                directions=measure.directions(setup.objectives),
+                directions=_directions(setup),
             )
         except optuna.exceptions.DuplicatedStudyError:
             return None
@@ -254,14 +260,33 @@ def _create(storage: Any, study_name: str | None, setup: StudySetup) -> optuna.S
     return study
 
 
-def _await_setup(storage: Any, study: optuna.Study) -> None:
+def _directions(setup: StudySetup) -> list[Literal["maximize", "minimize"]]:
+    """The directions of the study that ``setup`` creates."""
+    return measure.directions(setup.objectives)
+
+
+def _await_setup(
+    storage: Any, study: optuna.Study, directions: Sequence[str] | None = None
+) -> None:
     """Wait while ``study`` holds nothing at all: another process creates a study, then
-    stores its setup, and may be between the two.
+    stores its setup, and may be between the two. A study whose directions no search
+    creating it would give (``directions``, those of this process's setup, or else those of
+    any autoprune study) is refused at once: it was made by hand, or for other objectives.
 
     Raises:
-        StorageError: If nothing appears within ``SETUP_WAIT`` seconds.
+        StorageError: If nothing appears within ``SETUP_WAIT`` seconds, or at once for a
+            study of other directions.
     """
     deadline = time.monotonic() + SETUP_WAIT
+    if _holds_nothing(storage, study) and not _could_be_creating(storage, study, directions):
+        given = ", ".join(d.name.lower() for d in study.directions)
+        wanted = (
+            f"this search's ({', '.join(directions)})" if directions else "an autoprune study's"
+        )
+        raise StorageError(
+            f"study {study.study_name!r} holds nothing, and its directions ({given}) are not "
+            f"{wanted}: it was made by hand, or for other objectives"
+        )
     while _holds_nothing(storage, study):
         if time.monotonic() > deadline:
             raise StorageError(
@@ -269,6 +294,18 @@ def _await_setup(storage: Any, study: optuna.Study) -> None:
                 f"created it stopped before storing its setup (none came in {SETUP_WAIT:g} s)"
             )
         time.sleep(0.05)
+
+
+def _could_be_creating(
+    storage: Any, study: optuna.Study, directions: Sequence[str] | None
+) -> bool:
+    """Whether a search could be creating ``study`` now: its directions are ``directions``,
+    or (None) an autoprune study's: accuracy's, then one or more sizes, minimised."""
+    with storages.storage_errors(storage):
+        given = [d.name.lower() for d in study.directions]
+    if directions is not None:
+        return given == list(directions)
+    return len(given) >= 2 and all(d == "minimize" for d in given[1:])
 
 
 def _holds_nothing(storage: Any, study: optuna.Study) -> bool:
