@@ -74,12 +74,19 @@ def test_without_early_stop_nothing_stops(tiny_task: Task, tmp_path: Path) -> No
     assert study.trials[-1].state == TrialState.COMPLETE
 
 
-@pytest.mark.parametrize("margin", [-0.1, "0.1", True, float("inf")])
+@pytest.mark.parametrize("margin", [-0.1, "0.1", True, float("inf"), float("nan"), 1, 5, 1e300])
 def test_bad_margins_are_named(margin: object) -> None:
-    with pytest.raises(
-        SpecError, match=f"^early_stop margin must be a number >= 0, got {margin!r}$"
-    ):
+    """Accuracy is a fraction: a margin of 1 or more would stop no trial (5 meant 5 %?)."""
+    with pytest.raises(SpecError) as info:
         EarlyStop(margin=margin)  # type: ignore[arg-type]
+    message = str(info.value)
+    assert message.startswith("early_stop margin must be a number in [0, 1) ")
+    assert message.endswith(f", got {margin!r}") and "\n" not in message
+
+
+@pytest.mark.parametrize("margin", [0, 0.0, 0.1, 0.999])
+def test_margins_in_range_are_kept(margin: float) -> None:
+    assert EarlyStop(margin=margin).margin == margin
 
 
 def test_early_stop_round_trips_and_rejects_unknown_keys() -> None:
@@ -97,5 +104,6 @@ def test_spec_turns_early_stop_on_off_or_sets_its_margin() -> None:
         SpecError, match="^key 'early_stop' must be true, false or a table, got 1$"
     ):
         spec_from_dict({"early_stop": 1})
-    with pytest.raises(SpecError, match=r"^\[early_stop\] early_stop margin must be a number"):
-        spec_from_dict({"early_stop": {"margin": -1}})
+    for margin in (-1, 5):
+        with pytest.raises(SpecError, match=r"^\[early_stop\] early_stop margin must be a number"):
+            spec_from_dict({"early_stop": {"margin": margin}})

@@ -32,17 +32,23 @@ class EarlyStop:
             front's best accuracy at its density or lower minus ``margin``. None: never.
 
     Raises:
-        SpecError: If ``margin`` is not a number >= 0.
+        SpecError: If ``margin`` is not a number in [0, 1).
     """
 
     margin: float | None = 0.1
 
     def __post_init__(self) -> None:
         m = self.margin
+        # Accuracy is a fraction in [0, 1]: a trial is never 1 or more below the front, so a
+        # margin of 1 or more would stop none while saying early stop is on. Such a margin is
+        # a mistake (a percentage, 5 for 0.05); `early_stop = false` is how to turn it off.
         if m is not None and (
-            isinstance(m, bool) or not isinstance(m, (int, float)) or not m >= 0 or math.isinf(m)
+            isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m < 1
         ):
-            raise SpecError(f"early_stop margin must be a number >= 0, got {m!r}")
+            raise SpecError(
+                f"early_stop margin must be a number in [0, 1) (a fraction of accuracy; "
+                f"early_stop = false turns it off), got {m!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
