@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 import optuna
@@ -86,19 +86,66 @@ def run_workers(
     )
     # A worker's log goes to a file, not a pipe that a long run would fill: its last line is
     # the one-line error of a worker that could not run.
-    with contextlib.ExitStack() as files:
+    with contextlib.ExitStack() as files, _forwarding() as forward:
         logs = [
             files.enter_context(tempfile.TemporaryFile(mode="w+", encoding="utf-8"))
             for _ in range(workers)
         ]
-        procs = [
-            subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
-            for log in logs
-        ]
+        procs = forward.procs
+        for log in logs:
+            procs.append(
+                subprocess.Popen(
+                    command,
+                    stdout=subprocess.PIPE,
+                    stderr=log,
+                    text=True,
+                    process_group=procs[0].pid if procs else 0,
+                )
+            )
+        if forward.sent:  # a signal came while they started: it reaches all of them now
+            forward.send()
         logger.info("started %d workers (pids %s)", workers, ", ".join(str(p.pid) for p in procs))
-        forwarded = _watch(study, procs, on_poll, poll)
-        lines = [_summary(proc, log, forwarded) for proc, log in zip(procs, logs, strict=True)]
-    return lines, [0 if _stopped(proc, forwarded) else proc.returncode for proc in procs]
+        _watch(study, procs, on_poll, poll)
+        lines = [_summary(proc, log, forward.sent) for proc, log in zip(procs, logs, strict=True)]
+    return lines, [0 if _stopped(proc, forward.sent) else proc.returncode for proc in procs]
+
+
+class _Forward:
+    """The parent's SIGINT/SIGTERM, forwarded to its workers as SIGTERM, to all at once.
+
+    The workers share a process group of their own, and one ``killpg`` signals them all:
+    signalled one by one, a worker signalled first could queue its interrupted trial again
+    before the next one heard of the signal, and that one would claim it (and fail it). A
+    terminal's Ctrl-C reaches only the parent (the workers are not in its process group),
+    which forwards it.
+    """
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[str]] = []
+        self.sent = False
+
+    def __call__(self, signum: int, _frame: Any) -> None:
+        if not self.sent:
+            self.sent = True
+            self.send()
+
+    def send(self) -> None:
+        # While one of them runs, their group exists (and its id is no other group's).
+        if any(proc.poll() is None for proc in self.procs):
+            with contextlib.suppress(ProcessLookupError):  # all ended meanwhile
+                os.killpg(self.procs[0].pid, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _forwarding() -> Iterator[_Forward]:
+    """SIGINT and SIGTERM go to a :class:`_Forward`, from before the first worker starts."""
+    forward = _Forward()
+    previous = {s: signal.signal(s, forward) for s in SIGNALS}
+    try:
+        yield forward
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _watch(
@@ -106,33 +153,17 @@ def _watch(
     procs: list[subprocess.Popen[str]],
     on_poll: Callable[[optuna.Study], None],
     poll: float,
-) -> bool:
-    """Wait for ``procs`` to end: forward SIGINT/SIGTERM to them (as SIGTERM), and fail and
-    retry at once the trial of one that dies. Returns whether a signal was forwarded."""
-    forwarded: dict[str, bool] = {"sent": False}
-
-    def forward(signum: int, _frame: Any) -> None:
-        if not forwarded["sent"]:  # a terminal's Ctrl-C reaches the workers by itself too
-            forwarded["sent"] = True
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-
-    previous = {s: signal.signal(s, forward) for s in SIGNALS}
-    try:
-        ended: set[int] = set()
-        while len(ended) < len(procs):
-            time.sleep(poll)
-            for proc in procs:
-                if proc.pid not in ended and proc.poll() is not None:
-                    ended.add(proc.pid)
-                    if proc.returncode != 0:  # killed: its trial must not stay RUNNING
-                        recover_orphans(study, pids=[proc.pid])
-            on_poll(study)
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    return forwarded["sent"]
+) -> None:
+    """Wait for ``procs`` to end, and fail and retry at once the trial of one that dies."""
+    ended: set[int] = set()
+    while len(ended) < len(procs):
+        time.sleep(poll)
+        for proc in procs:
+            if proc.pid not in ended and proc.poll() is not None:
+                ended.add(proc.pid)
+                if proc.returncode != 0:  # killed: its trial must not stay RUNNING
+                    recover_orphans(study, pids=[proc.pid])
+        on_poll(study)
 
 
 def _stopped(proc: subprocess.Popen[str], forwarded: bool) -> bool:

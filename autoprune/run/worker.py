@@ -237,10 +237,10 @@ def _has_work(
         if stop.signal:  # first: a trial queued again by the signal is not for this worker
             return False
         trials = study.get_trials(deepcopy=False)
-        if any(t.state == TrialState.WAITING for t in trials):
-            return True
-        if len(counted(trials)) < target:
-            return True
+        if any(t.state == TrialState.WAITING for t in trials) or len(counted(trials)) < target:
+            # Again: a signal that came during the read must not let this worker claim a
+            # trial, least of all one that the signal had another worker queue again.
+            return not stop.signal
         running = [t for t in trials if t.state == TrialState.RUNNING]
         if not heartbeat:
             running = [t for t in running if _host_pid(t) is not None]
