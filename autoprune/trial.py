@@ -21,9 +21,9 @@ from autoprune.pruning.allocation import heuristic_policy
 from autoprune.pruning.criteria import calibration_gradients, get_criterion
 from autoprune.pruning.masks import fold_masks, prunable_layers, score
 from autoprune.pruning.policy import Policy
-from autoprune.pruning.schedule import SCHEDULE_FUNCTIONS, steps_per_epoch
+from autoprune.pruning.schedule import SCHEDULE_FUNCTIONS
 from autoprune.task import Task
-from autoprune.train import EpochHook, StepHook, evaluate, fit
+from autoprune.train import EpochHook, StepHook, evaluate, fit, total_steps
 
 
 @dataclasses.dataclass
@@ -74,19 +74,12 @@ def prune_and_finetune(
         layers = list(count) if count is not None else list(policy.sparsity)
     with _timed(timings, "finetuning"):
         torch.manual_seed(seed)
-        history = fit(
-            model,
-            task,
-            epochs=task.finetune_epochs,
-            seed=seed,
-            on_epoch=on_epoch,
-            on_step=on_step,
-        )
+        history = fit(model, task, seed=seed, on_epoch=on_epoch, on_step=on_step)
         fold_masks(model)
     with _timed(timings, "evaluation"):
         accuracy, val_loss = evaluate(model, task, "val")
         test_accuracy = evaluate(model, task, "test")[0] if task.test is not None else None
-        context = measure.Context(structured.example_input(task.val)[:1], tuple(layers))
+        context = measure.Context(task.example(1), tuple(layers), forward=task.forward)
         nonzero = measure.nonzero_params(model, context)
         dense = dict(task.model.named_modules())
         total = sum(dense[name].weight.numel() for name in layers)
@@ -120,8 +113,7 @@ def _apply_unstructured(
         torch.manual_seed(seed)  # the random criterion draws from here
         scores = score(model, policy, grads)
     with _timed(timings, "masking"):
-        steps = task.finetune_epochs * steps_per_epoch(task)
-        return SCHEDULE_FUNCTIONS[policy.schedule](model, policy, scores, grads, steps)
+        return SCHEDULE_FUNCTIONS[policy.schedule](model, policy, scores, grads, total_steps(task))
 
 
 def _layer_sparsity(model: nn.Module, dense: nn.Module, layers: Sequence[str]) -> dict[str, float]:

@@ -12,7 +12,6 @@ from torch import Tensor
 
 from autoprune import measure
 from autoprune.errors import TrialFailed
-from autoprune.pruning import structured
 from autoprune.pruning.criteria import calibration_gradients, get_criterion
 from autoprune.pruning.masks import prunable_layers
 from autoprune.pruning.policy import Policy
@@ -60,8 +59,9 @@ class Objective:
         self.constraints, self.early_stop = constraints, early_stop
         self.objectives = measure.check_objectives(objectives)
         self.groups, self.blocks = list(groups), list(blocks)
-        example = structured.example_input(task.val)[:1]
-        self.context = measure.Context(example, tuple(layers), latency or measure.Latency())
+        self.context = measure.Context(
+            task.example(1), tuple(layers), latency or measure.Latency(), task.forward
+        )
         self.on_result = on_result
         self._grads: dict[str, Tensor] | None = None
 

@@ -20,7 +20,6 @@ from torch import nn
 
 from autoprune import measure
 from autoprune.errors import StorageError, TaskError
-from autoprune.pruning import structured
 from autoprune.pruning.masks import count_nonzero
 from autoprune.pruning.policy import Policy
 from autoprune.study import storages
@@ -155,8 +154,9 @@ def dense_metrics(task: Task, setup: StudySetup) -> dict[str, float]:
         metrics["test_accuracy"] = evaluate(task.model, task, "test")[0]
     nonzero, total = count_nonzero(task.model, list(setup.layers))
     metrics["nonzero_params"], metrics["total_params"] = float(nonzero), float(total)
-    example = structured.example_input(task.val)[:1]
-    context = measure.Context(example, setup.layers, setup.latency or measure.Latency())
+    context = measure.Context(
+        task.example(1), setup.layers, setup.latency or measure.Latency(), task.forward
+    )
     metrics.update(measure.measure(task.model, setup.objectives, context))
     return metrics
 
