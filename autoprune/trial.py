@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -50,7 +51,9 @@ def prune_and_finetune(
 ) -> PruneResult:
     """Prune a copy of ``task.model`` by ``policy``, fine-tune it with the masks held, measure.
 
-    Deterministic for a given ``(task, policy, seed)``: this is how a trial is replayed.
+    The copy lives on the task's device (the dense model stays where it is); the result's
+    model is left there. Deterministic for a given ``(task, policy, seed)`` on one kind of
+    device: this is how a trial is replayed.
 
     Args:
         grads: Calibration gradients of the dense model, if already computed (they are
@@ -61,9 +64,10 @@ def prune_and_finetune(
 
     Raises:
         TrialFailed: If fine-tuning hits a non-finite loss.
+        TaskError: If the task's device is not available here.
     """
     timings: dict[str, float] = {}
-    model = copy.deepcopy(task.model)
+    model = copy.deepcopy(task.model).to(task.torch_device)
     plan, on_step = None, None
     if policy.granularity == "structured":
         with _timed(timings, "pruning"):
@@ -126,6 +130,17 @@ def _layer_sparsity(model: nn.Module, dense: nn.Module, layers: Sequence[str]) -
         kept = int(torch.count_nonzero(weight)) if isinstance(weight, Tensor) else 0
         sparsity[name] = 1.0 - kept / dense_modules[name].weight.numel()
     return sparsity
+
+
+def dense_on_device(task: Task) -> nn.Module:
+    """``task.model`` on the task's device: the model itself when it is there already, else a
+    copy (for reading only: gradients, dense metrics)."""
+    device = task.torch_device
+    if all(
+        t.device == device for t in itertools.chain(task.model.parameters(), task.model.buffers())
+    ):
+        return task.model
+    return copy.deepcopy(task.model).to(device)
 
 
 def trial_seed(study_seed: int, trial_number: int) -> int:

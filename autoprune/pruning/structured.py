@@ -24,6 +24,7 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
+from autoprune.devices import to_device
 from autoprune.errors import TaskError
 from autoprune.pruning.criteria import calibration_gradients, get_criterion
 from autoprune.pruning.masks import PRUNABLE_TYPES, compute_masks
@@ -96,7 +97,7 @@ def prune_task_model(
     The random criterion draws from ``seed``; gradient criteria use ``grads``, or calibration
     gradients computed here on the task's training data.
     """
-    example = task.example(2)
+    example = to_device(task.example(2), next(model.parameters()).device)
     groups = channel_groups(model, example, forward=task.forward)
     if get_criterion(policy.criterion).needs_grad and grads is None:
         layers = sorted({layer for group in groups for layer in group.layers})

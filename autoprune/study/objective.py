@@ -19,7 +19,7 @@ from autoprune.study.constraints import Constraints
 from autoprune.study.space import SearchSpace, suggest_policy
 from autoprune.study.stopping import EarlyStop
 from autoprune.task import Task
-from autoprune.trial import PruneResult, prune_and_finetune, trial_seed
+from autoprune.trial import PruneResult, dense_on_device, prune_and_finetune, trial_seed
 
 # The default objectives, in order; a study stores its own (``study.metric_names``).
 METRIC_NAMES = measure.DEFAULT_OBJECTIVES
@@ -115,7 +115,7 @@ class Objective:
             return None
         if self._grads is None:
             layers = sorted(set(prunable_layers(self.task.model)) | set(self.layers))
-            self._grads = calibration_gradients(self.task.model, self.task, layers)
+            self._grads = calibration_gradients(dense_on_device(self.task), self.task, layers)
         return self._grads
 
 
