@@ -140,9 +140,13 @@ def check_granularities(objectives: Sequence[str], granularities: Sequence[str])
             )
 
 
-def directions(names: Sequence[str]) -> list[Literal["maximize", "minimize"]]:
-    """Optuna directions of the objectives ``names``: accuracy up, every size down."""
-    return ["maximize" if name == ACCURACY else "minimize" for name in names]
+def directions(
+    names: Sequence[str], higher_is_better: bool = True
+) -> list[Literal["maximize", "minimize"]]:
+    """Optuna directions of the objectives ``names``: accuracy up (down for a task whose
+    score is better lower, e.g. perplexity), every size down."""
+    best: Literal["maximize", "minimize"] = "maximize" if higher_is_better else "minimize"
+    return [best if name == ACCURACY else "minimize" for name in names]
 
 
 def measure(model: nn.Module, names: Sequence[str], context: Context) -> dict[str, float]:

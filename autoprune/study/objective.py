@@ -102,7 +102,9 @@ class Objective:
             trial.set_user_attr("fail_reason", reason)
             raise TrialFailed(reason)
         if self.constraints is not None:
-            for key, value in self.constraints.violations(result.metrics).items():
+            for key, value in self.constraints.violations(
+                result.metrics, self.task.higher_is_better
+            ).items():
                 trial.set_constraint(key, value)
         if self.on_result is not None:
             self.on_result(trial, result, values)

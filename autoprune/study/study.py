@@ -244,7 +244,7 @@ def _create(storage: Any, study_name: str | None, setup: StudySetup) -> optuna.S
             study = optuna.create_study(
                 storage=storage,
                 study_name=study_name,
-                directions=measure.directions(setup.objectives),
+                directions=measure.directions(setup.objectives, setup.higher_is_better),
             )
         except optuna.exceptions.DuplicatedStudyError:
             return None
