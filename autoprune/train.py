@@ -20,6 +20,9 @@ from autoprune.task import Batch, Task, logits_of, targets_of
 
 # Points per epoch on the train-loss curve: enough to see a trend, few enough to store.
 _TRAIN_POINTS_PER_EPOCH = 4
+# Batches between checks for a non-finite loss: each check waits for the device, so not every
+# batch (a GPU runs ahead of Python in between), yet a diverged trial stops soon.
+_CHECK_EVERY = 16
 
 # ``on_epoch(epochs done, model, val metric)``, called after each epoch; it may raise to stop.
 EpochHook = Callable[[int, nn.Module, float], None]
@@ -151,7 +154,7 @@ def fit(
     done, passes = 0, 0
     while done < steps:
         model.train()
-        losses: list[float] = []
+        losses: list[torch.Tensor] = []
         micro, start = 0, done
         for batch in task.batches("train", shuffle=True, seed=seed + passes):
             if micro == 0 and on_step is not None:
@@ -159,13 +162,10 @@ def fit(
             batch = devices.to_device(batch, device)
             with devices.autocast(device, task.precision):
                 loss = task.loss_of(task.outputs(model, batch), batch)
-            value = loss.item()
-            if not math.isfinite(value):
-                raise TrialFailed(
-                    f"non-finite loss {value} at epoch {passes + 1}, step {done - start}"
-                )
             scaler.scale(loss / task.grad_accumulation).backward()
-            losses.append(value)
+            losses.append(loss.detach().float())
+            if len(losses) % _CHECK_EVERY == 0:
+                _check_finite(losses, len(losses) - _CHECK_EVERY, passes)
             micro += 1
             if micro == task.grad_accumulation:
                 _step(optimizer, scheduler, scaler)
@@ -174,16 +174,27 @@ def fit(
                     break
         if not losses:
             raise TaskError("Task.train yielded no batch")
+        values = _check_finite(losses, 0, passes)
         if micro:  # the pass ended inside an accumulation: its gradients still count
             _step(optimizer, scheduler, scaler)
             done += 1
         passes += 1
-        history["train"].extend(_curve(losses, start / per_pass, (done - start) / per_pass))
+        history["train"].extend(_curve(values, start / per_pass, (done - start) / per_pass))
         score, val_loss = evaluate(model, task, "val")
         history["val"].append([done / per_pass, val_loss])
         if on_epoch is not None:
             on_epoch(passes, model, score)
     return history
+
+
+def _check_finite(losses: list[torch.Tensor], first: int, passes: int) -> list[float]:
+    """The pass's losses from batch ``first`` on, as floats (one device sync), or TrialFailed
+    at the first that is NaN or infinite."""
+    values = torch.stack(losses[first:]).tolist()
+    for i, value in enumerate(values, start=first):
+        if not math.isfinite(value):
+            raise TrialFailed(f"non-finite loss {value} at epoch {passes + 1}, batch {i}")
+    return values
 
 
 def _steps_per_pass(task: Task) -> float:

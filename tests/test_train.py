@@ -79,7 +79,7 @@ class NaNModel(nn.Module):
 
 def test_non_finite_loss_raises_trial_failed(tiny_task: autoprune.Task) -> None:
     task = dataclasses.replace(tiny_task, model=NaNModel())
-    with pytest.raises(TrialFailed, match=r"^non-finite loss nan at epoch 1, step 0$"):
+    with pytest.raises(TrialFailed, match=r"^non-finite loss nan at epoch 1, batch 0$"):
         fit(task.model, task, epochs=1, seed=0)
 
 
@@ -88,7 +88,7 @@ def test_infinite_loss_raises_trial_failed(tiny_task: autoprune.Task) -> None:
         return nn.functional.cross_entropy(logits, targets) + float("inf")
 
     task = dataclasses.replace(tiny_task, loss=loss)
-    with pytest.raises(TrialFailed, match=r"^non-finite loss inf at epoch 1, step 0$"):
+    with pytest.raises(TrialFailed, match=r"^non-finite loss inf at epoch 1, batch 0$"):
         fit(task.model, task, epochs=1, seed=0)
 
 
