@@ -59,13 +59,13 @@ def test_fit_with_zero_epochs_changes_nothing(tiny_task: autoprune.Task) -> None
 def test_train_curve_averages_the_batch_losses() -> None:
     from autoprune.train import _curve
 
-    assert _curve([1.0, 3.0, 5.0, 7.0, 9.0, 11.0], epoch=2) == [
+    assert _curve([1.0, 3.0, 5.0, 7.0, 9.0, 11.0], 2.0, 1.0) == [
         [2.25, 1.0],
         [2.5, 4.0],
         [2.75, 7.0],
         [3.0, 10.0],
     ]
-    assert _curve([2.0, 4.0], epoch=0) == [[0.5, 2.0], [1.0, 4.0]]
+    assert _curve([2.0, 4.0], 0.0, 1.0) == [[0.5, 2.0], [1.0, 4.0]]
 
 
 class NaNModel(nn.Module):

@@ -330,8 +330,10 @@ def structured_setup(task: Task, space: SearchSpace) -> tuple[tuple[str, ...], t
     """
     if "structured" not in space.granularities:
         return (), ()
-    example = structured.example_input(task.val)
-    groups = structured.channel_groups(task.model, example, space.include, space.exclude)
+    example = task.example(2)
+    groups = structured.channel_groups(
+        task.model, example, space.include, space.exclude, forward=task.forward
+    )
     if not groups:
         raise TaskError(
             f"include {list(space.include)} / exclude {list(space.exclude)} leave no channel "
@@ -345,7 +347,7 @@ def structured_setup(task: Task, space: SearchSpace) -> tuple[tuple[str, ...], t
                         f"channel criterion {name!r} needs a BatchNorm, and channel group "
                         f"{group.name!r} has none"
                     )
-    blocks = structured.removable_blocks(task.model, example, space.blocks)
+    blocks = structured.removable_blocks(task.model, example, space.blocks, forward=task.forward)
     if space.blocks and not blocks:
         raise TaskError(f"blocks {list(space.blocks)} match no module with parameters")
     return tuple(g.name for g in groups), tuple(blocks)
