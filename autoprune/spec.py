@@ -53,6 +53,9 @@ epochs = 2
 lr = 0.001
 batch_size = 32
 precision = "fp32"               # or bf16, fp16 (autocast): stored with the study's recipe
+steps = 300                      # optional: a budget of optimizer steps instead of epochs
+grad_accumulation = 1            # batches summed into one optimizer step
+val_batches = 50                 # optional: at most this many batches per evaluation
 
 [artifacts]                      # weights of the front trials (autoprune.study.artifacts)
 dir = "autoprune.artifacts"      # default: <database stem>.artifacts next to a SQLite file
@@ -102,6 +105,9 @@ class Finetune:
     lr: float | None = None
     batch_size: int | None = None
     precision: str | None = None
+    steps: int | None = None
+    grad_accumulation: int | None = None
+    val_batches: int | None = None
 
     def apply(self, task: Task) -> Task:
         """``task`` with these overrides (a new Task; the model is shared, not copied)."""
@@ -110,6 +116,9 @@ class Finetune:
             "lr": self.lr,
             "batch_size": self.batch_size,
             "precision": self.precision,
+            "finetune_steps": self.steps,
+            "grad_accumulation": self.grad_accumulation,
+            "val_batches": self.val_batches,
         }
         return dataclasses.replace(task, **{k: v for k, v in changes.items() if v is not None})
 
@@ -316,6 +325,9 @@ def _finetune(table: dict[str, Any]) -> Finetune:
         "lr": (float, lambda v: math.isfinite(v) and v > 0, "a number > 0"),
         "batch_size": (int, lambda v: v >= 1, "an integer >= 1"),
         "precision": (str, lambda v: v in devices.PRECISIONS, _one_of(devices.PRECISIONS)),
+        "steps": (int, lambda v: v >= 1, "an integer >= 1"),
+        "grad_accumulation": (int, lambda v: v >= 1, "an integer >= 1"),
+        "val_batches": (int, lambda v: v >= 1, "an integer >= 1"),
     }
     try:
         check_keys(table, Finetune, "key")

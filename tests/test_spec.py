@@ -98,7 +98,8 @@ def test_integer_lr_becomes_float(tmp_path: Path) -> None:
         ),
         (
             "[finetune]\nepoch = 1\n",
-            "[finetune] unknown key 'epoch' (known: epochs, lr, batch_size, precision)",
+            "[finetune] unknown key 'epoch' (known: epochs, lr, batch_size, precision, steps, "
+            "grad_accumulation, val_batches)",
         ),
         ('trials = "ten"\n', f"key 'trials' must be {TRIALS}, got 'ten'"),
         ("trials = 0\n", f"key 'trials' must be {TRIALS}, got 0"),
@@ -322,3 +323,20 @@ def test_digits_resnet_spec_parses() -> None:
 )
 def test_structured_and_objective_rejections(tmp_path: Path, text: str, expected: str) -> None:
     assert expected in spec_error(write_spec(tmp_path, text))
+
+
+def test_step_budget_accumulation_and_val_batches_reach_the_recipe(
+    tmp_path: Path, tiny_task
+) -> None:
+    text = "[finetune]\nsteps = 5\ngrad_accumulation = 2\nval_batches = 1\n"
+    spec = load_spec(write_spec(tmp_path, text))
+    task = spec.finetune.apply(tiny_task)
+    assert (task.finetune_steps, task.grad_accumulation, task.val_batches) == (5, 2, 1)
+    recipe = spec.setup(task).finetune
+    assert (recipe.steps, recipe.grad_accumulation, recipe.val_batches) == (5, 2, 1)
+    assert recipe.apply(tiny_task) == task
+    for key in ("steps", "grad_accumulation", "val_batches"):
+        with pytest.raises(
+            SpecError, match=f"key 'finetune.{key}' must be an integer >= 1, got 0"
+        ):
+            load_spec(write_spec(tmp_path, f"[finetune]\n{key} = 0\n"))

@@ -61,7 +61,8 @@ class Recipe:
 
     ``precision`` is part of it: bf16 or fp16 fine-tuning gives other numbers than fp32, so
     every worker of a study must use the study's. (The device is not: it is where a worker
-    runs, see :attr:`autoprune.Task.device`.) Studies stored before it existed ran in fp32.
+    runs, see :attr:`autoprune.Task.device`.) Studies stored before it existed ran in fp32,
+    for whole epochs, one batch a step, on whole validation splits.
     """
 
     epochs: int
@@ -69,6 +70,9 @@ class Recipe:
     batch_size: int
     calibration_batches: int
     precision: str = "fp32"
+    steps: int | None = None
+    grad_accumulation: int = 1
+    val_batches: int | None = None
 
     @classmethod
     def of(cls, task: Task) -> Recipe:
@@ -78,6 +82,9 @@ class Recipe:
             task.batch_size,
             task.calibration_batches,
             task.precision,
+            task.finetune_steps,
+            task.grad_accumulation,
+            task.val_batches,
         )
 
     def apply(self, task: Task) -> Task:
@@ -89,6 +96,9 @@ class Recipe:
             batch_size=self.batch_size,
             calibration_batches=self.calibration_batches,
             precision=self.precision,
+            finetune_steps=self.steps,
+            grad_accumulation=self.grad_accumulation,
+            val_batches=self.val_batches,
         )
 
 
