@@ -20,7 +20,6 @@ from torch import nn
 
 from autoprune import measure
 from autoprune.errors import StorageError, TaskError
-from autoprune.pruning import structured
 from autoprune.pruning.masks import count_nonzero
 from autoprune.pruning.policy import Policy
 from autoprune.study import storages
@@ -39,7 +38,7 @@ from autoprune.study.setup import (
 from autoprune.study.warm_start import enqueue_warm_starts
 from autoprune.task import Task
 from autoprune.train import evaluate
-from autoprune.trial import PruneResult, prune_and_finetune
+from autoprune.trial import PruneResult, dense_on_device, prune_and_finetune
 
 logger = logging.getLogger(__name__)
 # Seconds a process that opens a study which holds nothing yet waits for its creator (another
@@ -156,14 +155,16 @@ def objective_for(study: optuna.Study, task: Task) -> tuple[Objective, list[Call
 def dense_metrics(task: Task, setup: StudySetup) -> dict[str, float]:
     """Validation (and test) accuracy, nonzero and total prunable weights of the dense model,
     and the setup's size objectives."""
-    metrics = {"accuracy": evaluate(task.model, task, "val")[0]}
+    dense = dense_on_device(task)
+    metrics = {"accuracy": evaluate(dense, task, "val")[0]}
     if task.test is not None:
-        metrics["test_accuracy"] = evaluate(task.model, task, "test")[0]
+        metrics["test_accuracy"] = evaluate(dense, task, "test")[0]
     nonzero, total = count_nonzero(task.model, list(setup.layers))
     metrics["nonzero_params"], metrics["total_params"] = float(nonzero), float(total)
-    example = structured.example_input(task.val)[:1]
-    context = measure.Context(example, setup.layers, setup.latency or measure.Latency())
-    metrics.update(measure.measure(task.model, setup.objectives, context))
+    context = measure.Context(
+        task.example(1), setup.layers, setup.latency or measure.Latency(), task.forward
+    )
+    metrics.update(measure.measure(dense, setup.objectives, context))
     return metrics
 
 
@@ -262,7 +263,7 @@ def _create(storage: Any, study_name: str | None, setup: StudySetup) -> optuna.S
 
 def _directions(setup: StudySetup) -> list[Literal["maximize", "minimize"]]:
     """The directions of the study that ``setup`` creates."""
-    return measure.directions(setup.objectives)
+    return measure.directions(setup.objectives, setup.higher_is_better)
 
 
 def _await_setup(
@@ -300,7 +301,7 @@ def _could_be_creating(
     storage: Any, study: optuna.Study, directions: Sequence[str] | None
 ) -> bool:
     """Whether a search could be creating ``study`` now: its directions are ``directions``,
-    or (None) an autoprune study's: accuracy's, then one or more sizes, minimised."""
+    or (None) an autoprune study's: the score's (either way), then sizes, minimised."""
     with storages.storage_errors(storage):
         given = [d.name.lower() for d in study.directions]
     if directions is not None:
