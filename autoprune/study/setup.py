@@ -271,8 +271,8 @@ def make_setup(
     and ``warm_start=None`` is no warm start.
 
     Raises:
-        SpecError: On bad objectives, trials, seed or sampler, or unstructured pruning with
-            an objective blind to it.
+        SpecError: On bad objectives, trials, seed or sampler, unstructured pruning with an
+            objective blind to it, or an early-stop margin of 1 or more on accuracy.
         TaskError: If the space's globs leave no prunable layer (or channel group), the
             data does not fit the model, or the task's device is not available here.
     """
@@ -298,6 +298,8 @@ def make_setup(
         constraints = None  # no bound: the same study as no constraints
     if early_stop is not None and early_stop.margin is None:
         early_stop = None
+    if early_stop is not None:
+        early_stop.check_scale(task)
     layers = tuple(prunable_layers(task.model, space.include, space.exclude))
     devices.resolve_device(task.device)  # a device this machine lacks: refused before any work
     task.check()

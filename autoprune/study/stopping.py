@@ -20,6 +20,7 @@ from autoprune._registry import from_dict, to_dict
 from autoprune.errors import SpecError
 from autoprune.pruning.masks import count_nonzero
 from autoprune.study.front import front_trials, score_sign
+from autoprune.task import Task, accuracy
 from autoprune.train import EpochHook
 
 
@@ -32,22 +33,36 @@ class EarlyStop:
             front's best accuracy at its density or lower minus ``margin``. None: never.
 
     Raises:
-        SpecError: If ``margin`` is not a number in [0, 1).
+        SpecError: If ``margin`` is not a finite number >= 0.
     """
 
     margin: float | None = 0.1
 
     def __post_init__(self) -> None:
         m = self.margin
-        # Accuracy is a fraction in [0, 1]: a trial is never 1 or more below the front, so a
-        # margin of 1 or more would stop none while saying early stop is on. Such a margin is
-        # a mistake (a percentage, 5 for 0.05); `early_stop = false` is how to turn it off.
         if m is not None and (
-            isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m < 1
+            isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m < math.inf
         ):
+            raise SpecError(f"early_stop margin must be a finite number >= 0, got {m!r}")
+
+    def check_scale(self, task: Task) -> None:
+        """Check ``margin`` against the scale of ``task``'s score.
+
+        Accuracy, the default score, is a fraction in [0, 1]: no trial is ever 1 or more
+        below the front, so such a margin would stop no trial while saying early stop is on.
+        It is a mistake (most likely a percentage, 5 for 0.05); ``early_stop = false`` is how
+        to turn early stop off. A score of the task's own (``metric``, ``evaluate``: F1,
+        perplexity) has its own units, which only its author knows: any finite margin.
+
+        Raises:
+            SpecError: If ``task`` is scored by accuracy and ``margin`` is 1 or more.
+        """
+        by_accuracy = task.evaluate is None and task.metric is accuracy
+        if by_accuracy and self.margin is not None and self.margin >= 1:
             raise SpecError(
-                f"early_stop margin must be a number in [0, 1) (a fraction of accuracy; "
-                f"early_stop = false turns it off), got {m!r}"
+                "early_stop margin must be < 1 for a task scored by accuracy (a fraction: a "
+                f"margin of 1 or more stops no trial; early_stop = false turns it off), got "
+                f"{self.margin!r}"
             )
 
     def to_dict(self) -> dict[str, Any]:
