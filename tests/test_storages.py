@@ -28,12 +28,14 @@ from autoprune.task import Task, adam
 BAD_RECORD = '{"op_code": 0, "worker_id": "w", "study_name": "b"}\n'
 
 
-def foreign_database(path: Path) -> str:
-    """Another application's SQLite file (a rollback journal, SQLite's default): one table,
-    one row. Returns its URL."""
+def foreign_database(path: Path, *more: str) -> str:
+    """Another application's SQLite file (a rollback journal, SQLite's default): a table
+    with one row, and the tables ``more`` (SQL). Returns its URL."""
     with sqlite3.connect(path) as db:
         db.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)")
         db.execute("INSERT INTO users VALUES (1, 'ada')")
+        for sql in more:
+            db.execute(sql)
     db.close()
     return f"sqlite:///{path}"
 
@@ -85,6 +87,27 @@ def test_a_foreign_database_is_refused_untouched(tiny_task: Task, tmp_path: Path
     assert one_line(info.value) == f"storage {url!r} holds no Optuna study (its tables: users)"
     assert fingerprint(path) == before
     assert journal_mode(path) == "delete"
+
+
+@pytest.mark.parametrize(
+    ("table", "listed"),
+    [
+        ("alembic_version (version_num VARCHAR(32) PRIMARY KEY)", "alembic_version, users"),
+        ("studies (id INTEGER PRIMARY KEY, title TEXT)", "studies, users"),
+    ],
+    ids=["migrated-by-alembic", "own-studies-table"],
+)
+def test_tables_named_like_optuna_s_are_not_optuna_s(
+    tiny_task: Task, tmp_path: Path, table: str, listed: str
+) -> None:
+    """Every database that Alembic migrates has an alembic_version table, and an application
+    may keep studies of its own: Optuna would add its tables, then fail on the version."""
+    path = tmp_path / "app.db"
+    url = foreign_database(path, f"CREATE TABLE {table}")
+    before = fingerprint(path)
+    with pytest.raises(StorageError, match=rf"holds another application's tables \({listed}\)"):
+        new_study(tiny_task, storage=url, study_name="s")
+    assert fingerprint(path) == before
 
 
 def test_create_in_existing_adds_optuna_s_tables(tiny_task: Task, tmp_path: Path) -> None:

@@ -189,18 +189,22 @@ def _open_rdb(url: str, *, heartbeat: int | None, read: bool) -> RDBStorage:
         )
 
 
-# Optuna's own tables (checked against Optuna 5.0). A database that holds any of them holds
-# Optuna's schema, or is being given it by another process right now: Optuna makes "studies"
-# or "version_info" first, as every other table of its refers to "studies".
-_OPTUNA_TABLES = frozenset({"studies", "version_info", "alembic_version"})
+# Optuna's first two tables and their columns (checked against Optuna 5.0): a database that
+# holds either holds Optuna's schema, or is being given it by another process right now
+# (Optuna makes "studies" first, then "version_info"; its other tables refer to "studies").
+# Not "alembic_version": every database that Alembic migrates has one.
+_OPTUNA_TABLES = {
+    "studies": {"study_id", "study_name"},
+    "version_info": {"version_info_id", "schema_version", "library_version"},
+}
 
 
 def _check_schema(url: str, *, for_writing: bool, create_in_existing: bool) -> None:
     """Refuse to read a database without Optuna's tables, and to add Optuna's tables to a
     database that holds another application's (unless ``create_in_existing``); an empty or
     missing database may be written. Reads the table names only: nothing is written."""
-    tables = [] if missing_file(url) else _table_names(url)
-    if _OPTUNA_TABLES & set(tables):
+    tables, optuna_schema = ([], False) if missing_file(url) else _schema(url)
+    if optuna_schema:
         return
     theirs = f"its tables: {_listed(tables)}" if tables else "it holds no tables"
     if not for_writing:
@@ -213,10 +217,17 @@ def _check_schema(url: str, *, for_writing: bool, create_in_existing: bool) -> N
         )
 
 
-def _table_names(url: str) -> list[str]:
+def _schema(url: str) -> tuple[list[str], bool]:
+    """The database's table names, and whether they are Optuna's (see _OPTUNA_TABLES)."""
     engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
     try:
-        return sorted(sqlalchemy.inspect(engine).get_table_names())
+        inspector = sqlalchemy.inspect(engine)
+        tables = sorted(inspector.get_table_names())
+        optuna_schema = any(
+            name in tables and columns <= {c["name"] for c in inspector.get_columns(name)}
+            for name, columns in _OPTUNA_TABLES.items()
+        )
+        return tables, optuna_schema
     finally:
         engine.dispose()
 
