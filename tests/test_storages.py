@@ -14,6 +14,7 @@ import optuna
 import pytest
 import sqlalchemy as sa
 from conftest import new_study
+from optuna.storages import JournalStorage
 from test_cli import run
 from test_worker import PG_URL, SPEC, pg_available, run_search
 
@@ -21,6 +22,7 @@ import autoprune.study.study as study_module
 from autoprune import load_study, make_setup, search
 from autoprune.errors import StorageError
 from autoprune.study.objective import Objective
+from autoprune.study.storages import open_storage
 from autoprune.study.study import open_study
 from autoprune.task import Task, adam
 
@@ -159,7 +161,7 @@ def test_a_postgresql_schema_of_another_application_is_refused(tiny_task: Task) 
         engine.dispose()
 
 
-@pytest.mark.parametrize("text", [b"hello\n", b'{"a": 1}\n', b"[1, 2]\n{}\n"])
+@pytest.mark.parametrize("text", [b"hello\n", b"hello", b'{"a": 1}\n', b"[1, 2]\n{}\n"])
 def test_a_file_that_is_not_a_journal_is_refused_untouched(
     tiny_task: Task, tmp_path: Path, text: bytes
 ) -> None:
@@ -180,6 +182,13 @@ def test_a_file_that_is_not_a_journal_is_refused_untouched(
             "record): it is left as it is"
         )
     assert fingerprint(path) == before
+
+
+def test_a_journal_whose_first_record_is_being_written_is_opened(tmp_path: Path) -> None:
+    """A first record without its newline yet is another process's, mid-write: not refused."""
+    path = tmp_path / "j.log"
+    path.write_bytes(b'{"op_code":0,"worker_id":"w"')
+    assert isinstance(open_storage(f"journal:{path}"), JournalStorage)
 
 
 @pytest.fixture

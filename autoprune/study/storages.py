@@ -106,6 +106,10 @@ def open_journal(url: str) -> JournalStorage:
     return _Journal(JournalFileBackend(str(path)))
 
 
+# How Optuna writes every journal record (json.dumps of a dict whose first key is op_code).
+_RECORD_START = b'{"op_code":'
+
+
 def _journal_or_empty(path: Path) -> bool:
     """Whether ``path`` is missing, empty, or begins with a journal record. Optuna would
     append its records to any file, and skip a last line it cannot read (a record still
@@ -116,7 +120,7 @@ def _journal_or_empty(path: Path) -> bool:
     except FileNotFoundError:
         return True
     if not first.endswith(b"\n"):  # empty, or a first record still being written
-        return True
+        return _RECORD_START.startswith(first[: len(_RECORD_START)])
     try:
         record = json.loads(first)
     except ValueError:
