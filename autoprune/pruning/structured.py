@@ -1,10 +1,11 @@
 """Structured pruning: remove whole output channels, neurons and residual blocks for real.
 
 Layers whose output channels are coupled (a convolution and its BatchNorm, every layer that
-writes into one residual stream, a convolution flattened into a linear layer) must lose the
-same channels. Torch-Pruning's dependency graph finds these *channel groups*; a group is named
-after its first layer (module path, definition order) and is pruned as one: one channel ratio
-per group, one score per channel summed over the group's layers.
+writes into one residual stream, a convolution flattened into a linear layer, a depthwise
+convolution and the layer that feeds it, a squeeze-excitation gate and the channels it scales)
+must lose the same channels. Torch-Pruning's dependency graph finds these *channel groups*; a
+group is named after its first layer (module path, definition order) and is pruned as one: one
+channel ratio per group, one score per channel summed over the group's layers.
 
 A structured policy becomes a :class:`Plan` (which channels of which group, which blocks go):
 plain data that can be stored, and replayed on the base architecture to rebuild the pruned
@@ -13,7 +14,6 @@ model's shapes without unpickling anything (see :mod:`autoprune.deploy.directory
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import fnmatch
 import math
@@ -31,6 +31,7 @@ from autoprune.pruning.policy import Policy
 from autoprune.task import Task
 
 _NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,12 +43,16 @@ class ChannelGroup:
         layers: Linear/Conv layers that lose output channels, in definition order.
         batchnorms: BatchNorms that lose the same channels.
         channels: Channels in the group.
+        parts: The channels are this many equal runs (the groups of a grouped convolution or
+            GroupNorm they feed or come from), and every run loses the same offsets, so the
+            convolution keeps its groups.
     """
 
     name: str
     layers: tuple[str, ...]
     batchnorms: tuple[str, ...]
     channels: int
+    parts: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +123,8 @@ def channel_groups(
     """The prunable channel groups of ``model``, in the order of their first layers.
 
     A group is left out when its name does not match an ``include`` glob or matches an
-    ``exclude`` glob, or when its channels are the model's outputs (the classes).
+    ``exclude`` glob, when its channels are the model's outputs (the classes), or when they do
+    not split into its parts.
     """
     graph = dependency_graph(model, example)
     names = {module: name for name, module in model.named_modules()}
@@ -139,7 +145,12 @@ def channel_groups(
             continue
         layers.sort(key=order.__getitem__)
         channels = _out_channels(dict(model.named_modules())[layers[0]])
-        groups.append(ChannelGroup(layers[0], tuple(layers), tuple(sorted(norms)), channels))
+        parts = _parts(graph, group)
+        if channels % parts:  # runs that do not tile the channels (a concatenation)
+            continue
+        groups.append(
+            ChannelGroup(layers[0], tuple(layers), tuple(sorted(norms)), channels, parts)
+        )
     groups.sort(key=lambda g: order[g.name])
     return [g for g in groups if _selected(g.name, include, exclude)]
 
@@ -196,7 +207,9 @@ def plan(
     """Which channels of ``policy``'s groups go, by its criterion, scope and rule.
 
     Every group keeps at least one channel (``round_to`` when it has that many), and with
-    ``round_to`` > 1 a multiple of it. Layers inside removed blocks neither score nor vote.
+    ``round_to`` > 1 a multiple of it. Layers inside removed blocks neither score nor vote. A
+    group of several ``parts`` is ranked by offset within a part (scores averaged over the
+    parts), and loses the same offsets in every part.
 
     Raises:
         TaskError: If the policy names a group the model does not have, or the criterion scores
@@ -210,13 +223,18 @@ def plan(
             f"(groups: {', '.join(by_name)})"
         )
     chosen = {name: g for name in policy.sparsity if (g := by_name[name]) is not None}
-    scores = _group_scores(model, policy, chosen, grads)
+    scores = {
+        name: s.view(chosen[name].parts, -1).mean(0)  # one score per offset within a part
+        for name, s in _group_scores(model, policy, chosen, grads).items()
+    }
     if not scores:
         return Plan({}, policy.removed_blocks)
     masks = compute_masks(dataclasses.replace(policy, sparsity=_only(policy, scores)), scores)
     channels = {}
     for name, keep in masks.items():
-        keep = _round_kept(keep, scores[name], policy.round_to)
+        parts = chosen[name].parts
+        keep = _round_kept(keep, scores[name], _part_round_to(policy.round_to, parts))
+        keep = keep.repeat(parts)
         pruned = tuple(int(i) for i in torch.nonzero(~keep).flatten())
         if pruned:
             channels[chosen[name].layers[0]] = pruned
@@ -230,7 +248,7 @@ def apply_plan(model: nn.Module, plan: Plan, example: Tensor) -> nn.Module:
         setattr(model.get_submodule(parent), child, nn.Identity())
     if plan.channels:
         graph = dependency_graph(model, example)
-        for layer, idxs, group in _pruning_groups(model, graph, plan):
+        for layer, idxs, group in pruning_groups(model, graph, plan):
             if not graph.check_pruning_group(group):
                 raise TaskError(f"cannot remove channels {list(idxs)} of layer {layer!r}")
             group.prune()
@@ -239,12 +257,15 @@ def apply_plan(model: nn.Module, plan: Plan, example: Tensor) -> nn.Module:
 
 def zero_channels(model: nn.Module, plan: Plan, example: Tensor) -> nn.Module:
     """The masked equivalent of ``plan`` (no blocks): zero, in place, the weights and biases of
-    every removed output channel of each group's layers and BatchNorms; return ``model``."""
+    every removed output channel of each group's layers and BatchNorms; return ``model``.
+
+    Equivalent unless a LayerNorm or GroupNorm sees the removed channels: their statistics
+    count the zeroed channels, and the pruned model's do not."""
     if plan.removed_blocks:
         raise ValueError("zero_channels does not remove blocks")
     graph = dependency_graph(model, example)
     with torch.no_grad():
-        for _, _, group in _pruning_groups(model, graph, plan):
+        for _, _, group in pruning_groups(model, graph, plan):
             for dep, idxs in group:
                 module = dep.target.module
                 if graph.is_out_channel_pruning_fn(dep.handler) and isinstance(
@@ -254,33 +275,6 @@ def zero_channels(model: nn.Module, plan: Plan, example: Tensor) -> nn.Module:
                         if param is not None:
                             param[list(idxs)] = 0.0
     return model
-
-
-def predict_params(model: nn.Module, plan: Plan, example: Tensor) -> int:
-    """Parameters ``model`` will have once ``plan`` is applied, from the dependency graph's
-    channel counts alone (without pruning anything)."""
-    model = copy.deepcopy(model)
-    apply_plan(model, Plan({}, plan.removed_blocks), example)
-    graph = dependency_graph(model, example)
-    lost_out: dict[nn.Module, int] = {}
-    lost_in: dict[nn.Module, int] = {}
-    for _, _, group in _pruning_groups(model, graph, plan):
-        for dep, idxs in group:
-            lost = lost_out if graph.is_out_channel_pruning_fn(dep.handler) else lost_in
-            lost[dep.target.module] = lost.get(dep.target.module, 0) + len(idxs)
-    total = 0
-    for module in model.modules():
-        own = sum(p.numel() for p in module.parameters(recurse=False))
-        out_lost, in_lost = lost_out.get(module, 0), lost_in.get(module, 0)
-        if isinstance(module, PRUNABLE_TYPES):
-            out, fan_in = module.weight.shape[0], module.weight.shape[1]
-            kernel = math.prod(module.weight.shape[2:])
-            own = (out - out_lost) * (fan_in - in_lost // getattr(module, "groups", 1)) * kernel
-            own += (out - out_lost) if module.bias is not None else 0
-        elif isinstance(module, _NORM_TYPES) and module.affine:
-            own = 2 * (module.num_features - out_lost)
-        total += own
-    return total
 
 
 def prune_structured(
@@ -299,9 +293,11 @@ def prune_structured(
     return result
 
 
-def _pruning_groups(
+def pruning_groups(
     model: nn.Module, graph: tp.DependencyGraph, plan: Plan
 ) -> Iterator[tuple[str, tuple[int, ...], Any]]:
+    """Each layer of ``plan``, its removed channels, and torch-pruning's group that removes
+    them from every coupled layer; a TaskError if the model lacks the layer."""
     for layer, idxs in plan.channels.items():
         try:
             module = model.get_submodule(layer)
@@ -341,10 +337,35 @@ def _group_scores(
     return scores
 
 
-def kept_channels(channels: int, ratio: float, round_to: int = 1) -> int:
-    """How many of a group's ``channels`` the ``ratio`` rule keeps at ``ratio`` in the layer
-    scope, once :func:`plan` has rounded the count to ``round_to``."""
-    return _rounded(channels - round(ratio * channels), channels, round_to)
+def kept_channels(channels: int, ratio: float, round_to: int = 1, parts: int = 1) -> int:
+    """How many of a group's ``channels`` (in ``parts`` equal runs) the ``ratio`` rule keeps at
+    ``ratio`` in the layer scope, once :func:`plan` has rounded the count to ``round_to``."""
+    n = channels // parts
+    return parts * _rounded(n - round(ratio * n), n, _part_round_to(round_to, parts))
+
+
+def _part_round_to(round_to: int, parts: int) -> int:
+    """What each of ``parts`` runs is rounded to, for their sum to be a multiple of round_to."""
+    return round_to // math.gcd(round_to, parts)
+
+
+def _parts(graph: tp.DependencyGraph, group: Any) -> int:
+    """The least common multiple of the groups of the grouped convolutions (not depthwise ones)
+    and GroupNorms in torch-pruning's ``group``. Torch-pruning removes a grouped convolution's
+    input channels by their offsets in its first group alone."""
+    parts = 1
+    for dep, _ in group:
+        module, pruner = dep.target.module, getattr(dep.handler, "__self__", None)
+        if pruner is None or (
+            isinstance(module, _CONV_TYPES) and module.groups == module.out_channels
+        ):
+            continue
+        if graph.is_out_channel_pruning_fn(dep.handler):
+            count = pruner.get_out_channel_groups(module)
+        else:
+            count = pruner.get_in_channel_groups(module)
+        parts = math.lcm(parts, int(count or 1))
+    return parts
 
 
 def _rounded(kept: int, n: int, round_to: int) -> int:
