@@ -384,7 +384,8 @@ def search_and_export(task: Task, space: SearchSpace, tmp_path: Path) -> None:
     trial = min(study.best_trials, key=lambda t: t.values[1])
     done = export(study, trial.number, tmp_path / "best", task=task)
     manifest = json.loads((done.directory / "export.json").read_text())
-    assert manifest["plan"]["channels"] and manifest["input_shape"] == [1, *task.val[0].shape[1:]]
+    assert manifest["plan"]["channels"]
+    assert manifest["example"]["items"][0]["shape"] == [1, *task.val[0].shape[1:]]
     loaded = load(done.directory, base=task.model)
     assert evaluate(loaded, task, "val")[0] == trial.values[0]
     assert done.metrics["macs"] == macs(loaded, Context(task.val[0][:1], ())) == trial.values[1]

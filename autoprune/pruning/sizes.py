@@ -10,37 +10,51 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from autoprune.devices import batch_size
 from autoprune.pruning.masks import PRUNABLE_TYPES
-from autoprune.pruning.structured import Plan, apply_plan, dependency_graph, pruning_groups
+from autoprune.pruning.structured import (
+    Forward,
+    Plan,
+    apply_plan,
+    dependency_graph,
+    pruning_groups,
+    run,
+)
 
 
-def predict_params(model: nn.Module, plan: Plan, example: Tensor) -> int:
-    """Parameters ``model`` will have once ``plan`` is applied."""
-    _, sizes = _kept(model, plan, example)
+def predict_params(
+    model: nn.Module, plan: Plan, example: Any, *, forward: Forward | None = None
+) -> int:
+    """Parameters ``model`` will have once ``plan`` is applied (``example``: a batch that
+    ``forward`` takes, as for :func:`autoprune.pruning.structured.apply_plan`)."""
+    _, sizes = _kept(model, plan, example, forward)
     return sum(params for params, _ in sizes.values())
 
 
-def predict_macs(model: nn.Module, plan: Plan, example: Tensor) -> int:
-    """Multiply-accumulates of the Linear/Conv layers in one forward pass of one sample of
+def predict_macs(
+    model: nn.Module, plan: Plan, example: Any, *, forward: Forward | None = None
+) -> int:
+    """Multiply-accumulates of the Linear/Conv layers in a forward pass of one sample of
     ``example``, once ``plan`` is applied: the ``macs`` objective of the pruned model, for
     models whose multiplications all happen in such layers (convolutional networks)."""
-    blocks_gone, sizes = _kept(model, plan, example)
-    positions = _positions(blocks_gone, example)
+    blocks_gone, sizes = _kept(model, plan, example, forward)
+    positions = _positions(blocks_gone, example, forward)
     return sum(positions.get(name, 0) * weights for name, (_, weights) in sizes.items())
 
 
 def _kept(
-    model: nn.Module, plan: Plan, example: Tensor
+    model: nn.Module, plan: Plan, example: Any, forward: Forward | None
 ) -> tuple[nn.Module, dict[str, tuple[int, int]]]:
     """A copy of ``model`` without ``plan``'s blocks, and for each of its modules the
     parameters it keeps of its own and, for a Linear/Conv layer, the weights it keeps."""
     model = copy.deepcopy(model)
-    apply_plan(model, Plan({}, plan.removed_blocks), example)
-    graph = dependency_graph(model, example)
+    apply_plan(model, Plan({}, plan.removed_blocks), example, forward=forward)
+    graph = dependency_graph(model, example, forward)
     lost_out: dict[int, int] = {}  # by id(): torch-pruning's targets include bare Parameters
     lost_in: dict[int, int] = {}
     for _, _, group in pruning_groups(model, graph, plan):
@@ -73,14 +87,15 @@ def _shrunk(param: Tensor, dim: int, lost: int) -> int:
     return param.numel() // param.shape[dim] * (param.shape[dim] - lost)
 
 
-def _positions(model: nn.Module, example: Tensor) -> Mapping[str, int]:
+def _positions(model: nn.Module, example: Any, forward: Forward | None) -> Mapping[str, int]:
     """For each Linear/Conv layer, the output positions per sample (pixels, tokens) its weights
     are applied at in a forward pass of ``example``, summed over calls."""
     positions: dict[str, int] = {}
+    samples = batch_size(example)
 
     def hook(name: str, module: nn.Module, out: Tensor) -> None:
         channels = out.shape[-1] if isinstance(module, nn.Linear) else out.shape[1]
-        count = out.numel() // (channels * example.shape[0])
+        count = out.numel() // (channels * samples)
         positions[name] = positions.get(name, 0) + count
 
     hooks = [
@@ -90,7 +105,7 @@ def _positions(model: nn.Module, example: Tensor) -> Mapping[str, int]:
     ]
     try:
         with torch.no_grad():
-            model.eval()(example)
+            run(model.eval(), example, forward)
     finally:
         for h in hooks:
             h.remove()
