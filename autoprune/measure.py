@@ -16,9 +16,10 @@ from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from autoprune import devices
 from autoprune._registry import Registry, from_dict, to_dict
 from autoprune.errors import SpecError
 from autoprune.pruning.codec import exported_bytes
@@ -52,19 +53,26 @@ class Latency:
         return from_dict(cls, data, "latency key")
 
 
+def _call(model: nn.Module, batch: Any) -> Any:
+    return model(batch)
+
+
 @dataclasses.dataclass(frozen=True)
 class Context:
     """What a measurement needs besides the model.
 
     Args:
-        example: One input row, batch dimension first (``[1, ...]``).
+        example: One sample as a batch of one (a tensor ``[1, ...]``, or any batch structure
+            that ``forward`` takes, e.g. a Hugging Face dict), on the CPU.
         layers: The layers whose weights ``nonzero_params`` counts (missing ones count 0).
         latency: How ``latency_ms`` is measured.
+        forward: ``forward(model, batch)``, the task's hook; by default ``model(batch)``.
     """
 
-    example: Tensor
+    example: Any
     layers: tuple[str, ...]
     latency: Latency = dataclasses.field(default_factory=Latency)
+    forward: Callable[[nn.Module, Any], Any] = _call
 
 
 MeasureFn = Callable[[nn.Module, Context], float]
@@ -132,9 +140,13 @@ def check_granularities(objectives: Sequence[str], granularities: Sequence[str])
             )
 
 
-def directions(names: Sequence[str]) -> list[Literal["maximize", "minimize"]]:
-    """Optuna directions of the objectives ``names``: accuracy up, every size down."""
-    return ["maximize" if name == ACCURACY else "minimize" for name in names]
+def directions(
+    names: Sequence[str], higher_is_better: bool = True
+) -> list[Literal["maximize", "minimize"]]:
+    """Optuna directions of the objectives ``names``: accuracy up (down for a task whose
+    score is better lower, e.g. perplexity), every size down."""
+    best: Literal["maximize", "minimize"] = "maximize" if higher_is_better else "minimize"
+    return [best if name == ACCURACY else "minimize" for name in names]
 
 
 def measure(model: nn.Module, names: Sequence[str], context: Context) -> dict[str, float]:
@@ -164,34 +176,64 @@ def bytes_(model: nn.Module, context: Context) -> float:
 @register_objective("macs", sees_zeros=False)
 def macs(model: nn.Module, context: Context) -> float:
     """Multiply-accumulates of one forward pass of one input (``torch.utils.flop_counter``)."""
+    example = devices.to_device(context.example, _device(model))
     with _eval_mode([model]), torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(context.example)
+        context.forward(model, example)
     return counter.get_total_flops() / 2
 
 
 @register_objective("latency_ms", sees_zeros=False)
 def latency_ms(model: nn.Module, context: Context) -> float:
-    """Median CPU milliseconds of a forward pass of a batch (see :class:`Latency`)."""
-    return compare_latency([model], context.example, context.latency)[0]
+    """Median milliseconds of a forward pass of a batch on the model's device (see
+    :class:`Latency`)."""
+    return compare_latency([model], context.example, context.latency, context.forward)[0]
 
 
 def compare_latency(
-    models: Sequence[nn.Module], example: Tensor, settings: Latency
+    models: Sequence[nn.Module],
+    example: Any,
+    settings: Latency,
+    forward: Callable[[nn.Module, Any], Any] = _call,
 ) -> list[float]:
-    """Median milliseconds per forward pass of each model, measured interleaved (model A, B,
-    A, B, ...) so that a load change on the machine affects them alike."""
-    batch = example[:1].expand(settings.batch_size, *example.shape[1:]).contiguous()
+    """Median milliseconds per forward pass of each model on its device, measured interleaved
+    (model A, B, A, B, ...) so that a load change on the machine affects them alike.
+
+    The batch is ``example``'s first sample repeated ``settings.batch_size`` times; a GPU is
+    synchronized around each pass, so the time is the pass's, not its launch's.
+    """
+    batch = devices.map_tensors(
+        lambda t: t[:1].expand(settings.batch_size, *t.shape[1:]).contiguous() if t.dim() else t,
+        example,
+    )
+    on = [devices.to_device(batch, _device(model)) for model in models]
     times: list[list[float]] = [[] for _ in models]
     with _eval_mode(models), _threads(settings.threads), torch.inference_mode():
-        for model in models:
+        for model, inputs in zip(models, on, strict=True):
             for _ in range(settings.warmup):
-                model(batch)
+                forward(model, inputs)
         for _ in range(settings.repeats):
-            for i, model in enumerate(models):
+            for i, (model, inputs) in enumerate(zip(models, on, strict=True)):
+                device = _device(model)
+                _synchronize(device)
                 start = time.perf_counter()
-                model(batch)
+                forward(model, inputs)
+                _synchronize(device)
                 times[i].append(time.perf_counter() - start)
     return [1000 * statistics.median(t) for t in times]
+
+
+def _device(model: nn.Module) -> torch.device:
+    """The device of a model's first parameter (the CPU for a frozen or parameterless one)."""
+    params = getattr(model, "parameters", None)
+    if params is not None:
+        for param in params():
+            return param.device
+    return torch.device("cpu")
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @contextmanager

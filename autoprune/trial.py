@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -21,9 +22,9 @@ from autoprune.pruning.allocation import heuristic_policy
 from autoprune.pruning.criteria import calibration_gradients, get_criterion
 from autoprune.pruning.masks import fold_masks, prunable_layers, score
 from autoprune.pruning.policy import Policy
-from autoprune.pruning.schedule import SCHEDULE_FUNCTIONS, steps_per_epoch
+from autoprune.pruning.schedule import SCHEDULE_FUNCTIONS
 from autoprune.task import Task
-from autoprune.train import EpochHook, StepHook, evaluate, fit
+from autoprune.train import EpochHook, StepHook, evaluate, fit, total_steps
 
 
 @dataclasses.dataclass
@@ -50,7 +51,9 @@ def prune_and_finetune(
 ) -> PruneResult:
     """Prune a copy of ``task.model`` by ``policy``, fine-tune it with the masks held, measure.
 
-    Deterministic for a given ``(task, policy, seed)``: this is how a trial is replayed.
+    The copy lives on the task's device (the dense model stays where it is); the result's
+    model is left there. Deterministic for a given ``(task, policy, seed)`` on one kind of
+    device: this is how a trial is replayed.
 
     Args:
         grads: Calibration gradients of the dense model, if already computed (they are
@@ -61,9 +64,10 @@ def prune_and_finetune(
 
     Raises:
         TrialFailed: If fine-tuning hits a non-finite loss.
+        TaskError: If the task's device is not available here.
     """
     timings: dict[str, float] = {}
-    model = copy.deepcopy(task.model)
+    model = copy.deepcopy(task.model).to(task.torch_device)
     plan, on_step = None, None
     if policy.granularity == "structured":
         with _timed(timings, "pruning"):
@@ -74,19 +78,12 @@ def prune_and_finetune(
         layers = list(count) if count is not None else list(policy.sparsity)
     with _timed(timings, "finetuning"):
         torch.manual_seed(seed)
-        history = fit(
-            model,
-            task,
-            epochs=task.finetune_epochs,
-            seed=seed,
-            on_epoch=on_epoch,
-            on_step=on_step,
-        )
+        history = fit(model, task, seed=seed, on_epoch=on_epoch, on_step=on_step)
         fold_masks(model)
     with _timed(timings, "evaluation"):
         accuracy, val_loss = evaluate(model, task, "val")
         test_accuracy = evaluate(model, task, "test")[0] if task.test is not None else None
-        context = measure.Context(structured.example_input(task.val)[:1], tuple(layers))
+        context = measure.Context(task.example(1), tuple(layers), forward=task.forward)
         nonzero = measure.nonzero_params(model, context)
         dense = dict(task.model.named_modules())
         total = sum(dense[name].weight.numel() for name in layers)
@@ -120,8 +117,7 @@ def _apply_unstructured(
         torch.manual_seed(seed)  # the random criterion draws from here
         scores = score(model, policy, grads)
     with _timed(timings, "masking"):
-        steps = task.finetune_epochs * steps_per_epoch(task)
-        return SCHEDULE_FUNCTIONS[policy.schedule](model, policy, scores, grads, steps)
+        return SCHEDULE_FUNCTIONS[policy.schedule](model, policy, scores, grads, total_steps(task))
 
 
 def _layer_sparsity(model: nn.Module, dense: nn.Module, layers: Sequence[str]) -> dict[str, float]:
@@ -134,6 +130,17 @@ def _layer_sparsity(model: nn.Module, dense: nn.Module, layers: Sequence[str]) -
         kept = int(torch.count_nonzero(weight)) if isinstance(weight, Tensor) else 0
         sparsity[name] = 1.0 - kept / dense_modules[name].weight.numel()
     return sparsity
+
+
+def dense_on_device(task: Task) -> nn.Module:
+    """``task.model`` on the task's device: the model itself when it is there already, else a
+    copy (for reading only: gradients, dense metrics)."""
+    device = task.torch_device
+    if all(
+        t.device == device for t in itertools.chain(task.model.parameters(), task.model.buffers())
+    ):
+        return task.model
+    return copy.deepcopy(task.model).to(device)
 
 
 def trial_seed(study_seed: int, trial_number: int) -> int:

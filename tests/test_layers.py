@@ -30,6 +30,7 @@ LAYERS: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
         (
             "autoprune.pruning",
             "autoprune.task",
+            "autoprune.devices",
             "autoprune.tasks",
             "autoprune.train",
             "autoprune.measure",

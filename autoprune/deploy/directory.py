@@ -29,6 +29,7 @@ from torch import nn
 from autoprune import measure
 from autoprune._files import check_output_dir
 from autoprune._version import __version__
+from autoprune.deploy import example
 from autoprune.errors import OutputError, SpecError, StorageError, TaskError
 from autoprune.pruning import structured
 from autoprune.pruning.codec import exported_bytes, load_state, save_state
@@ -42,7 +43,7 @@ from autoprune.study.trial_metrics import (
     study_total_params,
     trial_metrics,
 )
-from autoprune.task import Task
+from autoprune.task import Task, default_forward
 from autoprune.tasks import TASKS, load_task
 from autoprune.train import evaluate
 
@@ -120,8 +121,7 @@ def export(
         "source": source,
     }
     if plan is not None:  # the smaller architecture, rebuilt by :func:`load` from the dense one
-        example = structured.example_input(task.val)
-        manifest |= {"plan": plan.to_dict(), "input_shape": [1, *example.shape[1:]]}
+        manifest |= {"plan": plan.to_dict(), "example": example.describe(task.example(1))}
     _write(out, model, trial.user_attrs["policy"], metrics, manifest)
     return Exported(out, trial.number, source, metrics)
 
@@ -208,6 +208,7 @@ def _measure(model: nn.Module, task: Task, layers: list[str]) -> dict[str, Any]:
     nonzero = count_nonzero(model, [name for name in layers if name in present])[0]
     total = count_nonzero(task.model, layers)[1]
     params = list(model.parameters())
+    context = measure.Context(task.example(1), (), forward=task.forward)
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     metrics: dict[str, Any] = {
@@ -219,7 +220,7 @@ def _measure(model: nn.Module, task: Task, layers: list[str]) -> dict[str, Any]:
         "model_nonzero_params": sum(int(torch.count_nonzero(p)) for p in params),
         "bytes": exported_bytes(model),  # what model.pt holds, as the bytes objective counts
         "dense_bytes": len(buffer.getvalue()),
-        "macs": macs(model, next(task.batches("val"))[0][:1]),
+        "macs": int(measure.macs(model, context)),
     }
     return metrics
 
@@ -306,11 +307,15 @@ def load(
     model = base
     if "plan" in manifest:
         model = copy.deepcopy(base)
-        example = torch.zeros(manifest["input_shape"])
+        if "example" in manifest:
+            inputs = example.build(manifest["example"])
+        else:  # exports of autoprune 0.2 and older: one input tensor
+            inputs = torch.zeros(manifest["input_shape"])
+        forward = task.forward if task is not None else default_forward
         plan = structured.Plan.from_dict(manifest["plan"])
         try:
             _check_plan(plan, dict(model.named_modules()))
-            structured.apply_plan(model, plan, example)
+            structured.apply_plan(model, plan, inputs, forward=forward)
         except (AttributeError, KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise TaskError(f"the export's plan does not fit the model of {what}: {first}") from e
@@ -409,6 +414,9 @@ def _check_manifest(manifest: Any) -> None:
     blocks = plan.get("removed_blocks", [])
     if not isinstance(blocks, list) or not all(isinstance(b, str) and b for b in blocks):
         raise ValueError(f"'plan.removed_blocks' must be a list of names, got {_short(blocks)}")
+    if "example" in manifest:
+        example.check(manifest["example"])
+        return
     shape = manifest.get("input_shape")
     if (
         not isinstance(shape, list)

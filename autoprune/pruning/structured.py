@@ -20,13 +20,14 @@ import copy
 import dataclasses
 import fnmatch
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
+from autoprune.devices import to_device
 from autoprune.errors import TaskError
 from autoprune.pruning import transformer
 from autoprune.pruning.criteria import calibration_gradients, get_criterion
@@ -85,10 +86,14 @@ class Plan:
         return cls(channels, tuple(str(b) for b in data.get("removed_blocks", ())))
 
 
-def example_input(data: Any) -> Tensor:
-    """Two input rows of a task split (tensors or DataLoader): what the graph traces."""
-    inputs = data[0] if isinstance(data, (tuple, list)) else next(iter(data))[0]
-    return inputs[:2]
+# ``forward(model, batch)``: how a task's batch meets its model (``Task.forward``); without one,
+# ``model(example)``.
+Forward = Callable[[nn.Module, Any], Any]
+
+
+def run(model: nn.Module, example: Any, forward: Forward | None = None) -> Any:
+    """``model``'s outputs on ``example``, through ``forward`` when given."""
+    return forward(model, example) if forward is not None else model(example)
 
 
 def prune_task_model(
@@ -104,28 +109,39 @@ def prune_task_model(
     The random criterion draws from ``seed``; gradient criteria use ``grads``, or calibration
     gradients computed here on the task's training data.
     """
-    example = example_input(task.val)
-    groups = channel_groups(model, example)
+    example = to_device(task.example(2), next(model.parameters()).device)
+    groups = channel_groups(model, example, forward=task.forward)
     if get_criterion(policy.criterion).needs_grad and grads is None:
         layers = sorted({layer for g in groups for layer in (*g.layers, *g.inputs)})
         grads = calibration_gradients(model, task, layers)
     torch.manual_seed(seed)
-    return prune_structured(model, policy, example, grads, groups)
+    return prune_structured(model, policy, example, grads, groups, forward=task.forward)
 
 
-def dependency_graph(model: nn.Module, example: Tensor) -> tp.DependencyGraph:
-    """Torch-Pruning's dependency graph of ``model``, traced on ``example`` in eval mode."""
+def dependency_graph(
+    model: nn.Module, example: Any, forward: Forward | None = None
+) -> tp.DependencyGraph:
+    """Torch-Pruning's dependency graph of ``model``, traced on ``example`` in eval mode (a
+    batch of the task, through its ``forward``; else ``model(example)``)."""
     was_training = model.training
     model.eval()
+    forward_fn = (lambda m, x: run(m, x, forward)) if forward is not None else None
     try:
         with torch.enable_grad():
-            return tp.DependencyGraph().build_dependency(model, example, verbose=False)
+            return tp.DependencyGraph().build_dependency(
+                model, example, forward_fn=forward_fn, verbose=False
+            )
     finally:
         model.train(was_training)
 
 
 def channel_groups(
-    model: nn.Module, example: Tensor, include: Sequence[str] = ("*",), exclude: Sequence[str] = ()
+    model: nn.Module,
+    example: Any,
+    include: Sequence[str] = ("*",),
+    exclude: Sequence[str] = (),
+    *,
+    forward: Forward | None = None,
 ) -> list[ChannelGroup]:
     """The prunable channel groups of ``model``, in the order of their first layers.
 
@@ -139,7 +155,7 @@ def channel_groups(
             ChannelGroup(u.name, u.outputs, (), u.count, u.inputs, u.width, u.kind) for u in units
         ]
         return [g for g in found if _selected(g.name, include, exclude)]
-    graph = dependency_graph(model, example)
+    graph = dependency_graph(model, example, forward)
     names = {module: name for name, module in model.named_modules()}
     order = {name: i for i, name in enumerate(names.values())}
     groups = []
@@ -163,7 +179,9 @@ def channel_groups(
     return [g for g in groups if _selected(g.name, include, exclude)]
 
 
-def removable_blocks(model: nn.Module, example: Tensor, globs: Sequence[str]) -> list[str]:
+def removable_blocks(
+    model: nn.Module, example: Any, globs: Sequence[str], *, forward: Forward | None = None
+) -> list[str]:
     """Module paths matching ``globs`` that can be replaced by the identity: containers of a
     Linear/Conv layer whose output has their input's shape (residual blocks without
     projection). A glob may match more (``*`` spans dots): single layers and what lies inside
@@ -195,7 +213,7 @@ def removable_blocks(model: nn.Module, example: Tensor, globs: Sequence[str]) ->
     was_training = model.training
     try:
         with torch.no_grad():
-            model.eval()(example)
+            run(model.eval(), example, forward)
     finally:
         model.train(was_training)
         for hook in hooks:
@@ -244,7 +262,9 @@ def plan(
     return Plan(channels, policy.removed_blocks)
 
 
-def apply_plan(model: nn.Module, plan: Plan, example: Tensor) -> nn.Module:
+def apply_plan(
+    model: nn.Module, plan: Plan, example: Any, *, forward: Forward | None = None
+) -> nn.Module:
     """Remove ``plan``'s blocks and channels from ``model`` in place; return it."""
     for name in plan.removed_blocks:
         parent, _, child = name.rpartition(".")
@@ -255,7 +275,7 @@ def apply_plan(model: nn.Module, plan: Plan, example: Tensor) -> nn.Module:
     if units:
         transformer.update_config(model, transformer.find_units(model))
     if plan.channels:
-        graph = dependency_graph(model, example)
+        graph = dependency_graph(model, example, forward)
         for layer, idxs, group in _pruning_groups(model, graph, plan):
             if not graph.check_pruning_group(group):
                 raise TaskError(f"cannot remove channels {list(idxs)} of layer {layer!r}")
@@ -263,7 +283,9 @@ def apply_plan(model: nn.Module, plan: Plan, example: Tensor) -> nn.Module:
     return model
 
 
-def zero_channels(model: nn.Module, plan: Plan, example: Tensor) -> nn.Module:
+def zero_channels(
+    model: nn.Module, plan: Plan, example: Any, *, forward: Forward | None = None
+) -> nn.Module:
     """The masked equivalent of ``plan`` (no blocks): zero, in place, the weights and biases of
     every removed output channel of each group's layers and BatchNorms; return ``model``."""
     if plan.removed_blocks:
@@ -273,7 +295,7 @@ def zero_channels(model: nn.Module, plan: Plan, example: Tensor) -> nn.Module:
         transformer.zero(model, unit, idxs)
     if not plan.channels:
         return model
-    graph = dependency_graph(model, example)
+    graph = dependency_graph(model, example, forward)
     with torch.no_grad():
         for _, _, group in _pruning_groups(model, graph, plan):
             for dep, idxs in group:
@@ -287,16 +309,18 @@ def zero_channels(model: nn.Module, plan: Plan, example: Tensor) -> nn.Module:
     return model
 
 
-def predict_params(model: nn.Module, plan: Plan, example: Tensor) -> int:
+def predict_params(
+    model: nn.Module, plan: Plan, example: Any, *, forward: Forward | None = None
+) -> int:
     """Parameters ``model`` will have once ``plan`` is applied, from the dependency graph's
     channel counts alone (without pruning anything)."""
     model = copy.deepcopy(model)
-    apply_plan(model, Plan({}, plan.removed_blocks), example)
+    apply_plan(model, Plan({}, plan.removed_blocks), example, forward=forward)
     plan, units = _split(model, plan)
     total = -sum(transformer.lost_params(model, unit, idxs) for unit, idxs in units)
     if not plan.channels:
         return total + sum(p.numel() for p in model.parameters())
-    graph = dependency_graph(model, example)
+    graph = dependency_graph(model, example, forward)
     lost_out: dict[nn.Module, int] = {}
     lost_in: dict[nn.Module, int] = {}
     for _, _, group in _pruning_groups(model, graph, plan):
@@ -320,16 +344,19 @@ def predict_params(model: nn.Module, plan: Plan, example: Tensor) -> int:
 def prune_structured(
     model: nn.Module,
     policy: Policy,
-    example: Tensor,
+    example: Any,
     grads: Mapping[str, Tensor] | None = None,
     groups: Sequence[ChannelGroup] | None = None,
+    *,
+    forward: Forward | None = None,
 ) -> Plan:
     """Plan ``policy`` on ``model`` and apply it in place; return the plan."""
     if groups is None:
-        groups = channel_groups(model, example)
-    removable_blocks(model, example, policy.removed_blocks)  # raises on a non-identity block
+        groups = channel_groups(model, example, forward=forward)
+    # raises on a non-identity block
+    removable_blocks(model, example, policy.removed_blocks, forward=forward)
     result = plan(model, policy, groups, grads)
-    apply_plan(model, result, example)
+    apply_plan(model, result, example, forward=forward)
     return result
 
 

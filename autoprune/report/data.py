@@ -19,7 +19,7 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from autoprune.report.figures import loss_curves_figure, pareto_figure
-from autoprune.study.front import front_trials
+from autoprune.study.front import front_trials, score_sign
 from autoprune.study.sensitivity import SENSITIVITY_ATTR  # {layer: [[sparsity, accuracy], ...]}
 from autoprune.study.setup import setup_if_any
 from autoprune.study.trial_metrics import (
@@ -158,22 +158,30 @@ def hypervolume_history(study: optuna.Study) -> pd.DataFrame:
 
     Each trial is the point (decades of compression ``-log10(relative size)``, val accuracy);
     the reference point is the dense size at zero accuracy, so values are comparable across
-    studies of one model. Columns: ``trial``, ``completed``, ``hypervolume``.
+    studies of one model. A score that is better lower counts as ``1 / (1 + score)``.
+    Columns: ``trial``, ``completed``, ``hypervolume``.
     """
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     trials = sorted(trials, key=lambda t: (t.datetime_complete or _EPOCH, t.number))
     rows: list[dict[str, Any]] = []
     staircase: list[tuple[float, float]] = []
     relative = relative_size(study)
+    sign = score_sign(study)
     for trial in trials:
         size = relative(trial)
         if size > 0 and math.isfinite(size):
-            staircase = _step(staircase, (-math.log10(size), float(trial.values[0])))
+            staircase = _step(staircase, (-math.log10(size), _quality(trial.values[0], sign)))
         value = hypervolume_2d(staircase)
         rows.append(
             {"trial": trial.number, "completed": trial.datetime_complete, "hypervolume": value}
         )
     return pd.DataFrame(rows, columns=["trial", "completed", "hypervolume"])
+
+
+def _quality(score: float, sign: float) -> float:
+    """The accuracy axis of the hypervolume: the score itself, or ``1 / (1 + score)`` for a
+    score that is better lower (perplexity, error), so that zero is still the reference."""
+    return float(score) if sign > 0 else 1.0 / (1.0 + max(float(score), 0.0))
 
 
 def _step(

@@ -24,3 +24,9 @@ def front_trials(study: optuna.Study) -> list[FrozenTrial]:
     """
     trials = study.get_trials(deepcopy=False)
     return _pareto_front(trials, study.directions, consider_constraint=_is_constrained(trials))
+
+
+def score_sign(study: optuna.Study) -> float:
+    """1.0 when the study's accuracy objective is maximised, -1.0 when a lower score is better
+    (a task with ``higher_is_better=False``): ``sign * accuracy`` is always "more is better"."""
+    return 1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else -1.0

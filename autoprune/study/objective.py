@@ -12,7 +12,6 @@ from torch import Tensor
 
 from autoprune import measure
 from autoprune.errors import TrialFailed
-from autoprune.pruning import structured
 from autoprune.pruning.criteria import calibration_gradients, get_criterion
 from autoprune.pruning.masks import prunable_layers
 from autoprune.pruning.policy import Policy
@@ -20,7 +19,7 @@ from autoprune.study.constraints import Constraints
 from autoprune.study.space import SearchSpace, suggest_policy
 from autoprune.study.stopping import EarlyStop
 from autoprune.task import Task
-from autoprune.trial import PruneResult, prune_and_finetune, trial_seed
+from autoprune.trial import PruneResult, dense_on_device, prune_and_finetune, trial_seed
 
 # The default objectives, in order; a study stores its own (``study.metric_names``).
 METRIC_NAMES = measure.DEFAULT_OBJECTIVES
@@ -60,8 +59,9 @@ class Objective:
         self.constraints, self.early_stop = constraints, early_stop
         self.objectives = measure.check_objectives(objectives)
         self.groups, self.blocks = list(groups), list(blocks)
-        example = structured.example_input(task.val)[:1]
-        self.context = measure.Context(example, tuple(layers), latency or measure.Latency())
+        self.context = measure.Context(
+            task.example(1), tuple(layers), latency or measure.Latency(), task.forward
+        )
         self.on_result = on_result
         self._grads: dict[str, Tensor] | None = None
 
@@ -102,7 +102,9 @@ class Objective:
             trial.set_user_attr("fail_reason", reason)
             raise TrialFailed(reason)
         if self.constraints is not None:
-            for key, value in self.constraints.violations(result.metrics).items():
+            for key, value in self.constraints.violations(
+                result.metrics, self.task.higher_is_better
+            ).items():
                 trial.set_constraint(key, value)
         if self.on_result is not None:
             self.on_result(trial, result, values)
@@ -115,7 +117,7 @@ class Objective:
             return None
         if self._grads is None:
             layers = sorted(set(prunable_layers(self.task.model)) | set(self.layers))
-            self._grads = calibration_gradients(self.task.model, self.task, layers)
+            self._grads = calibration_gradients(dense_on_device(self.task), self.task, layers)
         return self._grads
 
 

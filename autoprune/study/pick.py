@@ -10,7 +10,7 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from autoprune.errors import SpecError
-from autoprune.study.front import front_trials
+from autoprune.study.front import front_trials, score_sign
 from autoprune.study.trial_metrics import (
     ACCURACY,
     metric_names,
@@ -39,7 +39,8 @@ def pick(
     """Choose one front trial by exactly one rule.
 
     Args:
-        min_accuracy: The smallest model (by ``by``) with at least this val accuracy.
+        min_accuracy: The smallest model (by ``by``) with at least this val accuracy (at
+            most, for a task whose score is better lower).
         max_params: The most accurate model with at most this many nonzero prunable weights.
         max_size: The most accurate model whose ``by`` is at most this.
         knee: The knee of the front in (accuracy, log10 size) space.
@@ -60,26 +61,34 @@ def pick(
     front = front_metrics(study)
     if not front:
         raise SpecError(f"study {study.study_name!r} has no completed trial to pick")
-    return copy.deepcopy(_CHOOSERS[given[0]](front, by, rules.get(given[0]) or 0.0))
+    choose = _CHOOSERS[given[0]]
+    return copy.deepcopy(choose(front, by, rules.get(given[0]) or 0.0, score_sign(study)))
 
 
 Front = list[tuple[FrozenTrial, dict[str, float]]]
 
 
-def _smallest_above(front: Front, by: str, bar: float) -> FrozenTrial:
-    ok = [(m[by], -m[ACCURACY], t.number, t) for t, m in front if m[ACCURACY] >= bar]
+def _smallest_above(front: Front, by: str, bar: float, sign: float) -> FrozenTrial:
+    ok = [(m[by], -sign * m[ACCURACY], t.number, t) for t, m in front if _at_least(m, bar, sign)]
     if not ok:
-        best = max(m[ACCURACY] for _, m in front)
-        raise SpecError(f"no front trial has val accuracy >= {bar:g} (the best has {best:.4f})")
+        best = max((m[ACCURACY] for _, m in front), key=lambda a: sign * a)
+        word = ">=" if sign > 0 else "<="
+        raise SpecError(
+            f"no front trial has val accuracy {word} {bar:g} (the best has {best:.4f})"
+        )
     return min(ok, key=lambda row: row[:3])[3]
 
 
-def _most_accurate_under(key: str | None) -> Callable[[Front, str, float], FrozenTrial]:
+def _at_least(metrics: dict[str, float], bar: float, sign: float) -> bool:
+    return sign * metrics[ACCURACY] >= sign * bar
+
+
+def _most_accurate_under(key: str | None) -> Callable[[Front, str, float, float], FrozenTrial]:
     """The most accurate trial whose ``key`` (None: the size objective ``by``) is <= bar."""
 
-    def choose(front: Front, by: str, bar: float) -> FrozenTrial:
+    def choose(front: Front, by: str, bar: float, sign: float) -> FrozenTrial:
         metric = key or by
-        ok = [(-m[ACCURACY], m[metric], t.number, t) for t, m in front if m[metric] <= bar]
+        ok = [(-sign * m[ACCURACY], m[metric], t.number, t) for t, m in front if m[metric] <= bar]
         if not ok:
             least = min(m[metric] for _, m in front)
             raise SpecError(f"no front trial has {metric} <= {bar:g} (the smallest has {least:g})")
@@ -88,11 +97,13 @@ def _most_accurate_under(key: str | None) -> Callable[[Front, str, float], Froze
     return choose
 
 
-def _knee(front: Front, by: str, _: float) -> FrozenTrial:
+def _knee(front: Front, by: str, _: float, sign: float) -> FrozenTrial:
     """The point farthest above the chord joining the two ends of the front, in normalised
     (log10 size, accuracy); with no point above it, the one nearest (smallest, most accurate).
     """
-    points = sorted((math.log10(max(m[by], 1e-12)), m[ACCURACY], t.number, t) for t, m in front)
+    points = sorted(
+        (math.log10(max(m[by], 1e-12)), sign * m[ACCURACY], t.number, t) for t, m in front
+    )
     xs, ys = [p[0] for p in points], [p[1] for p in points]
 
     def scaled(v: float, vs: list[float]) -> float:
@@ -107,7 +118,7 @@ def _knee(front: Front, by: str, _: float) -> FrozenTrial:
     return min(norm, key=lambda p: (math.hypot(p[0], 1.0 - p[1]), p[2].number))[2]
 
 
-_CHOOSERS: dict[str, Callable[[Front, str, float], FrozenTrial]] = {
+_CHOOSERS: dict[str, Callable[[Front, str, float, float], FrozenTrial]] = {
     "min_accuracy": _smallest_above,
     "max_params": _most_accurate_under("nonzero_params"),
     "max_size": _most_accurate_under(None),

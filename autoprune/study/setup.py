@@ -97,6 +97,7 @@ class StudySetup:
         seed: The study's seed (sampler and each trial's fine-tuning).
         groups: Channel groups of a structured space (names), else empty.
         blocks: Removable residual blocks of a structured space, else empty.
+        higher_is_better: The direction of the task's score (the accuracy objective).
         task_ref: How to rebuild the task elsewhere (a built-in name or
             ``package.module:function``); None: the task was given as an object, so workers
             in other processes cannot join.
@@ -122,6 +123,7 @@ class StudySetup:
     seed: int
     groups: tuple[str, ...] = ()
     blocks: tuple[str, ...] = ()
+    higher_is_better: bool = True
     task_ref: str | None = None
     trials: int | None = DEFAULT_TRIALS
     sampler: str | None = DEFAULT_SAMPLER
@@ -198,6 +200,7 @@ IDENTITY = (
     "seed",
     "groups",
     "blocks",
+    "higher_is_better",
 )
 
 
@@ -286,6 +289,7 @@ def make_setup(
         seed=seed,
         groups=groups,
         blocks=blocks,
+        higher_is_better=task.higher_is_better,
         task_ref=task_ref,
         trials=trials,
         sampler=sampler,
@@ -316,8 +320,10 @@ def structured_setup(task: Task, space: SearchSpace) -> tuple[tuple[str, ...], t
     """
     if "structured" not in space.granularities:
         return (), ()
-    example = structured.example_input(task.val)
-    groups = structured.channel_groups(task.model, example, space.include, space.exclude)
+    example = task.example(2)
+    groups = structured.channel_groups(
+        task.model, example, space.include, space.exclude, forward=task.forward
+    )
     if not groups:
         raise TaskError(
             f"include {list(space.include)} / exclude {list(space.exclude)} leave no channel "
@@ -331,7 +337,7 @@ def structured_setup(task: Task, space: SearchSpace) -> tuple[tuple[str, ...], t
                         f"channel criterion {name!r} needs a BatchNorm, and channel group "
                         f"{group.name!r} has none"
                     )
-    blocks = structured.removable_blocks(task.model, example, space.blocks)
+    blocks = structured.removable_blocks(task.model, example, space.blocks, forward=task.forward)
     if space.blocks and not blocks:
         raise TaskError(f"blocks {list(space.blocks)} match no module with parameters")
     return tuple(g.name for g in groups), tuple(blocks)

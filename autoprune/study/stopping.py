@@ -19,7 +19,7 @@ from torch import nn
 from autoprune._registry import from_dict, to_dict
 from autoprune.errors import SpecError
 from autoprune.pruning.masks import count_nonzero
-from autoprune.study.front import front_trials
+from autoprune.study.front import front_trials, score_sign
 from autoprune.train import EpochHook
 
 
@@ -62,7 +62,8 @@ class EarlyStop:
                 return
             nonzero, total = count_nonzero(model, layers)
             best = front_accuracy(trial.study, nonzero / total)
-            if best is not None and accuracy < best - margin:
+            sign = score_sign(trial.study)
+            if best is not None and sign * accuracy < sign * best - margin:
                 trial.set_user_attr("stopped_at", [epoch, accuracy, best])
                 raise optuna.TrialPruned(
                     f"val accuracy {accuracy:.4f} after epoch {epoch}, the front has {best:.4f}"
@@ -72,7 +73,8 @@ class EarlyStop:
 
 
 def front_accuracy(study: optuna.Study, density: float) -> float | None:
-    """The best validation accuracy of a front trial at ``density`` or lower (None if none).
+    """The best validation accuracy of a front trial at ``density`` or lower (None if none;
+    the lowest for a task whose score is better lower).
 
     Accuracy is the study's first objective; density is every trial's user attr, so this
     holds whichever size objective the study minimises.
@@ -82,4 +84,5 @@ def front_accuracy(study: optuna.Study, density: float) -> float | None:
         for t in front_trials(study)
         if t.user_attrs.get("density", math.inf) <= density + 1e-12
     ]
-    return max(values) if values else None
+    sign = score_sign(study)
+    return max(values, key=lambda v: sign * v) if values else None

@@ -20,7 +20,6 @@ from torch import nn
 
 from autoprune import measure
 from autoprune.errors import StorageError, TaskError
-from autoprune.pruning import structured
 from autoprune.pruning.masks import count_nonzero
 from autoprune.pruning.policy import Policy
 from autoprune.study import storages
@@ -39,7 +38,7 @@ from autoprune.study.setup import (
 from autoprune.study.warm_start import enqueue_warm_starts
 from autoprune.task import Task
 from autoprune.train import evaluate
-from autoprune.trial import PruneResult, prune_and_finetune
+from autoprune.trial import PruneResult, dense_on_device, prune_and_finetune
 
 logger = logging.getLogger(__name__)
 # Seconds a process that opens a study which holds nothing yet waits for its creator (another
@@ -150,14 +149,16 @@ def objective_for(study: optuna.Study, task: Task) -> tuple[Objective, list[Call
 def dense_metrics(task: Task, setup: StudySetup) -> dict[str, float]:
     """Validation (and test) accuracy, nonzero and total prunable weights of the dense model,
     and the setup's size objectives."""
-    metrics = {"accuracy": evaluate(task.model, task, "val")[0]}
+    dense = dense_on_device(task)
+    metrics = {"accuracy": evaluate(dense, task, "val")[0]}
     if task.test is not None:
-        metrics["test_accuracy"] = evaluate(task.model, task, "test")[0]
+        metrics["test_accuracy"] = evaluate(dense, task, "test")[0]
     nonzero, total = count_nonzero(task.model, list(setup.layers))
     metrics["nonzero_params"], metrics["total_params"] = float(nonzero), float(total)
-    example = structured.example_input(task.val)[:1]
-    context = measure.Context(example, setup.layers, setup.latency or measure.Latency())
-    metrics.update(measure.measure(task.model, setup.objectives, context))
+    context = measure.Context(
+        task.example(1), setup.layers, setup.latency or measure.Latency(), task.forward
+    )
+    metrics.update(measure.measure(dense, setup.objectives, context))
     return metrics
 
 
@@ -243,7 +244,7 @@ def _create(storage: Any, study_name: str | None, setup: StudySetup) -> optuna.S
             study = optuna.create_study(
                 storage=storage,
                 study_name=study_name,
-                directions=measure.directions(setup.objectives),
+                directions=measure.directions(setup.objectives, setup.higher_is_better),
             )
         except optuna.exceptions.DuplicatedStudyError:
             return None
