@@ -17,7 +17,6 @@ from autoprune.spec import load_spec
 from autoprune.study.sensitivity import analyze
 from autoprune.study.setup import check_seed
 from autoprune.study.study import open_study
-from autoprune.tasks import load_task
 from autoprune.trial import baseline
 
 
@@ -26,7 +25,7 @@ def _prune(args: argparse.Namespace) -> int:
     out = check_output_file(args.out) if args.out else None  # before the fine-tuning
     seed = spec.seed if args.seed is None else args.seed
     check_seed(seed)
-    task = spec.finetune.apply(load_task(spec.task, seed=spec.seed))
+    task = spec.load_task()
     layers = prunable_layers(task.model, spec.space.include, spec.space.exclude)
     result = baseline(task, args.policy, args.sparsity, seed=seed, layers=layers)
     m = result.metrics
@@ -49,7 +48,7 @@ def _sensitivity(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     storage = args.storage or spec.storage
     study_name = args.study_name or spec.name
-    task = spec.finetune.apply(load_task(spec.task, seed=spec.seed))
+    task = spec.load_task()
     study = open_study(spec.setup(task), task, storage=storage, study_name=study_name)
     curves, enqueued = analyze(study, task, spec.warm_start.sparsities)
     table = pd.DataFrame(

@@ -8,11 +8,13 @@ as ``autoprune search SPEC`` does.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable, Sequence
 
 import optuna
 
+from autoprune import devices
 from autoprune.errors import SpecError
 from autoprune.measure import DEFAULT_OBJECTIVES, Latency
 from autoprune.run.worker import run_worker
@@ -47,6 +49,7 @@ def search(
     front_table: bool = True,
     objectives: Sequence[str] = DEFAULT_OBJECTIVES,
     latency: Latency | None = None,
+    device: str | None = None,
 ) -> optuna.Study:
     """Search pruning policies of ``task``'s model; return the (new or resumed) Optuna study.
 
@@ -78,6 +81,9 @@ def search(
         front_table: Keep the ``autoprune_front`` table of a database storage up to date.
         objectives: ``"accuracy"``, then one or two of :data:`autoprune.measure.OBJECTIVES`.
         latency: How ``latency_ms`` is measured (batch size, threads, repeats).
+        device: Where the trials run, overriding the task's own ``device``: ``auto``,
+            ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; not part of the study (a resumed run or
+            a worker may run elsewhere). None: the task's.
 
     SIGINT and SIGTERM stop the search as they stop a worker: the running trial fails, is
     queued for retry, and the study is returned.
@@ -86,7 +92,8 @@ def search(
         SpecError: On bad objectives, budget or sampler, or unstructured pruning with an
             objective blind to it.
         TaskError: If the task reference does not build a task, the model has no prunable
-            layer left by the space's globs, or the data does not fit the model.
+            layer left by the space's globs, the data does not fit the model, or the device
+            is unknown or not available here.
         StorageError: If the storage cannot be opened, or the named study was created with a
             different task, recipe, search space, objectives or seed.
         SpecError: Also if neither ``n_trials`` nor ``timeout`` is given (a ValueError).
@@ -96,8 +103,12 @@ def search(
     if not isinstance(sampler, (str, optuna.samplers.BaseSampler)):
         raise SpecError(f"sampler must be a name or an Optuna sampler, got {sampler!r}")
     check_seed(seed)  # before the task is built with it
+    if device is not None:
+        devices.resolve_device(device)  # likewise: unknown or absent here, refused at once
     task_ref = task if isinstance(task, str) else None
     loaded = load_task(task, seed=seed) if isinstance(task, str) else task
+    if device is not None:
+        loaded = dataclasses.replace(loaded, device=device)
     setup = make_setup(
         loaded,
         task_ref=task_ref,

@@ -23,7 +23,7 @@ from typing import Any
 import optuna
 from torch import nn
 
-from autoprune import measure
+from autoprune import devices, measure
 from autoprune._version import __version__
 from autoprune.errors import SpecError, StorageError, TaskError
 from autoprune.measure import DEFAULT_OBJECTIVES, Latency
@@ -57,16 +57,35 @@ MAX_SEED = 2**31 - 1
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """The fine-tuning recipe every trial of a study follows (the task's, after overrides)."""
+    """The fine-tuning recipe every trial of a study follows (the task's, after overrides).
+
+    ``precision`` is part of it: bf16 or fp16 fine-tuning gives other numbers than fp32, so
+    every worker of a study must use the study's. (The device is not: it is where a worker
+    runs, see :attr:`autoprune.Task.device`.) Studies stored before it existed ran in fp32,
+    for whole epochs, one batch a step, on whole validation splits.
+    """
 
     epochs: int
     lr: float
     batch_size: int
     calibration_batches: int
+    precision: str = "fp32"
+    steps: int | None = None
+    grad_accumulation: int = 1
+    val_batches: int | None = None
 
     @classmethod
     def of(cls, task: Task) -> Recipe:
-        return cls(task.finetune_epochs, task.lr, task.batch_size, task.calibration_batches)
+        return cls(
+            task.finetune_epochs,
+            task.lr,
+            task.batch_size,
+            task.calibration_batches,
+            task.precision,
+            task.finetune_steps,
+            task.grad_accumulation,
+            task.val_batches,
+        )
 
     def apply(self, task: Task) -> Task:
         """``task`` fine-tuned by this recipe (a new Task; the model is shared)."""
@@ -76,6 +95,10 @@ class Recipe:
             lr=self.lr,
             batch_size=self.batch_size,
             calibration_batches=self.calibration_batches,
+            precision=self.precision,
+            finetune_steps=self.steps,
+            grad_accumulation=self.grad_accumulation,
+            val_batches=self.val_batches,
         )
 
 
@@ -250,8 +273,8 @@ def make_setup(
     Raises:
         SpecError: On bad objectives, trials, seed or sampler, or unstructured pruning with
             an objective blind to it.
-        TaskError: If the space's globs leave no prunable layer (or channel group), or the
-            data does not fit the model.
+        TaskError: If the space's globs leave no prunable layer (or channel group), the
+            data does not fit the model, or the task's device is not available here.
     """
     for name, value, kind in (
         ("space", space, SearchSpace),
@@ -276,6 +299,7 @@ def make_setup(
     if early_stop is not None and early_stop.margin is None:
         early_stop = None
     layers = tuple(prunable_layers(task.model, space.include, space.exclude))
+    devices.resolve_device(task.device)  # a device this machine lacks: refused before any work
     task.check()
     groups, blocks = structured_setup(task, space)
     return StudySetup(
