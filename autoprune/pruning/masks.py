@@ -48,10 +48,10 @@ def prunable_layers(
         and (name not in protected or transformer.named_explicitly(name, include))
     ]
     if not chosen:
-        kept = f" (head and embeddings: {', '.join(sorted(protected))})" if protected else ""
+        dense = f" (head and embeddings: {', '.join(sorted(protected))})" if protected else ""
         raise TaskError(
             f"include {list(include)} / exclude {list(exclude)} match no prunable layer "
-            f"(layers: {', '.join(names)}){kept}"
+            f"(layers: {', '.join(names)}){dense}"
         )
     return chosen
 

@@ -43,7 +43,8 @@ class ChannelGroup:
     """Layers whose output channels are removed together.
 
     Args:
-        name: The group's first layer (its key in a structured policy).
+        name: The group's first layer, or a transformer's attention module (its key in a
+            structured policy).
         layers: Linear/Conv layers that lose output channels, in definition order.
         batchnorms: BatchNorms that lose the same channels.
         channels: Channels in the group: the units a ratio counts and a plan removes.
@@ -262,13 +263,21 @@ def plan(
     return Plan(channels, policy.removed_blocks)
 
 
+class Skip(nn.Identity):
+    """What a removed block becomes: its first input, whatever else it is called with (a
+    transformer's layer also gets an attention mask and more)."""
+
+    def forward(self, input: Any, *args: Any, **kwargs: Any) -> Any:
+        return input
+
+
 def apply_plan(
     model: nn.Module, plan: Plan, example: Any, *, forward: Forward | None = None
 ) -> nn.Module:
     """Remove ``plan``'s blocks and channels from ``model`` in place; return it."""
     for name in plan.removed_blocks:
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, nn.Identity())
+        setattr(model.get_submodule(parent), child, Skip())
     plan, units = _split(model, plan)
     for unit, idxs in units:
         transformer.remove(model, unit, idxs)
@@ -360,7 +369,9 @@ def prune_structured(
     return result
 
 
-def _split(model: nn.Module, plan: Plan) -> tuple[Plan, list[tuple[transformer.Unit, Any]]]:
+def _split(
+    model: nn.Module, plan: Plan
+) -> tuple[Plan, list[tuple[transformer.Unit, tuple[int, ...]]]]:
     """``plan`` without its transformer groups, and those groups' units and indices."""
     units = {u.name: u for u in transformer.find_units(model)} if plan.channels else {}
     ours = [(units[key], idxs) for key, idxs in plan.channels.items() if key in units]

@@ -187,13 +187,13 @@ def remove(model: nn.Module, unit: Unit, removed: Sequence[int]) -> None:
     rows = torch.tensor(kept_rows(unit, removed))
     with torch.no_grad():
         for name in unit.outputs:
-            layer = model.get_submodule(name)
+            layer = _linear(model, name)
             _replace(layer, "weight", layer.weight[rows])
             if layer.bias is not None:
                 _replace(layer, "bias", layer.bias[rows])
             layer.out_features = len(rows)
         for name in unit.inputs:
-            layer = model.get_submodule(name)
+            layer = _linear(model, name)
             _replace(layer, "weight", layer.weight[:, rows])
             layer.in_features = len(rows)
     if unit.kind == "heads":
@@ -203,7 +203,14 @@ def remove(model: nn.Module, unit: Unit, removed: Sequence[int]) -> None:
             if hasattr(attention, attr):
                 setattr(attention, attr, heads)
         if hasattr(attention, "all_head_size"):
-            attention.all_head_size = len(rows)
+            setattr(attention, "all_head_size", len(rows))  # noqa: B010 (an nn.Module)
+
+
+def _linear(model: nn.Module, name: str) -> nn.Linear:
+    layer = model.get_submodule(name)
+    if not isinstance(layer, nn.Linear):
+        raise TaskError(f"layer {name!r} is a {type(layer).__name__}, not a Linear layer")
+    return layer
 
 
 def _replace(layer: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -218,12 +225,12 @@ def zero(model: nn.Module, unit: Unit, removed: Sequence[int]) -> None:
     rows = [i for i in range(unit.count * unit.width) if i not in kept]
     with torch.no_grad():
         for name in unit.outputs:
-            layer = model.get_submodule(name)
+            layer = _linear(model, name)
             layer.weight[rows] = 0.0
             if layer.bias is not None:
                 layer.bias[rows] = 0.0
         for name in unit.inputs:
-            model.get_submodule(name).weight[:, rows] = 0.0
+            _linear(model, name).weight[:, rows] = 0.0
 
 
 def lost_params(model: nn.Module, unit: Unit, removed: Sequence[int]) -> int:
@@ -231,10 +238,10 @@ def lost_params(model: nn.Module, unit: Unit, removed: Sequence[int]) -> int:
     rows = unit.count * unit.width - len(kept_rows(unit, removed))
     lost = 0
     for name in unit.outputs:
-        layer = model.get_submodule(name)
+        layer = _linear(model, name)
         lost += rows * (layer.in_features + (layer.bias is not None))
     for name in unit.inputs:
-        lost += rows * model.get_submodule(name).out_features
+        lost += rows * _linear(model, name).out_features
     return lost
 
 
