@@ -294,3 +294,14 @@ def test_bad_references(user_module: str, ref: str, expected: str) -> None:
     message = str(info.value)
     assert message.startswith(expected)
     assert "\n" not in message
+
+
+def test_digits_bert_without_transformers_says_what_to_install(monkeypatch) -> None:
+    import sys
+
+    from autoprune.errors import TaskError
+    from autoprune.tasks.digits_bert import digits_bert_model
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if it were not installed
+    with pytest.raises(TaskError, match=r"^task 'digits-bert' needs transformers: pip install"):
+        digits_bert_model()

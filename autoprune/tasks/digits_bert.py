@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from autoprune.errors import TaskError
 from autoprune.task import Task
 from autoprune.tasks._cache import cached_model
 from autoprune.tasks.digits import _SPLIT_SEED, digits_split
@@ -53,7 +54,12 @@ def tokens(pixels: Any) -> Tensor:
 def digits_bert_model() -> nn.Module:
     """A 2-layer BERT (hidden 64, 4 heads of 16, FFN 128, no dropout) over the 18 tokens, with
     a 10-class head (77k parameters, 70k of them in the 13 Linear layers that are pruned)."""
-    from transformers import BertConfig, BertForSequenceClassification
+    try:
+        from transformers import BertConfig, BertForSequenceClassification
+    except ImportError:
+        raise TaskError(
+            "task 'digits-bert' needs transformers: pip install 'autoprune[hf]'"
+        ) from None
 
     config = BertConfig(
         vocab_size=LEVELS + 1,
