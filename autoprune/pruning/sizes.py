@@ -1,5 +1,6 @@
 """What a structured plan leaves of a model: its parameters and multiply-accumulates, predicted
-from the dependency graph's channel counts alone, without pruning anything.
+from the channel counts alone (the dependency graph's; a transformer's heads and neurons),
+without pruning anything.
 
 A pruned model is checked against these (the structured contract tests, ``scripts/zoo_check.py``):
 a plan that removes what it should leaves a model of exactly the predicted size.
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from autoprune.devices import batch_size
+from autoprune.pruning import transformer
 from autoprune.pruning.masks import PRUNABLE_TYPES
 from autoprune.pruning.structured import (
     Forward,
@@ -24,6 +26,7 @@ from autoprune.pruning.structured import (
     dependency_graph,
     pruning_groups,
     run,
+    split_units,
 )
 
 
@@ -54,15 +57,27 @@ def _kept(
     parameters it keeps of its own and, for a Linear/Conv layer, the weights it keeps."""
     model = copy.deepcopy(model)
     apply_plan(model, Plan({}, plan.removed_blocks), example, forward=forward)
-    graph = dependency_graph(model, example, forward)
+    plan, units = split_units(model, plan)
     lost_out: dict[int, int] = {}  # by id(): torch-pruning's targets include bare Parameters
     lost_in: dict[int, int] = {}
-    for _, _, group in pruning_groups(model, graph, plan):
-        for dep, idxs in group:
-            lost = lost_out if graph.is_out_channel_pruning_fn(dep.handler) else lost_in
-            key = id(dep.target.module)
-            lost[key] = lost.get(key, 0) + len(idxs)
-    unwrapped = {id(p): dim for p, dim in graph.unwrapped_parameters}
+
+    def lose(lost: dict[int, int], target: Any, count: int) -> None:
+        lost[id(target)] = lost.get(id(target), 0) + count
+
+    for unit, idxs in units:  # heads and neurons: rows of their outputs, columns of inputs
+        rows = unit.count * unit.width - len(transformer.kept_rows(unit, idxs))
+        for name in unit.outputs:
+            lose(lost_out, model.get_submodule(name), rows)
+        for name in unit.inputs:
+            lose(lost_in, model.get_submodule(name), rows)
+    unwrapped: dict[int, int] = {}
+    if plan.channels:
+        graph = dependency_graph(model, example, forward)
+        for _, _, group in pruning_groups(model, graph, plan):
+            for dep, idxs in group:
+                out = graph.is_out_channel_pruning_fn(dep.handler)
+                lose(lost_out if out else lost_in, dep.target.module, len(idxs))
+        unwrapped = {id(p): dim for p, dim in graph.unwrapped_parameters}
     sizes = {}
     for name, module in model.named_modules():
         out_lost, in_lost = lost_out.get(id(module), 0), lost_in.get(id(module), 0)
