@@ -31,6 +31,8 @@ blocks = []                      # globs of residual blocks a trial may remove
 parametrization = "allocation"   # or "per-layer"
 schedules = ["oneshot", "gradual"]  # and/or "gradual-regrow"
 allocations = ["lamp", "erk", "global", "uniform"]
+quantizations = ["none"]         # and/or "int8-dynamic", "int8-static": trials deployed to
+                                 # ONNX Runtime (structured; objectives bytes, latency_ms)
 
 [latency]                        # how latency_ms is measured
 batch_size = 64
