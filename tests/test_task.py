@@ -335,3 +335,28 @@ def test_check_names_the_split_and_the_batch_structure() -> None:
     )
     with pytest.raises(TaskError, match=r"val data \(\{'pixels': shape \(8, 1, 5, 5\)"):
         bad.check()
+
+
+def test_cuda_devices_resolve_by_what_torch_sees(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert devices.resolve_device("auto") == torch.device("cuda", 1)
+    assert devices.resolve_device("cuda") == torch.device("cuda", 1)
+    assert devices.resolve_device("cuda:0") == torch.device("cuda", 0)
+    assert devices.resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(TaskError, match=r"device 'cuda:2' asked for, but torch sees 2 GPU\(s\)"):
+        devices.resolve_device("cuda:2")
+
+
+def test_pinned_batches_are_copied_without_blocking(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def fake_to(self: Tensor, device: Any, non_blocking: bool = False) -> Tensor:
+        calls.append((str(device), non_blocking))
+        return self
+
+    monkeypatch.setattr(Tensor, "to", fake_to)
+    monkeypatch.setattr(Tensor, "is_pinned", lambda self: self.shape[0] == 2)
+    devices.to_device({"a": torch.ones(2), "b": torch.ones(3)}, torch.device("cuda", 0))
+    assert calls == [("cuda:0", True), ("cuda:0", False)]

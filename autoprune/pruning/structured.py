@@ -9,6 +9,9 @@ per group, one score per channel summed over the group's layers.
 A structured policy becomes a :class:`Plan` (which channels of which group, which blocks go):
 plain data that can be stored, and replayed on the base architecture to rebuild the pruned
 model's shapes without unpickling anything (see :mod:`autoprune.deploy.directory`).
+
+A transformer's groups are its attention heads and FFN neurons instead, found and removed by
+:mod:`autoprune.pruning.transformer` through the same groups, scores and plans.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from torch import Tensor, nn
 
 from autoprune.devices import to_device
 from autoprune.errors import TaskError
+from autoprune.pruning import transformer
 from autoprune.pruning.criteria import calibration_gradients, get_criterion
 from autoprune.pruning.masks import PRUNABLE_TYPES, compute_masks
 from autoprune.pruning.policy import Policy
@@ -39,16 +43,25 @@ class ChannelGroup:
     """Layers whose output channels are removed together.
 
     Args:
-        name: The group's first layer (its key in a structured policy).
+        name: The group's first layer, or a transformer's attention module (its key in a
+            structured policy).
         layers: Linear/Conv layers that lose output channels, in definition order.
         batchnorms: BatchNorms that lose the same channels.
-        channels: Channels in the group.
+        channels: Channels in the group: the units a ratio counts and a plan removes.
+        inputs: Layers that lose the matching input columns, scored on them (a transformer's
+            output projection); Torch-Pruning's groups score their output layers only.
+        unit: Rows per channel: an attention head's ``head_dim``, else 1.
+        kind: ``"channels"`` (Torch-Pruning's graph), ``"heads"`` or ``"neurons"`` (a
+            transformer's, see :mod:`autoprune.pruning.transformer`).
     """
 
     name: str
     layers: tuple[str, ...]
     batchnorms: tuple[str, ...]
     channels: int
+    inputs: tuple[str, ...] = ()
+    unit: int = 1
+    kind: str = "channels"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +113,7 @@ def prune_task_model(
     example = to_device(task.example(2), next(model.parameters()).device)
     groups = channel_groups(model, example, forward=task.forward)
     if get_criterion(policy.criterion).needs_grad and grads is None:
-        layers = sorted({layer for group in groups for layer in group.layers})
+        layers = sorted({layer for g in groups for layer in (*g.layers, *g.inputs)})
         grads = calibration_gradients(model, task, layers)
     torch.manual_seed(seed)
     return prune_structured(model, policy, example, grads, groups, forward=task.forward)
@@ -134,8 +147,15 @@ def channel_groups(
     """The prunable channel groups of ``model``, in the order of their first layers.
 
     A group is left out when its name does not match an ``include`` glob or matches an
-    ``exclude`` glob, or when its channels are the model's outputs (the classes).
+    ``exclude`` glob, or when its channels are the model's outputs (the classes). A
+    transformer's groups are its heads and FFN neurons (nothing is traced).
     """
+    units = transformer.find_units(model)
+    if units:
+        found = [
+            ChannelGroup(u.name, u.outputs, (), u.count, u.inputs, u.width, u.kind) for u in units
+        ]
+        return [g for g in found if _selected(g.name, include, exclude)]
     graph = dependency_graph(model, example, forward)
     names = {module: name for name, module in model.named_modules()}
     order = {name: i for i, name in enumerate(names.values())}
@@ -214,7 +234,8 @@ def plan(
     """Which channels of ``policy``'s groups go, by its criterion, scope and rule.
 
     Every group keeps at least one channel (``round_to`` when it has that many), and with
-    ``round_to`` > 1 a multiple of it. Layers inside removed blocks neither score nor vote.
+    ``round_to`` > 1 a multiple of it (heads: a number whose rows are a multiple of it).
+    Layers inside removed blocks neither score nor vote.
 
     Raises:
         TaskError: If the policy names a group the model does not have, or the criterion scores
@@ -234,11 +255,20 @@ def plan(
     masks = compute_masks(dataclasses.replace(policy, sparsity=_only(policy, scores)), scores)
     channels = {}
     for name, keep in masks.items():
-        keep = _round_kept(keep, scores[name], policy.round_to)
+        group = chosen[name]
+        keep = _round_kept(keep, scores[name], _step(policy.round_to, group.unit))
         pruned = tuple(int(i) for i in torch.nonzero(~keep).flatten())
         if pruned:
-            channels[chosen[name].layers[0]] = pruned
+            channels[group.layers[0] if group.kind == "channels" else name] = pruned
     return Plan(channels, policy.removed_blocks)
+
+
+class Skip(nn.Identity):
+    """What a removed block becomes: its first input, whatever else it is called with (a
+    transformer's layer also gets an attention mask and more)."""
+
+    def forward(self, input: Any, *args: Any, **kwargs: Any) -> Any:
+        return input
 
 
 def apply_plan(
@@ -247,7 +277,12 @@ def apply_plan(
     """Remove ``plan``'s blocks and channels from ``model`` in place; return it."""
     for name in plan.removed_blocks:
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, nn.Identity())
+        setattr(model.get_submodule(parent), child, Skip())
+    plan, units = _split(model, plan)
+    for unit, idxs in units:
+        transformer.remove(model, unit, idxs)
+    if units:
+        transformer.update_config(model, transformer.find_units(model))
     if plan.channels:
         graph = dependency_graph(model, example, forward)
         for layer, idxs, group in _pruning_groups(model, graph, plan):
@@ -264,6 +299,11 @@ def zero_channels(
     every removed output channel of each group's layers and BatchNorms; return ``model``."""
     if plan.removed_blocks:
         raise ValueError("zero_channels does not remove blocks")
+    plan, units = _split(model, plan)
+    for unit, idxs in units:
+        transformer.zero(model, unit, idxs)
+    if not plan.channels:
+        return model
     graph = dependency_graph(model, example, forward)
     with torch.no_grad():
         for _, _, group in _pruning_groups(model, graph, plan):
@@ -285,6 +325,10 @@ def predict_params(
     channel counts alone (without pruning anything)."""
     model = copy.deepcopy(model)
     apply_plan(model, Plan({}, plan.removed_blocks), example, forward=forward)
+    plan, units = _split(model, plan)
+    total = -sum(transformer.lost_params(model, unit, idxs) for unit, idxs in units)
+    if not plan.channels:
+        return total + sum(p.numel() for p in model.parameters())
     graph = dependency_graph(model, example, forward)
     lost_out: dict[nn.Module, int] = {}
     lost_in: dict[nn.Module, int] = {}
@@ -292,7 +336,6 @@ def predict_params(
         for dep, idxs in group:
             lost = lost_out if graph.is_out_channel_pruning_fn(dep.handler) else lost_in
             lost[dep.target.module] = lost.get(dep.target.module, 0) + len(idxs)
-    total = 0
     for module in model.modules():
         own = sum(p.numel() for p in module.parameters(recurse=False))
         out_lost, in_lost = lost_out.get(module, 0), lost_in.get(module, 0)
@@ -324,6 +367,16 @@ def prune_structured(
     result = plan(model, policy, groups, grads)
     apply_plan(model, result, example, forward=forward)
     return result
+
+
+def _split(
+    model: nn.Module, plan: Plan
+) -> tuple[Plan, list[tuple[transformer.Unit, tuple[int, ...]]]]:
+    """``plan`` without its transformer groups, and those groups' units and indices."""
+    units = {u.name: u for u in transformer.find_units(model)} if plan.channels else {}
+    ours = [(units[key], idxs) for key, idxs in plan.channels.items() if key in units]
+    rest = {key: idxs for key, idxs in plan.channels.items() if key not in units}
+    return Plan(rest, plan.removed_blocks), ours
 
 
 def _pruning_groups(
@@ -359,19 +412,38 @@ def _group_scores(
                     f"criterion {policy.criterion!r} scores BatchNorm scales, and channel "
                     f"group {name!r} has no BatchNorm"
                 )
-            total = torch.zeros(group.channels)
-            for source in sources:
+            total = torch.zeros(group.channels * group.unit)
+            for source in (*sources, *group.inputs):
                 weight = modules[source].weight.detach()
                 grad = grads[source] if criterion.needs_grad and grads is not None else None
+                if source in group.inputs:  # its input columns: the rows of the transpose
+                    weight = weight.T
+                    grad = grad.T if grad is not None else None
                 total += criterion.channel_score(weight, grad).float()
-            scores[name] = total
+            scores[name] = total.reshape(group.channels, group.unit).sum(dim=1)
     return scores
 
 
-def kept_channels(channels: int, ratio: float, round_to: int = 1) -> int:
-    """How many of a group's ``channels`` the ``ratio`` rule keeps at ``ratio`` in the layer
-    scope, once :func:`plan` has rounded the count to ``round_to``."""
-    return _rounded(channels - round(ratio * channels), channels, round_to)
+def kept_channels(channels: int, ratio: float, round_to: int = 1, unit: int = 1) -> int:
+    """How many of a group's ``channels`` (of ``unit`` rows each) the ``ratio`` rule keeps at
+    ``ratio`` in the layer scope, once :func:`plan` has rounded the count to ``round_to``."""
+    return _rounded(channels - round(ratio * channels), channels, _step(round_to, unit))
+
+
+def group_sizes(model: nn.Module, names: Sequence[str]) -> list[tuple[int, int]]:
+    """``(channels, rows per channel)`` of each named channel group of ``model``."""
+    units = {u.name: u for u in transformer.find_units(model)}
+    modules = dict(model.named_modules())
+    return [
+        (units[n].count, units[n].width) if n in units else (_out_channels(modules[n]), 1)
+        for n in names
+    ]
+
+
+def _step(round_to: int, unit: int) -> int:
+    """Channels of ``unit`` rows to round to so that the kept rows are a multiple of
+    ``round_to``."""
+    return round_to // math.gcd(round_to, unit)
 
 
 def _rounded(kept: int, n: int, round_to: int) -> int:

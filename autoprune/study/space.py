@@ -29,8 +29,10 @@ class SearchSpace:
             ``mean`` rule, ``high`` caps each layer's sparsity.
         alpha: ``(low, high)`` bounds of the ``mean`` rule's multiplier (searched on a log scale).
         include: Globs over layer names (module paths) of the layers that may be pruned.
-            Structured pruning names a channel group by its first layer: the same globs pick
-            the groups.
+            Structured pruning names a channel group by its first layer (a transformer's
+            heads by their attention module): the same globs pick the groups. A Hugging Face
+            model's head and embeddings are pruned only when a glob other than ``*`` names
+            them (see :func:`autoprune.pruning.masks.prunable_layers`).
         exclude: Globs of layers never pruned, applied after ``include``.
         granularities: Any of ``"unstructured"`` (weights zeroed), ``"structured"`` (output
             channels and neurons removed); both searches them within one study.

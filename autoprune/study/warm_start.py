@@ -21,7 +21,7 @@ from autoprune._registry import from_dict, to_dict
 from autoprune.errors import SpecError
 from autoprune.pruning.allocation import get_allocation
 from autoprune.pruning.policy import SCHEDULES
-from autoprune.pruning.structured import kept_channels
+from autoprune.pruning.structured import group_sizes, kept_channels
 from autoprune.study.space import SearchSpace, heuristic_params, structured_heuristic_params
 from autoprune.task import Task
 
@@ -187,9 +187,8 @@ def _structured_candidates(
                 )
                 key = None
                 if uniform and params is not None:
-                    modules = dict(task.model.named_modules())
-                    sizes = (modules[g].weight.shape[0] for g in groups)  # type: ignore[index]
-                    kept = tuple(kept_channels(int(c), ratio, space.round_to) for c in sizes)
+                    sizes = group_sizes(task.model, groups)
+                    kept = tuple(kept_channels(c, ratio, space.round_to, u) for c, u in sizes)
                     key = (remove, kept, quantization)
                 candidates.append((label, params, key))
     return candidates
