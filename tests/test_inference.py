@@ -160,3 +160,31 @@ def test_measurements_of_a_deployed_model(mlp: Task) -> None:
     values = measure.measure(quantized, ["accuracy", "bytes", "latency_ms"], context)
     assert values["bytes"] == quantized.file_bytes
     assert values["latency_ms"] > 0
+
+
+class OwnLoss(nn.Module):
+    """Computes its own loss when given labels, as Hugging Face models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(64, 3)
+
+    def forward(self, pixels: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+        logits = self.linear(pixels.flatten(1))
+        if labels is None:
+            return {"logits": logits}
+        return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+def test_a_deployed_model_takes_no_targets() -> None:
+    torch.manual_seed(0)
+    x, y = make_data(64, 0)
+    data = {"pixels": x, "labels": y}
+    task = Task(model=OwnLoss(), train=data, val=data)
+    deployed = deploy(task.model, task, "int8-dynamic")
+    assert [i.name for i in onnx.load_from_string(deployed.data).graph.input] == ["pixels"]
+    out = deployed(pixels=x[:5], labels=y[:5])  # called as in training: the labels are unused
+    assert set(out) == {"logits"} and out["logits"].shape == (5, 3)
+    score, loss = evaluate(deployed, task, "val")  # the task's loss, from the logits
+    want_score, want_loss = evaluate(task.model, task, "val")
+    assert abs(score - want_score) <= 2 / 64 and abs(loss - want_loss) < 0.05

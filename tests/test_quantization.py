@@ -15,7 +15,7 @@ from torch import nn
 import autoprune
 from autoprune import Policy, SearchSpace, Task, WarmStart
 from autoprune.errors import SpecError
-from autoprune.inference import int8_operators
+from autoprune.inference import deploy, int8_operators
 from autoprune.measure import check_quantizations
 from autoprune.spec import load_spec
 from autoprune.study.pick import pick
@@ -224,6 +224,8 @@ def test_quantized_and_unquantized_trials_replay_exactly(quantized_study: dict) 
         assert result.deployed.file_bytes == trial.values[1]
         int8 = int8_operators(onnx.load_from_string(result.deployed.data))
         assert (int8 > 0) == (result.policy.quantization == "int8-static")
+    # The dense reference (relative sizes, hypervolume) is measured as deployed too: fp32 ONNX.
+    assert autoprune.read_setup(study).dense["bytes"] == deploy(task.model, task).file_bytes
 
 
 def test_export_onnx_reproduces_the_recorded_accuracy(

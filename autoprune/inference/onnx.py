@@ -130,6 +130,7 @@ def export_onnx(model: nn.Module, batch: Any, forward: Forward) -> OnnxModel:
 
     model = model.eval()
     args, kwargs, outputs = capture_call(model, batch, forward)
+    args, kwargs, outputs = _without_targets(model, args, kwargs, outputs)
     slots = slots_of(args, kwargs)
     leaves, spec = pytree.tree_flatten(outputs)
     if not slots or not leaves or not all(isinstance(t, Tensor) for t in leaves):
@@ -200,6 +201,24 @@ def compact(proto: Any) -> Any:
         node.output[:] = [short(n) for n in node.output]
     del graph.value_info[:]
     return proto
+
+
+# Keyword arguments that carry targets (a Hugging Face model computes its loss from them): a
+# deployed model is called without them.
+TARGET_KWARGS = ("labels", "label")
+
+
+def _without_targets(model: nn.Module, args: tuple, kwargs: dict, outputs: Any) -> tuple:
+    """The call without its target keywords, when the model takes it (its loss is then
+    computed by the task from the logits); else the call as it was."""
+    kept = {k: v for k, v in kwargs.items() if k not in TARGET_KWARGS}
+    if len(kept) == len(kwargs):
+        return args, kwargs, outputs
+    try:
+        with torch.no_grad():
+            return args, kept, model(*args, **kept)
+    except Exception:  # a model that needs its targets: exported with them
+        return args, kwargs, outputs
 
 
 class OnnxModel(nn.Module):
