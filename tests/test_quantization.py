@@ -264,6 +264,17 @@ def test_export_onnx_reproduces_the_recorded_accuracy(
         f"trial {trial.number} is quantized (int8-static): its deployed model is ONNX; "
         "export it with format 'onnx'"
     )
+    # The command line: the same files, and what it checked.
+    argv = ["export", str(trial.number), "--out", str(tmp_path / "cli"), "--format", "onnx"]
+    code, printed, _ = run(
+        capsys, *argv, "--task", "conftest:make_resnet_task", "--storage", storage
+    )
+    assert (
+        code == 0
+        and (tmp_path / "cli" / "model.onnx").read_bytes() == (out / "model.onnx").read_bytes()
+    )
+    assert f"model.onnx (int8-static): {trial.values[1]:.0f} bytes; ONNX Runtime " in printed
+    assert "recorded val accuracy reproduced" in printed
     # pick --max-bytes: on deployed bytes; pick shows the quantization.
     code, printed, _ = run(capsys, "pick", "--max-bytes", "1e9", "--storage", storage)
     chosen = pick(study, max_bytes=1e9)
