@@ -281,6 +281,7 @@ def test_the_spec_s_task_takes_its_device_and_precision(tmp_path: Path) -> None:
         "digits_cnn.toml",
         "digits_mlp.toml",
         "digits_resnet.toml",
+        "digits_resnet_int8.toml",
         "digits_bert.toml",
         "digits_bert_heads.toml",
     ],
