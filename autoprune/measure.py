@@ -1,5 +1,8 @@
 """Size objectives: how big, heavy or slow a pruned model is. Smaller is better for all.
 
+A trial deployed to ONNX Runtime (see :mod:`autoprune.inference`) is measured as deployed:
+``bytes`` is its ``model.onnx`` file, ``latency_ms`` its time in ONNX Runtime.
+
 Each objective is a function ``(model, context) -> float`` in a name → objective registry, so
 that a study spec chooses its objectives by name: ``objectives = ["accuracy", "macs"]``.
 Validation accuracy is always the first objective (maximised); one or two size objectives
@@ -22,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from autoprune import devices
 from autoprune._registry import Registry, from_dict, to_dict
 from autoprune.errors import SpecError
+from autoprune.inference import OnnxModel
 from autoprune.pruning.codec import exported_bytes
 from autoprune.pruning.masks import PRUNABLE_TYPES
 
@@ -80,24 +84,28 @@ MeasureFn = Callable[[nn.Module, Context], float]
 
 @dataclasses.dataclass(frozen=True)
 class SizeObjective:
-    """A named size measurement; ``sees_zeros``: unstructured zeros make it smaller."""
+    """A named size measurement; ``sees_zeros``: unstructured zeros make it smaller;
+    ``sees_quantization``: an int8 model measures smaller than its fp32 form."""
 
     name: str
     measure: MeasureFn
     sees_zeros: bool
+    sees_quantization: bool = False
 
 
 # The size objectives; accuracy is not one of them (it is measured by the task).
 OBJECTIVES: Registry[SizeObjective] = Registry("objective")
 
 
-def register_objective(name: str, *, sees_zeros: bool) -> Callable[[MeasureFn], MeasureFn]:
+def register_objective(
+    name: str, *, sees_zeros: bool, sees_quantization: bool = False
+) -> Callable[[MeasureFn], MeasureFn]:
     """Decorator that adds a size measurement to the registry under ``name``."""
 
     def decorator(fn: MeasureFn) -> MeasureFn:
         if name == ACCURACY:
             raise SpecError(f"objective {name!r} is already registered")
-        OBJECTIVES.register(name, SizeObjective(name, fn, sees_zeros))
+        OBJECTIVES.register(name, SizeObjective(name, fn, sees_zeros, sees_quantization))
         return fn
 
     return decorator
@@ -140,6 +148,33 @@ def check_granularities(objectives: Sequence[str], granularities: Sequence[str])
             )
 
 
+def check_quantizations(
+    objectives: Sequence[str], quantizations: Sequence[str], granularities: Sequence[str]
+) -> None:
+    """Refuse a study that searches quantization with a size objective blind to it, or with
+    unstructured pruning: such a study deploys every trial to ONNX Runtime, whose files and
+    kernels are dense, so zeros save neither bytes nor time there.
+
+    Raises:
+        SpecError: Naming the objective or the granularity.
+    """
+    searched = [q for q in quantizations if q != "none"]
+    if not searched:
+        return
+    for name in objectives:
+        if name in OBJECTIVES and not OBJECTIVES[name].sees_quantization:
+            able = [n for n, o in OBJECTIVES.items() if o.sees_quantization]
+            raise SpecError(
+                f"objective {name!r} is blind to quantization: search quantizations "
+                f"{list(quantizations)} with {' or '.join(able)}"
+            )
+    if "unstructured" in granularities:
+        raise SpecError(
+            f"quantizations {list(quantizations)} deploy to ONNX Runtime, whose dense files and "
+            'kernels gain nothing from unstructured zeros: search granularities = ["structured"]'
+        )
+
+
 def directions(
     names: Sequence[str], higher_is_better: bool = True
 ) -> list[Literal["maximize", "minimize"]]:
@@ -167,9 +202,12 @@ def nonzero_params(model: nn.Module, context: Context) -> float:
     )
 
 
-@register_objective("bytes", sees_zeros=True)
+@register_objective("bytes", sees_zeros=True, sees_quantization=True)
 def bytes_(model: nn.Module, context: Context) -> float:
-    """Bytes of the exported state (sparse weights stored as a bitmask and their nonzeros)."""
+    """Bytes of the deployed file: a deployed model's ``model.onnx``, else the exported state
+    (sparse weights stored as a bitmask and their nonzeros)."""
+    if isinstance(model, OnnxModel):
+        return float(model.file_bytes)
     return float(exported_bytes(model))
 
 
@@ -182,10 +220,10 @@ def macs(model: nn.Module, context: Context) -> float:
     return counter.get_total_flops() / 2
 
 
-@register_objective("latency_ms", sees_zeros=False)
+@register_objective("latency_ms", sees_zeros=False, sees_quantization=True)
 def latency_ms(model: nn.Module, context: Context) -> float:
-    """Median milliseconds of a forward pass of a batch on the model's device (see
-    :class:`Latency`)."""
+    """Median milliseconds of a forward pass of a batch on the model's device, or in ONNX
+    Runtime for a deployed model (see :class:`Latency`)."""
     return compare_latency([model], context.example, context.latency, context.forward)[0]
 
 

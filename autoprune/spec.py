@@ -31,6 +31,8 @@ blocks = []                      # globs of residual blocks a trial may remove
 parametrization = "allocation"   # or "per-layer"
 schedules = ["oneshot", "gradual"]  # and/or "gradual-regrow"
 allocations = ["lamp", "erk", "global", "uniform"]
+quantizations = ["none"]         # and/or "int8-dynamic", "int8-static": trials deployed to
+                                 # ONNX Runtime (structured; objectives bytes, latency_ms)
 
 [latency]                        # how latency_ms is measured
 batch_size = 64
@@ -76,7 +78,13 @@ from typing import Any
 from autoprune import devices, tasks
 from autoprune._registry import check_keys
 from autoprune.errors import SpecError, TaskError
-from autoprune.measure import DEFAULT_OBJECTIVES, Latency, check_granularities, check_objectives
+from autoprune.measure import (
+    DEFAULT_OBJECTIVES,
+    Latency,
+    check_granularities,
+    check_objectives,
+    check_quantizations,
+)
 from autoprune.study.artifacts import ArtifactSpec
 from autoprune.study.constraints import Constraints
 from autoprune.study.samplers import SAMPLERS
@@ -306,6 +314,7 @@ def spec_from_dict(data: dict[str, Any]) -> StudySpec:
                 raise SpecError(f"[{key}] {e}") from None
     spec = StudySpec(**kwargs)
     check_granularities(spec.objectives, spec.space.granularities)
+    check_quantizations(spec.objectives, spec.space.quantizations, spec.space.granularities)
     return spec
 
 

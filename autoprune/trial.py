@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from autoprune import measure
+from autoprune.inference import OnnxModel, deploy
 from autoprune.pruning import structured
 from autoprune.pruning.allocation import heuristic_policy
 from autoprune.pruning.criteria import calibration_gradients, get_criterion
@@ -38,6 +39,14 @@ class PruneResult:
     history: dict[str, list[list[float]]]
     timings: dict[str, float]
     plan: structured.Plan | None = None  # what a structured policy removed
+    # The model as deployed (ONNX in ONNX Runtime, quantized as the policy says), whose
+    # accuracy the metrics are, for a policy with the onnxruntime runtime.
+    deployed: OnnxModel | None = None
+
+    @property
+    def measured(self) -> nn.Module:
+        """The model the numbers are of: the deployed one, else the PyTorch one."""
+        return self.deployed if self.deployed is not None else self.model
 
 
 def prune_and_finetune(
@@ -62,8 +71,13 @@ def prune_and_finetune(
             the policy's layers (unstructured) or every Linear/Conv layer (structured).
         on_epoch: Called after each fine-tuning epoch (see :func:`autoprune.train.fit`).
 
+    With the ``onnxruntime`` runtime, the fine-tuned model is then exported to ONNX and
+    quantized as the policy says (on a CPU copy, see :func:`autoprune.inference.deploy`), and
+    accuracy is measured on that deployed model in ONNX Runtime.
+
     Raises:
-        TrialFailed: If fine-tuning hits a non-finite loss.
+        TrialFailed: If fine-tuning hits a non-finite loss (``DeployFailed``, a subclass, if
+            the model cannot be exported or quantized as asked).
         TaskError: If the task's device is not available here.
     """
     timings: dict[str, float] = {}
@@ -80,9 +94,14 @@ def prune_and_finetune(
         torch.manual_seed(seed)
         history = fit(model, task, seed=seed, on_epoch=on_epoch, on_step=on_step)
         fold_masks(model)
+    deployed = None
+    if policy.runtime == "onnxruntime":
+        with _timed(timings, "deploying"):
+            deployed = deploy(model, task, policy.quantization)
     with _timed(timings, "evaluation"):
-        accuracy, val_loss = evaluate(model, task, "val")
-        test_accuracy = evaluate(model, task, "test")[0] if task.test is not None else None
+        scored = deployed if deployed is not None else model
+        accuracy, val_loss = evaluate(scored, task, "val")
+        test_accuracy = evaluate(scored, task, "test")[0] if task.test is not None else None
         context = measure.Context(task.example(1), tuple(layers), forward=task.forward)
         nonzero = measure.nonzero_params(model, context)
         dense = dict(task.model.named_modules())
@@ -98,7 +117,7 @@ def prune_and_finetune(
     }
     if test_accuracy is not None:
         metrics["test_accuracy"] = test_accuracy
-    return PruneResult(model, policy, metrics, sparsity, history, timings, plan)
+    return PruneResult(model, policy, metrics, sparsity, history, timings, plan, deployed)
 
 
 def _apply_unstructured(

@@ -29,6 +29,7 @@ LAYERS: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
     (
         (
             "autoprune.pruning",
+            "autoprune.inference",
             "autoprune.task",
             "autoprune.devices",
             "autoprune.tasks",

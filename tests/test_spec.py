@@ -275,7 +275,17 @@ def test_the_spec_s_task_takes_its_device_and_precision(tmp_path: Path) -> None:
     assert same.identity() == setup.identity()
 
 
-@pytest.mark.parametrize("name", ["digits_cnn.toml", "digits_mlp.toml", "digits_resnet.toml"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "digits_cnn.toml",
+        "digits_mlp.toml",
+        "digits_resnet.toml",
+        "digits_resnet_int8.toml",
+        "digits_bert.toml",
+        "digits_bert_heads.toml",
+    ],
+)
 def test_to_dict_round_trips_and_is_plain_data(name: str) -> None:
     import json
 

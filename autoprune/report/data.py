@@ -31,7 +31,7 @@ from autoprune.study.trial_metrics import (
 )
 
 # Policy columns whose values are compared by their share of the front.
-ASPECTS = ("criterion", "scope", "rule", "schedule", "granularity")
+ASPECTS = ("criterion", "scope", "rule", "schedule", "granularity", "quantization")
 # Fewer complete trials than this give importances that mean nothing.
 MIN_TRIALS_FOR_IMPORTANCE = 4
 _EPOCH = datetime.datetime(1970, 1, 1)
@@ -117,6 +117,8 @@ def _row(
     }
     if "granularity" in policy:
         row["granularity"] = policy["granularity"]
+    if "quantization" in policy:  # trials deployed to ONNX Runtime (a quantizing study)
+        row["quantization"] = policy["quantization"]
     for name in names:  # size objectives other than nonzero_params (bytes, macs, ...)
         row.setdefault(name, metrics[name])
     for layer, value in attrs.get("layer_sparsity", {}).items():

@@ -93,7 +93,7 @@ class Objective:
                 trial.set_user_attr(key, value)
             measured = {
                 **result.metrics,
-                **measure.measure(result.model, self.objectives, self.context),
+                **measure.measure(result.measured, self.objectives, self.context),
             }
         except TrialFailed as e:
             trial.set_user_attr("fail_reason", str(e))

@@ -33,6 +33,7 @@ def pick(
     min_accuracy: float | None = None,
     max_params: float | None = None,
     max_size: float | None = None,
+    max_bytes: float | None = None,
     knee: bool = False,
     by: str | None = None,
 ) -> FrozenTrial:
@@ -43,19 +44,33 @@ def pick(
             most, for a task whose score is better lower).
         max_params: The most accurate model with at most this many nonzero prunable weights.
         max_size: The most accurate model whose ``by`` is at most this.
+        max_bytes: The most accurate model whose deployed file (the ``bytes`` objective: its
+            ``model.onnx`` in a study that searches quantization, else its ``model.pt``) is at
+            most this many bytes.
         knee: The knee of the front in (accuracy, log10 size) space.
         by: The size objective (default: the study's first one, e.g. ``nonzero_params``).
 
     Raises:
         SpecError: If not exactly one rule is given, ``by`` is not a size objective of the
-            study, or no front trial qualifies (the message says the closest there is).
+            study (``bytes`` for ``max_bytes``), or no front trial qualifies (the message says
+            the closest there is).
     """
-    rules = {"min_accuracy": min_accuracy, "max_params": max_params, "max_size": max_size}
+    rules = {
+        "min_accuracy": min_accuracy,
+        "max_params": max_params,
+        "max_size": max_size,
+        "max_bytes": max_bytes,
+    }
     given = [name for name, value in rules.items() if value is not None] + ["knee"] * knee
     if len(given) != 1:
         raise SpecError(f"give exactly one of {', '.join([*rules, 'knee'])}, got {given or 0}")
     sizes = [name for name in metric_names(study) if name != ACCURACY]
     by = by or size_metric(study)
+    if given[0] == "max_bytes" and "bytes" not in sizes:
+        raise SpecError(
+            f"study {study.study_name!r} does not measure bytes (its size objectives: "
+            f"{', '.join(sizes)})"
+        )
     if by not in sizes:
         raise SpecError(f"size objective must be one of {', '.join(sizes)}, got {by!r}")
     front = front_metrics(study)
@@ -122,5 +137,6 @@ _CHOOSERS: dict[str, Callable[[Front, str, float, float], FrozenTrial]] = {
     "min_accuracy": _smallest_above,
     "max_params": _most_accurate_under("nonzero_params"),
     "max_size": _most_accurate_under(None),
+    "max_bytes": _most_accurate_under("bytes"),
     "knee": _knee,
 }

@@ -26,6 +26,7 @@ from torch import nn
 from autoprune import devices, measure
 from autoprune._version import __version__
 from autoprune.errors import SpecError, StorageError, TaskError
+from autoprune.inference import as_runtime, require_onnx
 from autoprune.measure import DEFAULT_OBJECTIVES, Latency
 from autoprune.pruning import structured
 from autoprune.pruning.criteria import get_criterion
@@ -271,8 +272,9 @@ def make_setup(
     and ``warm_start=None`` is no warm start.
 
     Raises:
-        SpecError: On bad objectives, trials, seed or sampler, unstructured pruning with an
-            objective blind to it, or an early-stop margin of 1 or more on accuracy.
+        SpecError: On bad objectives, trials, seed or sampler, unstructured pruning with
+            an objective blind to it, quantization with an objective blind to it (or without
+            onnx and onnxruntime installed), or an early-stop margin of 1 or more on accuracy.
         TaskError: If the space's globs leave no prunable layer (or channel group), the
             data does not fit the model, or the task's device is not available here.
     """
@@ -289,6 +291,9 @@ def make_setup(
     space = space if space is not None else SearchSpace()
     objectives = tuple(measure.check_objectives(objectives))
     measure.check_granularities(objectives, space.granularities)
+    measure.check_quantizations(objectives, space.quantizations, space.granularities)
+    if as_runtime(space.quantizations) == "onnxruntime":
+        require_onnx()  # the onnx extra: refused before any work, not in every trial
     if trials is not None and not _int_in(trials, 1, MAX_TRIALS):
         raise SpecError(f"trials must be an integer in [1, {MAX_TRIALS}] or None, got {trials!r}")
     check_seed(seed)

@@ -20,6 +20,7 @@ from torch import nn
 
 from autoprune import measure
 from autoprune.errors import StorageError, TaskError
+from autoprune.inference import as_runtime, deploy
 from autoprune.pruning.masks import count_nonzero
 from autoprune.pruning.policy import Policy
 from autoprune.study import storages
@@ -154,7 +155,8 @@ def objective_for(study: optuna.Study, task: Task) -> tuple[Objective, list[Call
 
 def dense_metrics(task: Task, setup: StudySetup) -> dict[str, float]:
     """Validation (and test) accuracy, nonzero and total prunable weights of the dense model,
-    and the setup's size objectives."""
+    and the setup's size objectives (of its fp32 ONNX form in ONNX Runtime, in a study that
+    searches quantization)."""
     dense = dense_on_device(task)
     metrics = {"accuracy": evaluate(dense, task, "val")[0]}
     if task.test is not None:
@@ -164,7 +166,10 @@ def dense_metrics(task: Task, setup: StudySetup) -> dict[str, float]:
     context = measure.Context(
         task.example(1), setup.layers, setup.latency or measure.Latency(), task.forward
     )
-    metrics.update(measure.measure(dense, setup.objectives, context))
+    # A quantizing study measures its trials as deployed: the dense reference alike (fp32).
+    deployed = as_runtime(setup.space.quantizations) == "onnxruntime"
+    measured = deploy(task.model, task) if deployed else dense
+    metrics.update(measure.measure(measured, setup.objectives, context))
     return metrics
 
 
