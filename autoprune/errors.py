@@ -29,3 +29,8 @@ class OutputError(AutopruneError, OSError):
 
 class TrialFailed(AutopruneError):
     """One trial failed (e.g. a non-finite loss); the study goes on."""
+
+
+class DeployFailed(TrialFailed):
+    """A model cannot be deployed as asked: exported to ONNX, quantized, or checked against
+    PyTorch. In a study it fails that trial alone."""

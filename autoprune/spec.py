@@ -11,6 +11,9 @@ objectives = ["accuracy", "nonzero_params"]  # then one or two of: nonzero_param
                                  # macs, latency_ms (macs/latency_ms: structured only)
 sampler = "tpe"                  # tpe, nsga2, gp, random or auto (see autoprune.study.samplers)
 early_stop = false               # the default; true, or a table: [early_stop] margin = 0.1
+device = "auto"                  # optional: where trials run, overriding the task's own: auto
+                                 # (a GPU when there is one), cpu, cuda, cuda:N or mps; not part
+                                 # of the study (each worker runs where it is told, --device)
 
 [space]                          # see autoprune.SearchSpace
 criteria = ["magnitude", "random", "sensitivity", "taylor"]
@@ -28,6 +31,8 @@ blocks = []                      # globs of residual blocks a trial may remove
 parametrization = "allocation"   # or "per-layer"
 schedules = ["oneshot", "gradual"]  # and/or "gradual-regrow"
 allocations = ["lamp", "erk", "global", "uniform"]
+quantizations = ["none"]         # and/or "int8-dynamic", "int8-static": trials deployed to
+                                 # ONNX Runtime (structured; objectives bytes, latency_ms)
 
 [latency]                        # how latency_ms is measured
 batch_size = 64
@@ -49,6 +54,10 @@ max_density = 0.2                # or max_params = 5000
 epochs = 2
 lr = 0.001
 batch_size = 32
+precision = "fp32"               # or bf16, fp16 (autocast): stored with the study's recipe
+steps = 300                      # optional: a budget of optimizer steps instead of epochs
+grad_accumulation = 1            # batches summed into one optimizer step
+val_batches = 50                 # optional: at most this many batches per evaluation
 
 [artifacts]                      # weights of the front trials (autoprune.study.artifacts)
 dir = "autoprune.artifacts"      # default: <database stem>.artifacts next to a SQLite file
@@ -66,9 +75,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from autoprune import devices, tasks
 from autoprune._registry import check_keys
-from autoprune.errors import SpecError
-from autoprune.measure import DEFAULT_OBJECTIVES, Latency, check_granularities, check_objectives
+from autoprune.errors import SpecError, TaskError
+from autoprune.measure import (
+    DEFAULT_OBJECTIVES,
+    Latency,
+    check_granularities,
+    check_objectives,
+    check_quantizations,
+)
 from autoprune.study.artifacts import ArtifactSpec
 from autoprune.study.constraints import Constraints
 from autoprune.study.samplers import SAMPLERS
@@ -96,6 +112,10 @@ class Finetune:
     epochs: int | None = None
     lr: float | None = None
     batch_size: int | None = None
+    precision: str | None = None
+    steps: int | None = None
+    grad_accumulation: int | None = None
+    val_batches: int | None = None
 
     def apply(self, task: Task) -> Task:
         """``task`` with these overrides (a new Task; the model is shared, not copied)."""
@@ -103,6 +123,10 @@ class Finetune:
             "finetune_epochs": self.epochs,
             "lr": self.lr,
             "batch_size": self.batch_size,
+            "precision": self.precision,
+            "finetune_steps": self.steps,
+            "grad_accumulation": self.grad_accumulation,
+            "val_batches": self.val_batches,
         }
         return dataclasses.replace(task, **{k: v for k, v in changes.items() if v is not None})
 
@@ -127,11 +151,23 @@ class StudySpec:
     artifacts: ArtifactSpec = dataclasses.field(default_factory=ArtifactSpec)
     objectives: tuple[str, ...] = DEFAULT_OBJECTIVES
     latency: Latency = dataclasses.field(default_factory=Latency)
+    # Where this run's trials run; None: the task's own. Not part of the study's setup.
+    device: str | None = None
 
     @property
     def name(self) -> str:
         """The study name: ``study_name``, or the task reference."""
         return self.study_name or self.task
+
+    def load_task(self) -> Task:
+        """The spec's task, built with its seed, with the ``[finetune]`` overrides and the
+        ``device`` applied.
+
+        Raises:
+            TaskError: If the task reference does not build a task.
+        """
+        task = self.finetune.apply(tasks.load_task(self.task, seed=self.seed))
+        return task if self.device is None else dataclasses.replace(task, device=self.device)
 
     def setup(self, task: Task) -> StudySetup:
         """The setup of this spec's study of ``task`` (built from ``self.task``, with the
@@ -259,6 +295,10 @@ def spec_from_dict(data: dict[str, Any]) -> StudySpec:
             raise SpecError(f"key 'timeout': {e}") from None
     if "early_stop" in data:
         kwargs["early_stop"] = _early_stop(data["early_stop"])
+    if "device" in data:
+        kwargs["device"] = _check(
+            "device", data["device"], str, _is_device, _one_of(devices.DEVICES)
+        )
     if "finetune" in data:
         kwargs["finetune"] = _finetune(
             _check("finetune", data["finetune"], dict, lambda v: True, "a table")
@@ -274,6 +314,7 @@ def spec_from_dict(data: dict[str, Any]) -> StudySpec:
                 raise SpecError(f"[{key}] {e}") from None
     spec = StudySpec(**kwargs)
     check_granularities(spec.objectives, spec.space.granularities)
+    check_quantizations(spec.objectives, spec.space.quantizations, spec.space.granularities)
     return spec
 
 
@@ -292,6 +333,10 @@ def _finetune(table: dict[str, Any]) -> Finetune:
         "epochs": (int, lambda v: v >= 0, "an integer >= 0"),
         "lr": (float, lambda v: math.isfinite(v) and v > 0, "a number > 0"),
         "batch_size": (int, lambda v: v >= 1, "an integer >= 1"),
+        "precision": (str, lambda v: v in devices.PRECISIONS, _one_of(devices.PRECISIONS)),
+        "steps": (int, lambda v: v >= 1, "an integer >= 1"),
+        "grad_accumulation": (int, lambda v: v >= 1, "an integer >= 1"),
+        "val_batches": (int, lambda v: v >= 1, "an integer >= 1"),
     }
     try:
         check_keys(table, Finetune, "key")
@@ -302,6 +347,18 @@ def _finetune(table: dict[str, Any]) -> Finetune:
         kind, ok, what = checks[key]
         kwargs[key] = _check(f"finetune.{key}", value, kind, ok, what)
     return Finetune(**kwargs)
+
+
+def _is_device(name: str) -> bool:
+    try:
+        devices.check_device(name)
+    except TaskError:
+        return False
+    return True
+
+
+def _one_of(names: tuple[str, ...]) -> str:
+    return f"one of {', '.join(names)}"
 
 
 def _check(key: str, value: Any, kind: type, ok: Any, what: str) -> Any:

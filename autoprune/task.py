@@ -251,6 +251,18 @@ class Task:
                 f"Task.train ({type(self.train).__name__}) has no length: give finetune_steps"
             ) from None
 
+    def example(self, n: int = 1) -> Batch:
+        """The first ``n`` samples of the first validation batch, on the CPU: what structured
+        pruning traces and the size objectives measure.
+
+        Raises:
+            TaskError: If the validation split is empty.
+        """
+        batch = next(self.batches("val"), None)
+        if batch is None:
+            raise TaskError("Task.val is empty")
+        return devices.slice_batch(batch, n)
+
     def outputs(self, model: nn.Module, batch: Batch) -> Any:
         """The model's outputs on ``batch`` (the ``forward`` hook)."""
         return self.forward(model, batch)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -16,14 +17,15 @@ import torch
 from torch import Tensor, nn
 
 from autoprune import measure
+from autoprune.inference import OnnxModel, deploy
 from autoprune.pruning import structured
 from autoprune.pruning.allocation import heuristic_policy
 from autoprune.pruning.criteria import calibration_gradients, get_criterion
 from autoprune.pruning.masks import fold_masks, prunable_layers, score
 from autoprune.pruning.policy import Policy
-from autoprune.pruning.schedule import SCHEDULE_FUNCTIONS, steps_per_epoch
+from autoprune.pruning.schedule import SCHEDULE_FUNCTIONS
 from autoprune.task import Task
-from autoprune.train import EpochHook, StepHook, evaluate, fit
+from autoprune.train import EpochHook, StepHook, evaluate, fit, total_steps
 
 
 @dataclasses.dataclass
@@ -37,6 +39,14 @@ class PruneResult:
     history: dict[str, list[list[float]]]
     timings: dict[str, float]
     plan: structured.Plan | None = None  # what a structured policy removed
+    # The model as deployed (ONNX in ONNX Runtime, quantized as the policy says), whose
+    # accuracy the metrics are, for a policy with the onnxruntime runtime.
+    deployed: OnnxModel | None = None
+
+    @property
+    def measured(self) -> nn.Module:
+        """The model the numbers are of: the deployed one, else the PyTorch one."""
+        return self.deployed if self.deployed is not None else self.model
 
 
 def prune_and_finetune(
@@ -50,7 +60,9 @@ def prune_and_finetune(
 ) -> PruneResult:
     """Prune a copy of ``task.model`` by ``policy``, fine-tune it with the masks held, measure.
 
-    Deterministic for a given ``(task, policy, seed)``: this is how a trial is replayed.
+    The copy lives on the task's device (the dense model stays where it is); the result's
+    model is left there. Deterministic for a given ``(task, policy, seed)`` on one kind of
+    device: this is how a trial is replayed.
 
     Args:
         grads: Calibration gradients of the dense model, if already computed (they are
@@ -59,11 +71,17 @@ def prune_and_finetune(
             the policy's layers (unstructured) or every Linear/Conv layer (structured).
         on_epoch: Called after each fine-tuning epoch (see :func:`autoprune.train.fit`).
 
+    With the ``onnxruntime`` runtime, the fine-tuned model is then exported to ONNX and
+    quantized as the policy says (on a CPU copy, see :func:`autoprune.inference.deploy`), and
+    accuracy is measured on that deployed model in ONNX Runtime.
+
     Raises:
-        TrialFailed: If fine-tuning hits a non-finite loss.
+        TrialFailed: If fine-tuning hits a non-finite loss (``DeployFailed``, a subclass, if
+            the model cannot be exported or quantized as asked).
+        TaskError: If the task's device is not available here.
     """
     timings: dict[str, float] = {}
-    model = copy.deepcopy(task.model)
+    model = copy.deepcopy(task.model).to(task.torch_device)
     plan, on_step = None, None
     if policy.granularity == "structured":
         with _timed(timings, "pruning"):
@@ -74,19 +92,17 @@ def prune_and_finetune(
         layers = list(count) if count is not None else list(policy.sparsity)
     with _timed(timings, "finetuning"):
         torch.manual_seed(seed)
-        history = fit(
-            model,
-            task,
-            epochs=task.finetune_epochs,
-            seed=seed,
-            on_epoch=on_epoch,
-            on_step=on_step,
-        )
+        history = fit(model, task, seed=seed, on_epoch=on_epoch, on_step=on_step)
         fold_masks(model)
+    deployed = None
+    if policy.runtime == "onnxruntime":
+        with _timed(timings, "deploying"):
+            deployed = deploy(model, task, policy.quantization)
     with _timed(timings, "evaluation"):
-        accuracy, val_loss = evaluate(model, task, "val")
-        test_accuracy = evaluate(model, task, "test")[0] if task.test is not None else None
-        context = measure.Context(structured.example_input(task.val)[:1], tuple(layers))
+        scored = deployed if deployed is not None else model
+        accuracy, val_loss = evaluate(scored, task, "val")
+        test_accuracy = evaluate(scored, task, "test")[0] if task.test is not None else None
+        context = measure.Context(task.example(1), tuple(layers), forward=task.forward)
         nonzero = measure.nonzero_params(model, context)
         dense = dict(task.model.named_modules())
         total = sum(dense[name].weight.numel() for name in layers)
@@ -101,7 +117,7 @@ def prune_and_finetune(
     }
     if test_accuracy is not None:
         metrics["test_accuracy"] = test_accuracy
-    return PruneResult(model, policy, metrics, sparsity, history, timings, plan)
+    return PruneResult(model, policy, metrics, sparsity, history, timings, plan, deployed)
 
 
 def _apply_unstructured(
@@ -120,8 +136,7 @@ def _apply_unstructured(
         torch.manual_seed(seed)  # the random criterion draws from here
         scores = score(model, policy, grads)
     with _timed(timings, "masking"):
-        steps = task.finetune_epochs * steps_per_epoch(task)
-        return SCHEDULE_FUNCTIONS[policy.schedule](model, policy, scores, grads, steps)
+        return SCHEDULE_FUNCTIONS[policy.schedule](model, policy, scores, grads, total_steps(task))
 
 
 def _layer_sparsity(model: nn.Module, dense: nn.Module, layers: Sequence[str]) -> dict[str, float]:
@@ -134,6 +149,17 @@ def _layer_sparsity(model: nn.Module, dense: nn.Module, layers: Sequence[str]) -
         kept = int(torch.count_nonzero(weight)) if isinstance(weight, Tensor) else 0
         sparsity[name] = 1.0 - kept / dense_modules[name].weight.numel()
     return sparsity
+
+
+def dense_on_device(task: Task) -> nn.Module:
+    """``task.model`` on the task's device: the model itself when it is there already, else a
+    copy (for reading only: gradients, dense metrics)."""
+    device = task.torch_device
+    if all(
+        t.device == device for t in itertools.chain(task.model.parameters(), task.model.buffers())
+    ):
+        return task.model
+    return copy.deepcopy(task.model).to(device)
 
 
 def trial_seed(study_seed: int, trial_number: int) -> int:

@@ -28,7 +28,6 @@ from optuna.trial import TrialState
 from autoprune.run.parallel import cores, run_workers, threads_per_worker
 from autoprune.spec import load_spec
 from autoprune.study.study import open_study
-from autoprune.tasks import load_task
 
 SPEC = Path(__file__).resolve().parent.parent / "studies" / "digits_cnn.toml"
 
@@ -51,7 +50,7 @@ def run(workers: int, storage: str, window: float) -> Run:
     spec = dataclasses.replace(
         load_spec(SPEC), storage=storage, study_name=f"bench-{workers}", trials=100_000
     )
-    task = spec.finetune.apply(load_task(spec.task, seed=spec.seed))
+    task = spec.load_task()
     study = open_study(spec.setup(task), task, storage=storage, study_name=spec.name)
     lines, codes = run_workers(
         study, storage, workers, target=spec.trials, timeout=window, heartbeat=10

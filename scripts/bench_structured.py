@@ -40,7 +40,6 @@ from autoprune.pruning.structured import (
     ChannelGroup,
     apply_plan,
     channel_groups,
-    example_input,
     plan,
     removable_blocks,
 )
@@ -122,7 +121,7 @@ def main() -> int:
 
     task = load_task("digits-resnet")
     dense = task.model.eval()
-    example = example_input(task.val)
+    example = task.example(2)[0]
     groups = channel_groups(dense, example)
     identity_blocks = removable_blocks(dense, example, ["stages.*.1"])
     dense_macs = macs(dense, Context(example[:1], ()))

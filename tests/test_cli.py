@@ -439,7 +439,7 @@ def test_bad_output_path_fails_before_the_work(
     real = os.access  # chmod does not stop root, who runs CI: os.access says read-only
     monkeypatch.setattr(os, "access", lambda p, m, **kw: Path(p) != Path("ro") and real(p, m))
     # The commands import what does the work when they run: replace it where it is defined.
-    monkeypatch.setattr(autoprune.tasks, "load_task", no_work)
+    monkeypatch.setattr(autoprune.tasks, "load_task", no_work)  # a spec's task is built there
     before = files(workdir)
     code, out, err = run(capsys, *argv)
     assert_one_line_error(code, out, err, f"cannot write {path!r}: ")

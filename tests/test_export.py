@@ -72,9 +72,10 @@ def test_pick_rules(hand_made: optuna.Study) -> None:
     [
         ({"min_accuracy": 0.995}, "val accuracy >= 0.995 (the best has 0.9900)"),
         ({"max_params": 5}, "no front trial has nonzero_params <= 5 (the smallest has 10)"),
-        ({}, "give exactly one of min_accuracy, max_params, max_size, knee, got 0"),
+        ({}, "give exactly one of min_accuracy, max_params, max_size, max_bytes, knee, got 0"),
         ({"knee": True, "max_params": 5}, "got ['max_params', 'knee']"),
         ({"knee": True, "by": "bytes"}, "must be one of nonzero_params, got 'bytes'"),
+        ({"max_bytes": 5}, "does not measure bytes (its size objectives: nonzero_params)"),
     ],
 )
 def test_pick_errors(hand_made: optuna.Study, kwargs: dict[str, Any], message: str) -> None:

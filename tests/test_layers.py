@@ -29,7 +29,9 @@ LAYERS: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
     (
         (
             "autoprune.pruning",
+            "autoprune.inference",
             "autoprune.task",
+            "autoprune.devices",
             "autoprune.tasks",
             "autoprune.train",
             "autoprune.measure",

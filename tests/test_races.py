@@ -54,7 +54,8 @@ def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[st
     name = f"race-{uuid.uuid4().hex[:10]}"
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'r.db'}"
-        open_storage(url).engine.dispose()  # Optuna's tables, as after an earlier study
+        # Optuna's tables, as after an earlier study
+        open_storage(url, for_writing=True, heartbeat=None).engine.dispose()
         yield url, name
     elif request.param == "journal":
         yield f"journal:{tmp_path / 'r.log'}", name

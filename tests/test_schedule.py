@@ -11,7 +11,8 @@ import torch
 
 from autoprune import Policy, SearchSpace, SpecError, Task, suggest_policy
 from autoprune.pruning.masks import count_nonzero, prunable_layers, score
-from autoprune.pruning.schedule import AGP_END, SCHEDULE_FUNCTIONS, agp_fraction, steps_per_epoch
+from autoprune.pruning.schedule import AGP_END, SCHEDULE_FUNCTIONS, agp_fraction
+from autoprune.train import steps_per_epoch
 from autoprune.trial import prune_and_finetune
 
 

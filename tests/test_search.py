@@ -16,9 +16,18 @@ from optuna.trial import TrialState
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from autoprune import SearchSpace, Task, load_study, materialize, pareto_front, search
+from autoprune import (
+    SearchSpace,
+    Task,
+    devices,
+    load_study,
+    materialize,
+    pareto_front,
+    search,
+)
 from autoprune.errors import StorageError, TaskError
 from autoprune.pruning.masks import count_nonzero, prunable_layers
+from autoprune.study import objective as objective_module
 from autoprune.study.setup import STUDY_ATTR, read_setup
 from autoprune.train import evaluate
 
@@ -296,6 +305,94 @@ def test_nan_loss_fails_only_that_trial(tiny_task: Task, tmp_path: Path) -> None
     assert "non-finite loss nan" in failed.user_attrs["fail_reason"]
     assert "policy" in failed.user_attrs  # what was tried is kept
     assert set(pareto_front(study)["trial"]) <= {0, 2}
+
+
+class ExhaustibleOptimizer:
+    """Adam, or the device running out of memory as the trial starts fine-tuning while
+    ``exhausted`` is set (as a trial too large for its GPU does)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error, self.exhausted = error, False
+
+    def __call__(self, params: Any, lr: float) -> torch.optim.Optimizer:
+        if self.exhausted:
+            raise self.error
+        return torch.optim.Adam(params, lr=lr)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore details"),
+        RuntimeError("CUDA error: out of memory"),
+    ],
+    ids=["OutOfMemoryError", "RuntimeError"],
+)
+def test_out_of_memory_fails_only_that_trial_and_releases_memory(
+    tiny_task: Task, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: Exception
+) -> None:
+    released: list[torch.device] = []
+    monkeypatch.setattr(devices, "release_memory", released.append)
+    optimizer = ExhaustibleOptimizer(error)
+
+    def exhaust_trial_1(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        optimizer.exhausted = trial.number == 0
+
+    study = search(
+        dataclasses.replace(tiny_task, optimizer=optimizer),
+        n_trials=4,
+        storage=url(tmp_path),
+        study_name="s",
+        space=SearchSpace(criteria=["magnitude"]),
+        callbacks=[exhaust_trial_1],
+    )
+    states = [t.state for t in study.trials]
+    assert states == [TrialState.COMPLETE, TrialState.FAIL] + [TrialState.COMPLETE] * 2
+    first_line = str(error).splitlines()[0]
+    assert study.trials[1].user_attrs["fail_reason"] == f"out of memory on cpu: {first_line}"
+    assert "policy" in study.trials[1].user_attrs  # what was tried is kept
+    assert released == [torch.device("cpu")]  # once, for the trial that ran out
+
+
+def test_other_errors_are_not_taken_for_out_of_memory(tiny_task: Task) -> None:
+    optimizer = ExhaustibleOptimizer(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    optimizer.exhausted = True
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        search(dataclasses.replace(tiny_task, optimizer=optimizer), n_trials=1, warm_start=None)
+
+
+def test_the_device_is_the_run_s_not_the_study_s(
+    tiny_task: Task, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``device`` overrides the task's for this run's trials; a run on another device resumes
+    the same study."""
+    ran_on: list[str] = []
+    real = objective_module.prune_and_finetune
+
+    def recording(task: Task, *args: Any, **kwargs: Any) -> Any:
+        ran_on.append(task.device)
+        return real(task, *args, **kwargs)
+
+    monkeypatch.setattr(objective_module, "prune_and_finetune", recording)
+    search(tiny_task, n_trials=1, storage=url(tmp_path), study_name="s", device="cpu")
+    search(tiny_task, n_trials=2, storage=url(tmp_path), study_name="s")  # resumed, on auto
+    assert ran_on == ["cpu", "auto"]
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("gpu", "device must be one of auto, cpu, cuda, cuda:N, mps, got 'gpu'"),
+        ("cuda:99", "device 'cuda:99' asked for, but torch sees "),
+    ],
+)
+def test_a_bad_or_absent_device_is_refused_before_the_storage(
+    tiny_task: Task, tmp_path: Path, device: str, message: str
+) -> None:
+    with pytest.raises(TaskError) as info:
+        search(tiny_task, n_trials=1, storage=url(tmp_path), study_name="s", device=device)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_diverging_finetuning_fails_every_trial_but_not_the_study(

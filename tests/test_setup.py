@@ -11,7 +11,16 @@ import optuna
 import pytest
 from conftest import new_study
 
-from autoprune import SearchSpace, SpecError, StorageError, Task, __version__, make_setup, search
+from autoprune import (
+    SearchSpace,
+    SpecError,
+    StorageError,
+    Task,
+    TaskError,
+    __version__,
+    make_setup,
+    search,
+)
 from autoprune.measure import Latency
 from autoprune.spec import StudySpec
 from autoprune.study.constraints import Constraints
@@ -27,7 +36,15 @@ from autoprune.study.stopping import EarlyStop
 
 # search()'s arguments that are make_setup()'s under another name, and those of the run only.
 RENAMED = {"n_trials": "trials"}
-RUN_ONLY = {"task", "timeout", "storage", "study_name", "callbacks"}
+RUN_ONLY = {
+    "task",
+    "timeout",
+    "storage",
+    "study_name",
+    "callbacks",
+    "device",
+    "create_in_existing",
+}
 
 
 def test_make_setup_s_defaults_are_search_s() -> None:
@@ -51,6 +68,8 @@ def test_python_defaults_are_the_spec_s(tiny_task: Task) -> None:
     assert from_python.warm_start is not None and from_python.warm_start.allocations
     assert (from_python.sampler, from_python.trials) == ("tpe", 40)
     assert from_python.constraints is None and from_python.early_stop is None
+    assert from_python.finetune.precision == "fp32" and StudySpec().finetune.precision is None
+    assert StudySpec().device is None and "device" not in from_python.to_dict()
 
 
 @pytest.mark.parametrize("structured", [False, True])
@@ -112,6 +131,7 @@ def test_a_different_identity_is_refused_and_settings_may_change(tiny_task: Task
     for field, value in (
         ("seed", 1),
         ("finetune", dataclasses.replace(stored.finetune, epochs=9)),
+        ("finetune", dataclasses.replace(stored.finetune, precision="bf16")),
         ("objectives", ("accuracy", "bytes")),
         ("model", "f" * 16),
     ):
@@ -121,6 +141,28 @@ def test_a_different_identity_is_refused_and_settings_may_change(tiny_task: Task
         label = "dense model weights (fingerprint)" if field == "model" else field
         assert str(info.value).startswith(f"study 's' was created with {label} ")
     assert set(IDENTITY) < {f.name for f in dataclasses.fields(StudySetup)}
+
+
+def test_precision_is_the_recipe_s_and_the_device_is_not_the_study_s(tiny_task: Task) -> None:
+    """A worker joins whatever its device; a study fine-tuned in bf16 is not resumed in fp32.
+    A setup stored before the recipe held a precision reads as fp32, as those studies ran."""
+    setup = make_setup(dataclasses.replace(tiny_task, precision="bf16"))
+    assert setup.finetune.precision == "bf16"
+    assert setup.finetune.apply(tiny_task).precision == "bf16"
+    check_same(
+        setup, make_setup(dataclasses.replace(tiny_task, precision="bf16", device="cpu")), "s"
+    )
+    with pytest.raises(StorageError, match="was created with finetune .*'bf16'.*'fp32'"):
+        check_same(setup, make_setup(tiny_task), "s")
+    data = make_setup(tiny_task).to_dict()
+    del data["finetune"]["precision"]
+    assert StudySetup.from_dict(data) == make_setup(tiny_task)
+
+
+def test_a_device_this_machine_lacks_is_refused_before_any_work(tiny_task: Task) -> None:
+    with pytest.raises(TaskError) as info:
+        make_setup(dataclasses.replace(tiny_task, device="cuda:7"))
+    assert "device 'cuda:7' asked for" in str(info.value) and "\n" not in str(info.value)
 
 
 def test_a_resumed_run_stores_its_settings(tiny_task: Task) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from autoprune.study.space import SearchSpace
 STUDIES = Path(__file__).resolve().parent.parent / "studies"
 TRIALS = "an integer in [1, 10000000]"
 SEED = "an integer in [0, 2147483647]"
+DEVICES = "one of auto, cpu, cuda, cuda:N, mps"
 
 
 def write_spec(tmp_path: Path, text: str) -> Path:
@@ -92,11 +94,12 @@ def test_integer_lr_becomes_float(tmp_path: Path) -> None:
             "trails = 5\n",
             "unknown key 'trails' (known: task, study_name, storage, trials, timeout, seed, "
             "sampler, space, warm_start, constraints, early_stop, finetune, artifacts, "
-            "objectives, latency)",
+            "objectives, latency, device)",
         ),
         (
             "[finetune]\nepoch = 1\n",
-            "[finetune] unknown key 'epoch' (known: epochs, lr, batch_size)",
+            "[finetune] unknown key 'epoch' (known: epochs, lr, batch_size, precision, steps, "
+            "grad_accumulation, val_batches)",
         ),
         ('trials = "ten"\n', f"key 'trials' must be {TRIALS}, got 'ten'"),
         ("trials = 0\n", f"key 'trials' must be {TRIALS}, got 0"),
@@ -124,6 +127,13 @@ def test_integer_lr_becomes_float(tmp_path: Path) -> None:
         (
             'timeout = "soon"\n',
             "key 'timeout': timeout must be seconds or a number with s, m, h or d, got 'soon'",
+        ),
+        ('device = "gpu"\n', f"key 'device' must be {DEVICES}, got 'gpu'"),
+        ('device = "cuda:x"\n', f"key 'device' must be {DEVICES}, got 'cuda:x'"),
+        ("device = 0\n", f"key 'device' must be {DEVICES}, got 0"),
+        (
+            '[finetune]\nprecision = "fp8"\n',
+            "key 'finetune.precision' must be one of fp32, bf16, fp16, got 'fp8'",
         ),
     ],
 )
@@ -235,9 +245,47 @@ def test_finetune_apply_overrides_only_given_fields(tiny_task) -> None:
     task = Finetune(epochs=0, lr=0.5).apply(tiny_task)
     assert (task.finetune_epochs, task.lr, task.batch_size) == (0, 0.5, tiny_task.batch_size)
     assert Finetune().apply(tiny_task) == tiny_task
+    assert Finetune(precision="bf16").apply(tiny_task).precision == "bf16"
+    assert tiny_task.precision == "fp32"
 
 
-@pytest.mark.parametrize("name", ["digits_cnn.toml", "digits_mlp.toml", "digits_resnet.toml"])
+def test_precision_and_device_parse_and_round_trip(tmp_path: Path) -> None:
+    text = 'task = "digits-cnn"\ndevice = "cuda:1"\n[finetune]\nprecision = "bf16"\n'
+    spec = load_spec(write_spec(tmp_path, text))
+    assert spec.device == "cuda:1"
+    assert spec.finetune == Finetune(precision="bf16")
+    assert spec.to_dict()["device"] == "cuda:1"
+    assert spec.to_dict()["finetune"] == {"precision": "bf16"}
+    assert spec_from_dict(spec.to_dict()) == spec
+    assert StudySpec().device is None  # the task's own
+
+
+def test_the_spec_s_task_takes_its_device_and_precision(tmp_path: Path) -> None:
+    """The device goes to the task the run uses, not to the study's setup; the precision goes
+    to both (it is part of the fine-tuning recipe)."""
+    spec = spec_from_dict(
+        {"task": "digits-mlp", "device": "cpu", "finetune": {"precision": "bf16", "epochs": 0}}
+    )
+    task = spec.load_task()
+    assert (task.device, task.precision, task.finetune_epochs) == ("cpu", "bf16", 0)
+    setup = spec.setup(task)
+    assert setup.finetune.precision == "bf16"
+    assert "device" not in setup.to_dict() and "cpu" not in str(setup.identity())
+    same = spec.setup(dataclasses.replace(task, device="auto"))
+    assert same.identity() == setup.identity()
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "digits_cnn.toml",
+        "digits_mlp.toml",
+        "digits_resnet.toml",
+        "digits_resnet_int8.toml",
+        "digits_bert.toml",
+        "digits_bert_heads.toml",
+    ],
+)
 def test_to_dict_round_trips_and_is_plain_data(name: str) -> None:
     import json
 
@@ -285,3 +333,20 @@ def test_digits_resnet_spec_parses() -> None:
 )
 def test_structured_and_objective_rejections(tmp_path: Path, text: str, expected: str) -> None:
     assert expected in spec_error(write_spec(tmp_path, text))
+
+
+def test_step_budget_accumulation_and_val_batches_reach_the_recipe(
+    tmp_path: Path, tiny_task
+) -> None:
+    text = "[finetune]\nsteps = 5\ngrad_accumulation = 2\nval_batches = 1\n"
+    spec = load_spec(write_spec(tmp_path, text))
+    task = spec.finetune.apply(tiny_task)
+    assert (task.finetune_steps, task.grad_accumulation, task.val_batches) == (5, 2, 1)
+    recipe = spec.setup(task).finetune
+    assert (recipe.steps, recipe.grad_accumulation, recipe.val_batches) == (5, 2, 1)
+    assert recipe.apply(tiny_task) == task
+    for key in ("steps", "grad_accumulation", "val_batches"):
+        with pytest.raises(
+            SpecError, match=f"key 'finetune.{key}' must be an integer >= 1, got 0"
+        ):
+            load_spec(write_spec(tmp_path, f"[finetune]\n{key} = 0\n"))

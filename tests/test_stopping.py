@@ -10,7 +10,7 @@ import pytest
 from conftest import new_study
 from optuna.trial import TrialState, create_trial
 
-from autoprune import SearchSpace, SpecError, Task
+from autoprune import SearchSpace, SpecError, Task, make_setup
 from autoprune.cli._common import print_counts
 from autoprune.run.worker import run_worker
 from autoprune.spec import StudySpec, spec_from_dict
@@ -75,12 +75,41 @@ def test_without_early_stop_nothing_stops(tiny_task: Task, tmp_path: Path) -> No
     assert study.trials[-1].state == TrialState.COMPLETE
 
 
-@pytest.mark.parametrize("margin", [-0.1, "0.1", True, float("inf")])
+@pytest.mark.parametrize("margin", [-0.1, "0.1", True, float("inf"), float("nan")])
 def test_bad_margins_are_named(margin: object) -> None:
-    with pytest.raises(
-        SpecError, match=f"^early_stop margin must be a number >= 0, got {margin!r}$"
-    ):
+    with pytest.raises(SpecError) as info:
         EarlyStop(margin=margin)  # type: ignore[arg-type]
+    assert str(info.value) == f"early_stop margin must be a finite number >= 0, got {margin!r}"
+
+
+@pytest.mark.parametrize("margin", [1, 1.0, 5, 1e300])
+def test_a_margin_of_1_or_more_is_refused_on_accuracy(tiny_task: Task, margin: float) -> None:
+    """Accuracy is a fraction: a margin of 1 or more would stop no trial (5 meant 5 %?)."""
+    with pytest.raises(SpecError) as info:
+        make_setup(tiny_task, early_stop=EarlyStop(margin=margin))
+    assert str(info.value) == (
+        "early_stop margin must be < 1 for a task scored by accuracy (a fraction: a margin of "
+        f"1 or more stops no trial; early_stop = false turns it off), got {margin!r}"
+    )
+    spec = spec_from_dict({"task": "digits-cnn", "early_stop": {"margin": margin}})
+    with pytest.raises(SpecError, match="^early_stop margin must be < 1 for a task scored by"):
+        spec.setup(tiny_task)
+
+
+@pytest.mark.parametrize("margin", [0, 0.0, 0.1, 0.999])
+def test_margins_below_1_are_kept(tiny_task: Task, margin: float) -> None:
+    setup = make_setup(tiny_task, early_stop=EarlyStop(margin=margin))
+    assert setup.early_stop == EarlyStop(margin=margin)
+
+
+def test_a_score_of_the_task_s_own_takes_a_margin_in_its_own_units(tiny_task: Task) -> None:
+    """Perplexity, say: 5 points below the front is a margin that means something."""
+    perplexity = dataclasses.replace(
+        tiny_task, evaluate=lambda model, batches: 20.0, higher_is_better=False
+    )
+    by_metric = dataclasses.replace(tiny_task, metric=lambda logits, targets: 0.0)
+    for task in (perplexity, by_metric):
+        assert make_setup(task, early_stop=EarlyStop(margin=5)).early_stop == EarlyStop(5)
 
 
 def test_early_stop_round_trips_and_rejects_unknown_keys() -> None:
@@ -98,5 +127,5 @@ def test_spec_turns_early_stop_on_off_or_sets_its_margin() -> None:
         SpecError, match="^key 'early_stop' must be true, false or a table, got 1$"
     ):
         spec_from_dict({"early_stop": 1})
-    with pytest.raises(SpecError, match=r"^\[early_stop\] early_stop margin must be a number"):
+    with pytest.raises(SpecError, match=r"^\[early_stop\] early_stop margin must be a finite"):
         spec_from_dict({"early_stop": {"margin": -1}})

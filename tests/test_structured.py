@@ -15,12 +15,12 @@ from torch import nn
 import autoprune
 from autoprune import Policy, SpecError, TaskError, prune_and_finetune
 from autoprune.pruning.criteria import criteria_for, get_criterion
+from autoprune.pruning.sizes import predict_params
 from autoprune.pruning.structured import (
     Plan,
     apply_plan,
     channel_groups,
     plan,
-    predict_params,
     prune_structured,
     removable_blocks,
     zero_channels,

@@ -37,14 +37,20 @@ def cache_file_of(model: nn.Module) -> Path:
     return path
 
 
+# A transformer learns the digits' pixel grid from 1,078 images: less accurate than a CNN.
+MIN_ACCURACY = {"digits-bert": 0.92}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_builtin_task_contract(name: str, caplog: pytest.LogCaptureFixture) -> None:
     """Every built-in task: accurate dense model, prunable layers, data that fits, cached."""
+    if name == "digits-bert":
+        pytest.importorskip("transformers")
     task = load_task(name, seed=0)
     assert task.name == name
-    assert evaluate(task.model, task, "val")[0] >= 0.97
-    assert evaluate(task.model, task, "test")[0] >= 0.97
+    assert evaluate(task.model, task, "val")[0] >= MIN_ACCURACY.get(name, 0.97)
+    assert evaluate(task.model, task, "test")[0] >= MIN_ACCURACY.get(name, 0.97)
     assert not task.model.training
     assert len(prunable_layers(task.model)) >= 2
     task.check()
@@ -254,7 +260,7 @@ def test_user_task(user_module: str) -> None:
 def test_builtin_names() -> None:
     from autoprune.tasks import TASKS
 
-    assert set(TASKS) == {"digits-cnn", "digits-mlp", "digits-resnet"}
+    assert set(TASKS) == {"digits-cnn", "digits-mlp", "digits-resnet", "digits-bert"}
 
 
 @pytest.mark.parametrize(
@@ -262,7 +268,8 @@ def test_builtin_names() -> None:
     [
         (
             "digits-xyz",
-            "unknown task 'digits-xyz' (built-in: digits-cnn, digits-mlp, digits-resnet; "
+            "unknown task 'digits-xyz' (built-in: digits-cnn, digits-mlp, digits-resnet, "
+            "digits-bert; "
             "or give package.module:function)",
         ),
         (
@@ -287,3 +294,14 @@ def test_bad_references(user_module: str, ref: str, expected: str) -> None:
     message = str(info.value)
     assert message.startswith(expected)
     assert "\n" not in message
+
+
+def test_digits_bert_without_transformers_says_what_to_install(monkeypatch) -> None:
+    import sys
+
+    from autoprune.errors import TaskError
+    from autoprune.tasks.digits_bert import digits_bert_model
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if it were not installed
+    with pytest.raises(TaskError, match=r"^task 'digits-bert' needs transformers: pip install"):
+        digits_bert_model()

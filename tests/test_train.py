@@ -59,13 +59,13 @@ def test_fit_with_zero_epochs_changes_nothing(tiny_task: autoprune.Task) -> None
 def test_train_curve_averages_the_batch_losses() -> None:
     from autoprune.train import _curve
 
-    assert _curve([1.0, 3.0, 5.0, 7.0, 9.0, 11.0], epoch=2) == [
+    assert _curve([1.0, 3.0, 5.0, 7.0, 9.0, 11.0], 2.0, 1.0) == [
         [2.25, 1.0],
         [2.5, 4.0],
         [2.75, 7.0],
         [3.0, 10.0],
     ]
-    assert _curve([2.0, 4.0], epoch=0) == [[0.5, 2.0], [1.0, 4.0]]
+    assert _curve([2.0, 4.0], 0.0, 1.0) == [[0.5, 2.0], [1.0, 4.0]]
 
 
 class NaNModel(nn.Module):
@@ -79,7 +79,7 @@ class NaNModel(nn.Module):
 
 def test_non_finite_loss_raises_trial_failed(tiny_task: autoprune.Task) -> None:
     task = dataclasses.replace(tiny_task, model=NaNModel())
-    with pytest.raises(TrialFailed, match=r"^non-finite loss nan at epoch 1, step 0$"):
+    with pytest.raises(TrialFailed, match=r"^non-finite loss nan at epoch 1, batch 0$"):
         fit(task.model, task, epochs=1, seed=0)
 
 
@@ -88,7 +88,7 @@ def test_infinite_loss_raises_trial_failed(tiny_task: autoprune.Task) -> None:
         return nn.functional.cross_entropy(logits, targets) + float("inf")
 
     task = dataclasses.replace(tiny_task, loss=loss)
-    with pytest.raises(TrialFailed, match=r"^non-finite loss inf at epoch 1, step 0$"):
+    with pytest.raises(TrialFailed, match=r"^non-finite loss inf at epoch 1, batch 0$"):
         fit(task.model, task, epochs=1, seed=0)
 
 

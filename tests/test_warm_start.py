@@ -21,7 +21,7 @@ BLOCKS = ("stages.*.1",)
 
 
 def groups_and_blocks(task: Task, space: SearchSpace) -> tuple[list[str], list[str]]:
-    example = structured.example_input(task.val)
+    example = task.val[0][:2]
     groups = structured.channel_groups(task.model, example, space.include, space.exclude)
     return [g.name for g in groups], structured.removable_blocks(task.model, example, space.blocks)
 
@@ -51,7 +51,7 @@ def test_params_replay_as_uniform_l1_channel_pruning(resnet_task: Task, remove: 
     assert policy.removed_blocks == (tuple(blocks) if remove else ())
     # Every group left keeps the same fraction of its channels.
     model = copy.deepcopy(resnet_task.model)
-    example = structured.example_input(resnet_task.val)
+    example = resnet_task.val[0][:2]
     dense = {g.name: g.channels for g in structured.channel_groups(model, example)}
     structured.prune_structured(model, policy, example)
     for name in groups:

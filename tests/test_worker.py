@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -25,13 +26,13 @@ from optuna.trial import FrozenTrial, TrialState
 from worker_tasks import GATHER, HOLD, held
 
 from autoprune.cli import main
-from autoprune.errors import TrialFailed
+from autoprune.errors import StorageError, TrialFailed
 from autoprune.run.budget import SURPLUS_ATTR, WORKER_ATTR, counted
 from autoprune.run.worker import run_worker
 from autoprune.spec import spec_from_dict
 from autoprune.study.setup import STUDY_ATTR, read_setup
 from autoprune.study.space import SearchSpace
-from autoprune.study.storages import RESUMES_ATTR, open_storage
+from autoprune.study.storages import RESUMES_ATTR, open_storage, resume_later
 from autoprune.study.study import open_study
 from autoprune.task import Task
 from autoprune.tasks import load_task
@@ -83,8 +84,11 @@ def create_study(storage: str, name: str, *, task: str, trials: int) -> optuna.S
 
 
 def trials_of(storage: str, name: str) -> list[FrozenTrial]:
-    """The study's trials; none while the study does not exist yet."""
-    opened = open_storage(storage)
+    """The study's trials; none while the study (or its database) does not exist yet."""
+    try:
+        opened = open_storage(storage)
+    except StorageError:  # no Optuna tables yet: reading does not make them
+        return []
     if name not in optuna.get_all_study_names(opened):
         return []
     return optuna.load_study(study_name=name, storage=opened).get_trials(deepcopy=False)
@@ -672,6 +676,73 @@ def test_interruptions_do_not_use_up_the_crash_retries(tiny_task: Task, tmp_path
     trials = study.get_trials(deepcopy=False)
     assert [t.number for t in counted(trials)] == [MAX_RETRY + 2]
     assert trials[-1].state == TrialState.COMPLETE and trials[-1].params == trials[0].params
+
+
+def test_a_signal_that_comes_as_the_worker_reads_the_study_claims_nothing(
+    tiny_task: Task, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The study holds its target and this worker waits for nothing; as it reads the study,
+    another worker stopped by the same signal queues its interrupted trial again, and the
+    signal reaches this worker too. It claims nothing: a trial it claimed now would fail at
+    once, one more failed trial in the study (and one more resumption)."""
+    study = in_process_study(tiny_task, tmp_path, 1)
+    assert run_worker(study, tiny_task, target=1).states == {"complete": 1}
+    reads = study.get_trials
+    fired = []
+
+    def reading(*args: Any, **kwargs: Any) -> list[FrozenTrial]:
+        if sys._getframe(1).f_code.co_name == "_has_work" and not fired:
+            fired.append(True)
+            resume_later(study, study.trials[0])  # as the other worker does
+            os.kill(os.getpid(), signal.SIGTERM)
+        return reads(*args, **kwargs)
+
+    monkeypatch.setattr(study, "get_trials", reading)
+    summary = run_worker(study, tiny_task, target=1)
+    assert fired and summary.signal == "SIGTERM"
+    assert summary.states == {} and summary.retried == []
+    assert [t.state for t in reads()] == [TrialState.COMPLETE, TrialState.WAITING]
+
+
+def test_the_parent_signals_all_its_workers_at_once(
+    monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    """The workers share a process group of their own, which the parent's signal reaches in
+    one call: signalled one by one, a worker signalled first could queue its interrupted
+    trial again before the next heard of the signal, and that one would claim it."""
+    import types
+
+    from autoprune.run import parallel
+
+    sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
+    monkeypatch.setattr(parallel, "worker_command", lambda *args, **kwargs: sleeper)
+
+    def one_by_one(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a worker was signalled alone")
+
+    monkeypatch.setattr(subprocess.Popen, "send_signal", one_by_one)
+    groups = []
+
+    def stop(proc: subprocess.Popen[str]) -> None:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)  # not proc.kill(): send_signal is patched
+            proc.wait()
+
+    def watch(study: Any, procs: list[subprocess.Popen[str]], *args: Any) -> None:
+        request.addfinalizer(lambda: [stop(proc) for proc in procs])  # if the test fails
+        groups.extend(os.getpgid(proc.pid) for proc in procs)
+        os.kill(os.getpid(), signal.SIGTERM)  # to the parent, as `kill` or a scheduler does
+        for proc in procs:
+            proc.wait(timeout=30)
+
+    monkeypatch.setattr(parallel, "_watch", watch)
+    previous = signal.signal(signal.SIGTERM, lambda *args: None)  # unforwarded: not fatal here
+    request.addfinalizer(lambda: signal.signal(signal.SIGTERM, previous))
+    study = types.SimpleNamespace(study_name="s")
+    lines, codes = parallel.run_workers(study, "sqlite://", 3, target=1, heartbeat=1)  # type: ignore[arg-type]
+    assert len(set(groups)) == 1 and groups[0] != os.getpgrp()
+    assert codes == [0, 0, 0]
+    assert all("stopped by signal SIGTERM" in line for line in lines), lines
 
 
 def test_a_worker_killed_by_the_forwarded_signal_was_stopped_not_failed(tmp_path: Path) -> None:

@@ -15,11 +15,16 @@ and applied), so that it waits on events instead of on sleeps that must outlast 
   the file PATH exists, so that the test can signal or kill a worker in mid-trial. A process
   that waits says so with a file ``PATH.PID`` (see :func:`held`): a signal sent before
   then could land in a storage write, which the worker lets finish, trial and all.
+
+A test sees what a worker process sees with ``AUTOPRUNE_TEST_RECORD=DIR``: each process that
+builds a task writes ``DIR/PID``, a JSON object of its ``CUDA_VISIBLE_DEVICES`` (None when
+unset) and its command-line arguments.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -33,14 +38,16 @@ from torch import nn
 import autoprune
 from autoprune.task import adam
 
-GATHER, HOLD = "AUTOPRUNE_TEST_GATHER", "AUTOPRUNE_TEST_HOLD"
+GATHER, HOLD, RECORD = "AUTOPRUNE_TEST_GATHER", "AUTOPRUNE_TEST_HOLD", "AUTOPRUNE_TEST_RECORD"
 PARENT = "AUTOPRUNE_TEST_PARENT"
 WAIT_LIMIT = 120.0  # seconds; a test that never releases a worker fails instead of hanging
 _trials_started = 0  # in this process
 
 
 def tiny() -> autoprune.Task:
-    """The tiny CNN task of conftest (a trial takes a few milliseconds), paced as above."""
+    """The tiny CNN task of conftest (a trial takes a few milliseconds), paced and recorded as
+    above."""
+    _record()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -68,6 +75,12 @@ def parent_only() -> autoprune.Task:
     if os.environ.get(PARENT) != str(os.getpid()):
         raise RuntimeError("only the parent process builds this task")
     return tiny()
+
+
+def _record() -> None:
+    if os.environ.get(RECORD):
+        seen = {"visible": os.environ.get("CUDA_VISIBLE_DEVICES"), "argv": sys.argv[1:]}
+        (Path(os.environ[RECORD]) / str(os.getpid())).write_text(json.dumps(seen))
 
 
 def _paced_adam(params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:

@@ -29,6 +29,15 @@ def study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--study-name", help="needed when the storage holds several studies")
 
 
+def create_in_existing_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--create-in-existing",
+        action="store_true",
+        help="add Optuna's tables to a database that holds another application's tables "
+        "(refused without it)",
+    )
+
+
 def positive_float(text: str) -> float:
     try:
         value = float(text)

@@ -8,7 +8,12 @@ import argparse
 import io
 
 from autoprune._files import atomic_write, check_output_file
-from autoprune.cli._common import DEFAULT_STORAGE, RegistryNames, sparsity
+from autoprune.cli._common import (
+    DEFAULT_STORAGE,
+    RegistryNames,
+    create_in_existing_argument,
+    sparsity,
+)
 
 
 def _prune(args: argparse.Namespace) -> int:
@@ -17,14 +22,13 @@ def _prune(args: argparse.Namespace) -> int:
     from autoprune.pruning.masks import prunable_layers
     from autoprune.spec import load_spec
     from autoprune.study.setup import check_seed
-    from autoprune.tasks import load_task
     from autoprune.trial import baseline
 
     spec = load_spec(args.spec)
     out = check_output_file(args.out) if args.out else None  # before the fine-tuning
     seed = spec.seed if args.seed is None else args.seed
     check_seed(seed)
-    task = spec.finetune.apply(load_task(spec.task, seed=spec.seed))
+    task = spec.load_task()
     layers = prunable_layers(task.model, spec.space.include, spec.space.exclude)
     result = baseline(task, args.policy, args.sparsity, seed=seed, layers=layers)
     m = result.metrics
@@ -49,13 +53,18 @@ def _sensitivity(args: argparse.Namespace) -> int:
     from autoprune.spec import load_spec
     from autoprune.study.sensitivity import analyze
     from autoprune.study.study import open_study
-    from autoprune.tasks import load_task
 
     spec = load_spec(args.spec)
     storage = args.storage or spec.storage
     study_name = args.study_name or spec.name
-    task = spec.finetune.apply(load_task(spec.task, seed=spec.seed))
-    study = open_study(spec.setup(task), task, storage=storage, study_name=study_name)
+    task = spec.load_task()
+    study = open_study(
+        spec.setup(task),
+        task,
+        storage=storage,
+        study_name=study_name,
+        create_in_existing=args.create_in_existing,
+    )
     curves, enqueued = analyze(study, task, spec.warm_start.sparsities)
     table = pd.DataFrame(
         {layer: {s: a for s, a in curve} for layer, curve in curves.items()}
@@ -86,4 +95,5 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("spec", help="study spec; the study is created if it does not exist")
     p.add_argument("--storage", help=f"database URL (default: the spec's, else {DEFAULT_STORAGE})")
     p.add_argument("--study-name", help="study name (default: the spec's)")
+    create_in_existing_argument(p)
     p.set_defaults(run=_sensitivity)

@@ -64,6 +64,7 @@ def _pick(args: argparse.Namespace) -> int:
         min_accuracy=args.min_accuracy,
         max_params=args.max_params,
         max_size=args.max_size,
+        max_bytes=args.max_bytes,
         knee=args.knee,
         by=args.by,
     )
@@ -75,7 +76,8 @@ def _pick(args: argparse.Namespace) -> int:
     stored_text = "weights stored" if stored else "no stored weights (export replays it)"
     print(
         f"trial {trial.number}: {numbers}; criterion {policy.get('criterion')}, scope "
-        f"{policy.get('scope')}, rule {policy.get('rule')}; {stored_text}"
+        f"{policy.get('scope')}, rule {policy.get('rule')}, quantization "
+        f"{policy.get('quantization', 'none')}; {stored_text}"
     )
     return 0
 
@@ -85,7 +87,14 @@ def _export(args: argparse.Namespace) -> int:
 
     check_output_dir(args.out)  # before the study is read; export checks it again
     study = load_study(args.storage, args.study_name)
-    done = export(study, args.trial, args.out, task_ref=args.task, artifact_dir=args.artifact_dir)
+    done = export(
+        study,
+        args.trial,
+        args.out,
+        task_ref=args.task,
+        artifact_dir=args.artifact_dir,
+        format=args.format,
+    )
     m = done.metrics
     how = "its stored weights" if done.source == "artifact" else "a replay (no stored weights)"
     print(
@@ -94,6 +103,18 @@ def _export(args: argparse.Namespace) -> int:
         f"{m['nonzero_params']} "
         f"nonzero weights, {m['bytes']} bytes (dense {m['dense_bytes']}), {m['macs']} MACs"
     )
+    if "onnx" in m:
+        onnx, check = m["onnx"], m["onnx"]["fp32_check"]
+        latency = ", ".join(
+            f"{v:.3f} ms at {k.replace('_', ' ')}" for k, v in onnx["latency_ms"].items()
+        )
+        print(
+            f"model.onnx ({onnx['quantization']}): {onnx['bytes']} bytes; ONNX Runtime "
+            f"{latency} ({onnx['latency_threads']} thread); fp32 graph within "
+            f"{check['max_abs_diff']:.2g} of PyTorch (tolerance {check['atol']:g} + "
+            f"{check['rtol']:g} x |output|); recorded val accuracy "
+            f"{'reproduced' if m['reproduced'] else 'NOT reproduced'}"
+        )
     return 0
 
 
@@ -139,6 +160,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     rule.add_argument("--min-accuracy", type=float, help="smallest model with this val accuracy")
     rule.add_argument("--max-params", type=float, help="most accurate with <= this many nonzero")
     rule.add_argument("--max-size", type=float, help="most accurate with its --by size <= this")
+    rule.add_argument(
+        "--max-bytes", type=float, help="most accurate whose deployed file has <= this many bytes"
+    )
     rule.add_argument("--knee", action="store_true", help="the knee of the front")
     p.add_argument("--by", help="size objective (default: the study's first, e.g. nonzero_params)")
     p.set_defaults(run=_pick)
@@ -148,5 +172,10 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--out", required=True, help="directory to create")
     p.add_argument("--task", help="task reference that rebuilds the model (default: the study's)")
     p.add_argument("--artifact-dir", help="where the weights are (default: the study's record)")
+    p.add_argument(
+        "--format",
+        choices=["pytorch", "onnx"],
+        help="model.pt, or model.onnx as deployed (default: the runtime the trial ran in)",
+    )
     study_arguments(p)
     p.set_defaults(run=_export)

@@ -21,12 +21,14 @@ from tqdm import tqdm
 from autoprune._files import check_output_file, safe_filename
 from autoprune.cli._common import (
     DEFAULT_STORAGE,
+    create_in_existing_argument,
     front_text,
     positive_int,
     print_counts,
     status_text,
     study_arguments,
 )
+from autoprune.errors import SpecError
 from autoprune.run.status import study_status
 from autoprune.study.artifacts import resolve_dir
 from autoprune.study.loading import load_study
@@ -85,26 +87,35 @@ class _Progress:
 
 
 def _search(args: argparse.Namespace) -> int:
+    from autoprune.devices import release_memory, resolve_device
     from autoprune.report.data import pareto_front
     from autoprune.report.page import write_report
-    from autoprune.run.parallel import run_workers
+    from autoprune.run.parallel import plan_workers, run_workers
     from autoprune.run.worker import run_worker
     from autoprune.spec import load_spec, parse_duration
     from autoprune.study.setup import read_setup
     from autoprune.study.study import open_study
-    from autoprune.tasks import load_task
 
     spec = load_spec(args.spec)
+    if args.device is not None and args.devices is not None:
+        raise SpecError("give --device or --devices, not both")
+    workers, gpus = plan_workers(args.workers, args.devices)
+    # With one GPU per worker, this process measures the dense model on the first of them
+    # (and runs the trials there, if it is the only one).
+    device = f"cuda:{gpus[0]}" if gpus else args.device
     spec = dataclasses.replace(
         spec,
         trials=args.trials or spec.trials,
         timeout=parse_duration(args.timeout) if args.timeout is not None else spec.timeout,
         storage=args.storage or spec.storage,
         study_name=args.study_name or spec.name,
+        device=device or spec.device,
     )
+    if spec.device is not None:
+        resolve_device(spec.device)  # before the task is built, which may take long
     # Checked before any work; a name derived from the study's stays in this directory.
     report = check_output_file(args.report or safe_filename(spec.name, ".html"))
-    task = spec.finetune.apply(load_task(spec.task, seed=spec.seed))
+    task = spec.load_task()
     # Opened (and the task checked) before the bar is drawn: bad input gives one line. The
     # study exists before any worker starts.
     study = open_study(
@@ -113,6 +124,7 @@ def _search(args: argparse.Namespace) -> int:
         storage=spec.storage,
         study_name=spec.name,
         heartbeat=args.heartbeat,
+        create_in_existing=args.create_in_existing,
     )
     weights_dir = resolve_dir(spec.storage, spec.artifacts)
     dense = read_setup(study).dense
@@ -130,19 +142,23 @@ def _search(args: argparse.Namespace) -> int:
     progress = _Progress(spec.trials, initial=study_status(study).done, disable=args.quiet)
     codes = [0]
     try:
-        if args.workers == 1:
+        if workers == 1:
             summary = run_worker(
                 study, task, target=spec.trials, timeout=spec.timeout, callbacks=[progress]
             )
             lines = [str(summary)]
         else:
+            release_memory(task.torch_device)  # what measuring the dense model left cached
             lines, codes = run_workers(
                 study,
                 spec.storage,
-                args.workers,
+                workers,
                 target=spec.trials,
                 timeout=spec.timeout,
                 heartbeat=args.heartbeat,
+                # A worker on a GPU of its own sees it alone, as cuda:0.
+                device="cuda" if gpus else spec.device,
+                gpus=gpus,
                 on_poll=progress.refresh,
             )
     finally:
@@ -173,7 +189,9 @@ def _worker(args: argparse.Namespace) -> int:
     # A signal while the worker starts, or after its trials while it reports, ends it normally
     # with its summary: its parent (`search --workers`) forwards one at any time.
     with stopping() as stop:
-        study, setup, task = join_study(args.storage, args.study_name, heartbeat=args.heartbeat)
+        study, setup, task = join_study(
+            args.storage, args.study_name, heartbeat=args.heartbeat, device=args.device
+        )
         target = args.trials or setup.trials
         timeout = parse_duration(args.timeout) if args.timeout is not None else None
         progress = _Progress(target, initial=study_status(study).done, disable=args.quiet)
@@ -211,10 +229,21 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "--trials", type=positive_int, help="trials the study holds in the end (its target)"
     )
     p.add_argument("--timeout", help="this run starts no trial after this long: 90, 30m, 8h")
-    p.add_argument("--workers", type=positive_int, default=1, help="worker processes (default: 1)")
+    p.add_argument(
+        "--workers",
+        type=positive_int,
+        help="worker processes (default: one per GPU of --devices, else 1)",
+    )
+    _device_argument(p, "where trials run, overriding the spec's and the task's")
+    p.add_argument(
+        "--devices",
+        help="one worker per GPU, each seeing only its own: GPU indices as torch numbers them "
+        "(0,1,2,3), or all",
+    )
     p.add_argument(
         "--report", help="HTML report path (default: STUDY_NAME.html, in the current directory)"
     )
+    create_in_existing_argument(p)
     _heartbeat_and_quiet(p)
     p.set_defaults(run=_search)
 
@@ -224,12 +253,20 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--trials", type=positive_int, help="target (default: the study's)")
     p.add_argument("--timeout", help="this worker starts no trial after this long")
     p.add_argument("--threads", type=positive_int, help="torch threads (default: torch's)")
+    _device_argument(p, "where this worker's trials run, overriding the task's")
     _heartbeat_and_quiet(p)
     p.set_defaults(run=_worker)
 
     p = sub.add_parser("status", help="trials by state, pace, front, workers, stuck trials")
     study_arguments(p)
     p.set_defaults(run=_status)
+
+
+def _device_argument(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--device",
+        help=f"{what}: auto (a GPU when there is one), cpu, cuda, cuda:N or mps",
+    )
 
 
 def _heartbeat_and_quiet(p: argparse.ArgumentParser) -> None:

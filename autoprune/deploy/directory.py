@@ -29,13 +29,17 @@ from torch import nn
 from autoprune import measure
 from autoprune._files import check_output_dir
 from autoprune._version import __version__
-from autoprune.errors import OutputError, SpecError, StorageError, TaskError
+from autoprune.deploy import example, onnx
+from autoprune.deploy.manifest import read_manifest, short
+from autoprune.errors import DeployFailed, OutputError, SpecError, StorageError, TaskError
+from autoprune.inference import OnnxModel, deploy
 from autoprune.pruning import structured
 from autoprune.pruning.codec import exported_bytes, load_state, save_state
 from autoprune.pruning.masks import count_nonzero
+from autoprune.pruning.policy import Policy
 from autoprune.study.artifacts import FrontWeights
 from autoprune.study.setup import read_setup, study_task
-from autoprune.study.study import materialize, replay
+from autoprune.study.study import replay
 from autoprune.study.trial_metrics import (
     ACCURACY,
     metric_names,
@@ -43,7 +47,7 @@ from autoprune.study.trial_metrics import (
     trial_metrics,
 )
 from autoprune.study.trials import full_trial
-from autoprune.task import Task
+from autoprune.task import Task, default_forward
 from autoprune.tasks import TASKS, load_task
 from autoprune.train import evaluate
 
@@ -76,10 +80,16 @@ def export(
     task: Task | None = None,
     task_ref: str | None = None,
     artifact_dir: str | Path | None = None,
+    format: str | None = None,
 ) -> Exported:
     """Write trial ``trial_number``'s pruned model, policy and metrics to directory ``out``.
 
     Args:
+        format: ``"pytorch"``: ``model.pt``, the weights in autoprune's format, which
+            :func:`load` puts into the architecture. ``"onnx"``: ``model.onnx``, the model as
+            deployed (quantized as the trial was), checked against PyTorch and timed in ONNX
+            Runtime (see :mod:`autoprune.deploy.onnx`). Default: the format of the runtime
+            the trial was measured in.
         task: The study's task (default: rebuilt from ``task_ref``).
         task_ref: The task reference stored in the export, which :func:`load` rebuilds the
             architecture from (default: :func:`default_task_ref`).
@@ -87,21 +97,32 @@ def export(
             else next to its SQLite file).
 
     Raises:
-        SpecError: If the trial is not a completed autoprune trial of the study, or ``out``
-            exists and is not empty.
+        SpecError: If the trial is not a completed autoprune trial of the study, ``out``
+            exists and is not empty, the format is unknown, or a quantized trial is asked
+            for in the ``pytorch`` format.
         OutputError: If ``out`` cannot be made (checked before any work), or written.
         TaskError: If the task cannot be rebuilt.
+        DeployFailed: If the ONNX model cannot be made, or is off PyTorch's outputs.
     """
     out = check_output_dir(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SpecError(f"output directory {str(out)!r} exists and is not empty")
     trial = _completed_trial(study, trial_number)
+    policy = Policy.from_dict(trial.user_attrs["policy"])
+    format = _format(format, policy, trial.number)
     setup = read_setup(study)
     task_ref = task_ref or setup.task_ref or setup.task
     task = task or study_task(setup, task_ref)
-    model, source, plan = _trial_model(study, trial, task, task_ref, artifact_dir)
+    model, source, plan, deployed = _trial_model(study, trial, task, task_ref, artifact_dir)
     metrics = _measure(model, task, list(setup.layers))
     recorded = trial_metrics(trial, metric_names(study), total_params=study_total_params(study))
+    files: dict[str, bytes] = {}
+    if format == "onnx":
+        deployed = deployed or deploy(model, task, policy.quantization)
+        metrics |= onnx.check_and_measure(model, deployed, task, recorded[ACCURACY])
+        files["model.onnx"] = deployed.data
+    else:
+        files["model.pt"] = _encoded(model)
     if metrics["accuracy"] != recorded[ACCURACY]:
         logger.warning(
             "trial %d's model has val accuracy %.6f here, not the recorded %.6f",
@@ -121,10 +142,33 @@ def export(
         "source": source,
     }
     if plan is not None:  # the smaller architecture, rebuilt by :func:`load` from the dense one
-        example = structured.example_input(task.val)
-        manifest |= {"plan": plan.to_dict(), "input_shape": [1, *example.shape[1:]]}
-    _write(out, model, trial.user_attrs["policy"], metrics, manifest)
+        manifest |= {"plan": plan.to_dict(), "example": example.describe(task.example(1))}
+    if format == "onnx":
+        manifest |= {"runtime": "onnxruntime", "quantization": policy.quantization}
+    _write(out, files, trial.user_attrs["policy"], metrics, manifest)
     return Exported(out, trial.number, source, metrics)
+
+
+FORMATS = ("pytorch", "onnx")
+
+
+def _format(format: str | None, policy: Policy, number: int) -> str:
+    if format is None:
+        return "onnx" if policy.runtime == "onnxruntime" else "pytorch"
+    if format not in FORMATS:
+        raise SpecError(f"unknown export format {format!r} (known: {', '.join(FORMATS)})")
+    if format == "pytorch" and policy.quantization != "none":
+        raise SpecError(
+            f"trial {number} is quantized ({policy.quantization}): its deployed model is ONNX;"
+            " export it with format 'onnx'"
+        )
+    return format
+
+
+def _encoded(model: nn.Module) -> bytes:
+    buffer = io.BytesIO()
+    save_state(model.state_dict(), buffer)
+    return buffer.getvalue()
 
 
 def _trial_model(
@@ -133,19 +177,22 @@ def _trial_model(
     task: Task,
     task_ref: str,
     artifact_dir: str | Path | None,
-) -> tuple[nn.Module, str, structured.Plan | None]:
+) -> tuple[nn.Module, str, structured.Plan | None, OnnxModel | None]:
     """The trial's model (eval mode) from its stored weights, else replayed; which of the
-    two; and the structured plan that shrank its architecture, if any."""
+    two; the structured plan that shrank its architecture, if any; and the model as the
+    trial deployed it, when a replay made it."""
     if trial.user_attrs["policy"].get("granularity") == "structured":
         # A smaller architecture: the replay also gives the plan that rebuilds it.
         result = replay(task, trial)
-        return result.model.eval(), "replay", result.plan
+        return result.model.eval(), "replay", result.plan, result.deployed
     weights = FrontWeights.find(study, artifact_dir)
     state = weights.load(trial) if weights is not None else None
     if state is None:
         logger.warning("trial %d has no stored weights: replaying it", trial.number)
-        return materialize(task, trial).eval(), "replay", None
-    return _with_weights(task.model, state, f"task {task_ref!r}"), "artifact", None
+        result = replay(task, trial)
+        return result.model.eval(), "replay", None, result.deployed
+    model = _with_weights(task.model, state, f"task {task_ref!r}")
+    return model, "artifact", None, None
 
 
 def _with_weights(
@@ -181,7 +228,7 @@ def _first_mismatch(
             return f"key {key!r} holds {state[key].dtype}, the model's is {tensor.dtype}"
     for key in state:
         if key not in expected:
-            return f"key {_short(key)} is not in the model"
+            return f"key {short(key)} is not in the model"
     return None
 
 
@@ -208,6 +255,7 @@ def _measure(model: nn.Module, task: Task, layers: list[str]) -> dict[str, Any]:
     nonzero = count_nonzero(model, [name for name in layers if name in present])[0]
     total = count_nonzero(task.model, layers)[1]
     params = list(model.parameters())
+    context = measure.Context(task.example(1), (), forward=task.forward)
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     metrics: dict[str, Any] = {
@@ -219,7 +267,7 @@ def _measure(model: nn.Module, task: Task, layers: list[str]) -> dict[str, Any]:
         "model_nonzero_params": sum(int(torch.count_nonzero(p)) for p in params),
         "bytes": exported_bytes(model),  # what model.pt holds, as the bytes objective counts
         "dense_bytes": len(buffer.getvalue()),
-        "macs": macs(model, next(task.batches("val"))[0][:1]),
+        "macs": int(measure.macs(model, context)),
     }
     return metrics
 
@@ -230,21 +278,24 @@ def macs(model: nn.Module, example: torch.Tensor) -> int:
     return int(measure.macs(model, measure.Context(example, ())))
 
 
-def _write(out: Path, model: nn.Module, policy: Any, metrics: Any, manifest: Any) -> None:
+def _write(out: Path, files: dict[str, bytes], policy: Any, metrics: Any, manifest: Any) -> None:
     try:
-        _write_files(out, model, policy, metrics, manifest)
+        _write_files(out, files, policy, metrics, manifest)
     except OutputError:
         raise
     except OSError as e:
         raise OutputError(f"cannot write {str(out)!r}: {e.strerror or e}") from e
 
 
-def _write_files(out: Path, model: nn.Module, policy: Any, metrics: Any, manifest: Any) -> None:
+def _write_files(
+    out: Path, files: dict[str, bytes], policy: Any, metrics: Any, manifest: Any
+) -> None:
     # Written next to ``out`` and renamed into place: a failure leaves no half export.
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        save_state(model.state_dict(), tmp / "model.pt")
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
         for name, data in (("policy", policy), ("metrics", metrics), ("export", manifest)):
             text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n"
             (tmp / f"{name}.json").write_text(text, encoding="utf-8")
@@ -263,7 +314,9 @@ def load(
     base: nn.Module | None = None,
     trust_task_code: bool = False,
 ) -> nn.Module:
-    """Rebuild an exported model (eval mode) and load its weights from ``model.pt``.
+    """Rebuild an exported model (eval mode) and load its weights from ``model.pt``; an ONNX
+    export's ``model.onnx`` comes back as an :class:`~autoprune.inference.OnnxModel` that runs
+    it in ONNX Runtime (called like the model it was exported from).
 
     The dense architecture comes from ``base`` (copied; its weights are replaced), else from
     ``task``'s model, else from the task reference recorded in the export; a structured
@@ -288,7 +341,9 @@ def load(
     if task is not None and base is not None:
         raise SpecError("give load() a task or a base model, not both")
     directory = Path(directory)
-    manifest = _read_manifest(directory)
+    manifest = read_manifest(directory)
+    if manifest.get("runtime") == "onnxruntime":  # model.onnx: no architecture to rebuild
+        return _onnx_model(directory / "model.onnx")
     if base is not None:
         what = "the given base model"
     elif task is not None:
@@ -306,16 +361,33 @@ def load(
     model = base
     if "plan" in manifest:
         model = copy.deepcopy(base)
-        example = torch.zeros(manifest["input_shape"])
+        if "example" in manifest:
+            inputs = example.build(manifest["example"])
+        else:  # exports of autoprune 0.2 and older: one input tensor
+            inputs = torch.zeros(manifest["input_shape"])
+        forward = task.forward if task is not None else default_forward
         plan = structured.Plan.from_dict(manifest["plan"])
         try:
             _check_plan(plan, dict(model.named_modules()))
-            structured.apply_plan(model, plan, example)
+            structured.apply_plan(model, plan, inputs, forward=forward)
         except (AttributeError, KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise TaskError(f"the export's plan does not fit the model of {what}: {first}") from e
     weights = directory / "model.pt"
     return _with_weights(model, load_state(weights), what, weights)
+
+
+def _onnx_model(path: Path) -> OnnxModel:
+    try:
+        if not path.is_file():
+            raise OSError("no such file" if not path.exists() else "not a regular file")
+        data = path.read_bytes()
+    except OSError as e:
+        raise StorageError(f"cannot read {str(path)!r}: {e.strerror or e}") from None
+    try:
+        return OnnxModel(data).eval()
+    except DeployFailed as e:
+        raise StorageError(f"{str(path)!r}: {e}") from None
 
 
 def _check_plan(plan: structured.Plan, modules: dict[str, nn.Module]) -> None:
@@ -333,95 +405,3 @@ def _check_plan(plan: structured.Plan, modules: dict[str, nn.Module]) -> None:
                 f"the plan removes channel {idxs[-1]} of layer {layer!r}, "
                 f"which has {weight.shape[0]}"
             )
-
-
-# export.json is read whole; a real one is a few kB (a plan lists channel indices).
-_MAX_MANIFEST_BYTES = 16 * 2**20
-_MAX_SEED = 2**32 - 1
-_MAX_TASK_REF = 256
-# The example input a structured export's plan is traced on: one sample.
-_MAX_INPUT_ELEMENTS = 2**24
-_MAX_INPUT_DIMS = 8
-
-
-def _read_manifest(directory: str | Path) -> dict[str, Any]:
-    """``directory``'s ``export.json``, checked: ``task`` a non-empty string, ``seed`` an
-    integer in [0, 2**32), and for a structured export ``plan`` (channel indices per layer,
-    removed blocks) with ``input_shape`` (a list of a few positive integers).
-
-    Raises:
-        StorageError: One line naming the file and its first bad key.
-    """
-    path = Path(directory) / "export.json"
-    try:
-        if not path.is_file():  # not a device or FIFO that would never end
-            raise OSError("no export.json" if not path.exists() else "not a regular file")
-        with path.open("rb") as f:
-            raw = f.read(_MAX_MANIFEST_BYTES + 1)
-        if len(raw) > _MAX_MANIFEST_BYTES:
-            raise ValueError(f"export.json is larger than {_MAX_MANIFEST_BYTES} bytes")
-        manifest = json.loads(raw.decode("utf-8"))
-    except (OSError, ValueError, RecursionError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise StorageError(f"{str(directory)!r} is not an autoprune export: {first}") from None
-    try:
-        _check_manifest(manifest)
-    except ValueError as e:
-        raise StorageError(f"{str(path)!r} is not a valid export manifest: {e}") from None
-    return manifest  # type: ignore[no-any-return]
-
-
-def _check_manifest(manifest: Any) -> None:
-    if not isinstance(manifest, dict):
-        raise ValueError(f"it holds a JSON {type(manifest).__name__}, not an object")
-    if manifest.get("format", 1) != 1 or type(manifest.get("format", 1)) is not int:
-        raise ValueError(f"'format' must be 1, got {_short(manifest['format'])}")
-    task = manifest.get("task")
-    if not isinstance(task, str) or not task or len(task) > _MAX_TASK_REF:
-        raise ValueError(f"'task' must be a non-empty string, got {_short(task)}")
-    module, colon, function = task.partition(":")
-    if colon and not (
-        all(part.isidentifier() for part in module.split(".")) and function.isidentifier()
-    ):
-        raise ValueError(f"'task' must be a name or package.module:function, got {_short(task)}")
-    seed = manifest.get("seed")
-    if type(seed) is not int or not 0 <= seed <= _MAX_SEED:
-        raise ValueError(f"'seed' must be an integer in [0, {_MAX_SEED}], got {_short(seed)}")
-    if "plan" not in manifest:
-        return
-    plan = manifest["plan"]
-    if not isinstance(plan, dict) or not set(plan) <= {"channels", "removed_blocks"}:
-        raise ValueError(
-            f"'plan' must be an object of channels and removed_blocks: {_short(plan)}"
-        )
-    channels = plan.get("channels")
-    if not isinstance(channels, dict):
-        raise ValueError(f"'plan.channels' must be an object, got {_short(channels)}")
-    for layer, idxs in channels.items():
-        if not (
-            isinstance(idxs, list)
-            and all(type(i) is int and i >= 0 for i in idxs)
-            and idxs == sorted(set(idxs))
-        ):
-            raise ValueError(
-                f"'plan.channels' of {layer!r} must be increasing integers >= 0: {_short(idxs)}"
-            )
-    blocks = plan.get("removed_blocks", [])
-    if not isinstance(blocks, list) or not all(isinstance(b, str) and b for b in blocks):
-        raise ValueError(f"'plan.removed_blocks' must be a list of names, got {_short(blocks)}")
-    shape = manifest.get("input_shape")
-    if (
-        not isinstance(shape, list)
-        or not 1 <= len(shape) <= _MAX_INPUT_DIMS
-        or not all(type(d) is int and d >= 1 for d in shape)
-        or math.prod(shape) > _MAX_INPUT_ELEMENTS
-    ):
-        raise ValueError(
-            f"'input_shape' must be a list of 1 to {_MAX_INPUT_DIMS} integers >= 1 with at most "
-            f"{_MAX_INPUT_ELEMENTS} elements in all, got {_short(shape)}"
-        )
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from autoprune._registry import Registry
+from autoprune.devices import to_device
 from autoprune.errors import SpecError
 from autoprune.task import Task
 
@@ -183,12 +184,14 @@ def random_channel(weight: Tensor, grad: Tensor | None) -> Tensor:
 def calibration_gradients(model: nn.Module, task: Task, layers: list[str]) -> dict[str, Tensor]:
     """Mean over ``task.calibration_batches`` training batches of ``|dL/dW|`` for each layer.
 
-    Gradients are computed here, on a copy's fresh graph, never read from whatever ``.grad``
-    the model happens to hold; the model's parameters and ``.grad`` are left untouched.
+    Gradients are computed here, on the device ``model`` is on and in fp32 (an estimate, not
+    a training step), on a fresh graph: never read from whatever ``.grad`` the model happens
+    to hold; the model's parameters and ``.grad`` are left untouched.
     """
     modules = dict(model.named_modules())
     weights = [modules[name].weight for name in layers]
     totals = [torch.zeros_like(w) for w in weights]
+    device = weights[0].device if weights else torch.device("cpu")
     was_training = model.training
     model.eval()  # no dropout noise in the estimate; batch-norm uses its running statistics
     n = 0
@@ -197,8 +200,9 @@ def calibration_gradients(model: nn.Module, task: Task, layers: list[str]) -> di
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         try:
-            for inputs, targets in task.batches("train", shuffle=True, seed=0):
-                loss = task.loss(model(inputs), targets)
+            for batch in task.batches("train", shuffle=True, seed=0):
+                batch = to_device(batch, device)
+                loss = task.loss_of(task.outputs(model, batch), batch)
                 grads = torch.autograd.grad(loss, weights)
                 for total, g in zip(totals, grads, strict=True):
                     total += g.abs()

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from autoprune.errors import TaskError
+from autoprune.pruning import transformer
 from autoprune.pruning.criteria import get_criterion
 from autoprune.pruning.policy import Policy
 
@@ -28,22 +29,29 @@ def prunable_layers(
     """Module paths of the Linear/Conv layers whose path matches an ``include`` glob and no
     ``exclude`` glob, in definition order.
 
+    A Hugging Face model's task head (e.g. ``classifier``) and embeddings are left out unless
+    an include glob other than ``*`` matches them (``include = ["*", "classifier"]``): see
+    :func:`autoprune.pruning.transformer.protected_layers`.
+
     Raises:
         TaskError: If no layer is left (the model has none, or the globs match none).
     """
     names = [name for name, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)]
     if not names:
         raise TaskError(f"model {type(model).__name__} has no prunable Linear or Conv layer")
+    protected = transformer.protected_layers(model, names)
     chosen = [
         name
         for name in names
         if any(fnmatch.fnmatchcase(name, g) for g in include)
         and not any(fnmatch.fnmatchcase(name, g) for g in exclude)
+        and (name not in protected or transformer.named_explicitly(name, include))
     ]
     if not chosen:
+        dense = f" (head and embeddings: {', '.join(sorted(protected))})" if protected else ""
         raise TaskError(
             f"include {list(include)} / exclude {list(exclude)} match no prunable layer "
-            f"(layers: {', '.join(names)})"
+            f"(layers: {', '.join(names)}){dense}"
         )
     return chosen
 

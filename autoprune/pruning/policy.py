@@ -16,6 +16,10 @@ SCOPES = ("layer", "global")
 RULES = ("ratio", "mean")
 # When the sparsity is reached during fine-tuning (see autoprune.pruning.schedule).
 SCHEDULES = ("oneshot", "gradual", "gradual-regrow")
+# Applied after pruning and fine-tuning (see autoprune.inference.quantize).
+QUANTIZATIONS = ("none", "int8-dynamic", "int8-static")
+# Where the trial's model is measured: PyTorch eager, or exported to ONNX in ONNX Runtime.
+RUNTIMES = ("pytorch", "onnxruntime")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,11 +49,17 @@ class Policy:
         schedule: ``"oneshot"``: pruned before fine-tuning. ``"gradual"``: pruned step by step
             on a cubic ramp during fine-tuning; ``"gradual-regrow"``: the same, letting pruned
             weights come back when their score recovers (see :mod:`autoprune.pruning.schedule`).
+        quantization: ``"none"``, ``"int8-dynamic"`` or ``"int8-static"``: applied to the
+            pruned, fine-tuned model, so the measured accuracy is the quantized model's (see
+            :mod:`autoprune.inference.quantize`). Needs the ``onnxruntime`` runtime.
+        runtime: ``"pytorch"``: the model is measured as a PyTorch module. ``"onnxruntime"``:
+            it is exported to ONNX (and quantized) and measured in ONNX Runtime, as deployed.
 
     Raises:
-        SpecError: On an unknown criterion, scope, rule, granularity or schedule, a criterion
-            that cannot score the granularity, a sparsity outside [0, 1), or structured-only
-            settings on an unstructured policy.
+        SpecError: On an unknown criterion, scope, rule, granularity, schedule, quantization
+            or runtime, a criterion that cannot score the granularity, a sparsity outside
+            [0, 1), structured-only settings on an unstructured policy, or a quantization
+            outside ONNX Runtime.
     """
 
     sparsity: Mapping[str, float]
@@ -61,6 +71,8 @@ class Policy:
     round_to: int = 1
     removed_blocks: tuple[str, ...] = ()
     schedule: str = "oneshot"
+    quantization: str = "none"
+    runtime: str = "pytorch"
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
@@ -75,6 +87,17 @@ class Policy:
             raise SpecError(f"unknown rule {self.rule!r} (known: {', '.join(RULES)})")
         if self.schedule not in SCHEDULES:
             raise SpecError(f"unknown schedule {self.schedule!r} (known: {', '.join(SCHEDULES)})")
+        if self.quantization not in QUANTIZATIONS:
+            raise SpecError(
+                f"unknown quantization {self.quantization!r} (known: {', '.join(QUANTIZATIONS)})"
+            )
+        if self.runtime not in RUNTIMES:
+            raise SpecError(f"unknown runtime {self.runtime!r} (known: {', '.join(RUNTIMES)})")
+        if self.quantization != "none" and self.runtime != "onnxruntime":
+            raise SpecError(
+                f"quantization {self.quantization!r} needs runtime 'onnxruntime', "
+                f"got {self.runtime!r}"
+            )
         if not self.sparsity:
             raise SpecError("a policy must name at least one layer to prune")
         for layer, value in self.sparsity.items():
@@ -116,6 +139,9 @@ class Policy:
             data["granularity"] = self.granularity
             data["round_to"] = self.round_to
             data["removed_blocks"] = list(self.removed_blocks)
+        if self.runtime != "pytorch":  # so are the dicts of trials measured in PyTorch
+            data["quantization"] = self.quantization
+            data["runtime"] = self.runtime
         return data
 
     def to_json(self) -> str:

@@ -25,7 +25,6 @@ from autoprune._registry import Registry
 from autoprune.pruning.criteria import get_criterion
 from autoprune.pruning.masks import apply_masks, compute_masks
 from autoprune.pruning.policy import SCHEDULES, Policy
-from autoprune.task import Task
 from autoprune.train import StepHook
 
 # Fraction of the fine-tuning steps after which the gradual schedule holds the final sparsity.
@@ -37,13 +36,6 @@ Schedule = Callable[
     [nn.Module, Policy, Mapping[str, Tensor], "Mapping[str, Tensor] | None", int],
     "StepHook | None",
 ]
-
-
-def steps_per_epoch(task: Task) -> int:
-    """Optimizer steps in one fine-tuning epoch."""
-    if isinstance(task.train, torch.utils.data.DataLoader):
-        return len(task.train)
-    return math.ceil(len(task.train[0]) / task.batch_size)
 
 
 def agp_fraction(step: int, end: int) -> float:

@@ -25,7 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autoprune.report import importance
 from autoprune.report.figures import loss_curves_figure, pareto_figure
-from autoprune.study.front import front_numbers, front_trials
+from autoprune.study.front import front_numbers, front_trials, score_sign
 from autoprune.study.record import (
     SENSITIVITY_ATTR,  # {layer: [[sparsity, accuracy], ...]}
     recorded_dense,
@@ -40,7 +40,7 @@ from autoprune.study.trial_metrics import (
 from autoprune.study.trials import full_trials, trial_summaries
 
 # Policy columns whose values are compared by their share of the front.
-ASPECTS = ("criterion", "scope", "rule", "schedule", "granularity")
+ASPECTS = ("criterion", "scope", "rule", "schedule", "granularity", "quantization")
 # Fewer complete trials than this give importances that mean nothing.
 MIN_TRIALS_FOR_IMPORTANCE = importance.MIN_TRIALS
 # Dominated trials a page shows at most (spread evenly over the study); every front trial is
@@ -185,6 +185,8 @@ def _aspects(policy: dict[str, Any]) -> dict[str, object]:
     }
     if "granularity" in policy:
         row["granularity"] = policy["granularity"]
+    if "quantization" in policy:  # trials deployed to ONNX Runtime (a quantizing study)
+        row["quantization"] = policy["quantization"]
     return row
 
 
@@ -195,7 +197,8 @@ def aspects_frame(read: StudyRead) -> pd.DataFrame:
         {**_aspects(t.user_attrs.get("policy", {})), "on_front": t.number in numbers}
         for t in read.complete
     ]
-    return pd.DataFrame(rows, columns=[*ASPECTS[:-1], "on_front"] if not rows else None)
+    columns = ["criterion", "scope", "rule", "schedule", "on_front"]
+    return pd.DataFrame(rows, columns=columns if not rows else None)
 
 
 def relative_size(study: optuna.Study) -> Callable[[FrozenTrial], float]:
@@ -234,7 +237,8 @@ def hypervolume_history(
 
     Each trial is the point (decades of compression ``-log10(relative size)``, val accuracy);
     the reference point is the dense size at zero accuracy, so values are comparable across
-    studies of one model. Columns: ``trial``, ``completed``, ``hypervolume``.
+    studies of one model. A score that is better lower counts as ``1 / (1 + score)``.
+    Columns: ``trial``, ``completed``, ``hypervolume``.
 
     Args:
         complete: The study's complete trials, if the caller has read them (summaries do).
@@ -245,18 +249,25 @@ def hypervolume_history(
     rows: list[dict[str, Any]] = []
     staircase: list[tuple[float, float]] = []
     relative = relative_size(study)
+    sign = score_sign(study)
     value = hypervolume_2d(staircase)
     for trial in trials:
         size = relative(trial)
         if size > 0 and math.isfinite(size):
             before = staircase
-            staircase = _step(staircase, (-math.log10(size), float(trial.values[0])))
+            staircase = _step(staircase, (-math.log10(size), _quality(trial.values[0], sign)))
             if staircase is not before:  # a covered point leaves the area as it was
                 value = hypervolume_2d(staircase)
         rows.append(
             {"trial": trial.number, "completed": trial.datetime_complete, "hypervolume": value}
         )
     return pd.DataFrame(rows, columns=["trial", "completed", "hypervolume"])
+
+
+def _quality(score: float, sign: float) -> float:
+    """The accuracy axis of the hypervolume: the score itself, or ``1 / (1 + score)`` for a
+    score that is better lower (perplexity, error), so that zero is still the reference."""
+    return float(score) if sign > 0 else 1.0 / (1.0 + max(float(score), 0.0))
 
 
 def _step(

@@ -86,6 +86,8 @@ def _hover(row: dict[str, Any]) -> str:
     ]
     if row["rule"] == "mean":
         lines.append(f"alpha {row['alpha']:.3f}")
+    if isinstance(row.get("quantization"), str):
+        lines.append(f"quantization {row['quantization']}")
     lines += [
         f"{key.split(':', 1)[1]}: {value:.3f}"
         for key, value in row.items()

@@ -8,11 +8,13 @@ as ``autoprune search SPEC`` does.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable, Sequence
 
 import optuna
 
+from autoprune import devices
 from autoprune.errors import SpecError
 from autoprune.measure import DEFAULT_OBJECTIVES, Latency
 from autoprune.run.worker import run_worker
@@ -48,6 +50,8 @@ def search(
     front_table: bool = True,
     objectives: Sequence[str] = DEFAULT_OBJECTIVES,
     latency: Latency | None = None,
+    device: str | None = None,
+    create_in_existing: bool = False,
 ) -> optuna.Study:
     """Search pruning policies of ``task``'s model; return the (new or resumed) Optuna study.
 
@@ -79,6 +83,11 @@ def search(
         front_table: Keep the ``autoprune_front`` table of a database storage up to date.
         objectives: ``"accuracy"``, then one or two of :data:`autoprune.measure.OBJECTIVES`.
         latency: How ``latency_ms`` is measured (batch size, threads, repeats).
+        device: Where the trials run, overriding the task's own ``device``: ``auto``,
+            ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; not part of the study (a resumed run or
+            a worker may run elsewhere). None: the task's.
+        create_in_existing: Add Optuna's tables to a database that holds another
+            application's tables (without it, such a database is refused, untouched).
 
     SIGINT and SIGTERM stop the search as they stop a worker: the running trial fails, is
     queued for retry, and the study is returned.
@@ -87,9 +96,11 @@ def search(
         SpecError: On bad objectives, budget or sampler, or unstructured pruning with an
             objective blind to it.
         TaskError: If the task reference does not build a task, the model has no prunable
-            layer left by the space's globs, or the data does not fit the model.
-        StorageError: If the storage cannot be opened, or the named study was created with a
-            different task, recipe, search space, objectives or seed.
+            layer left by the space's globs, the data does not fit the model, or the device
+            is unknown or not available here.
+        StorageError: If the storage cannot be opened, holds another application's tables
+            (see ``create_in_existing``), or the named study was created with a different
+            task, recipe, search space, objectives or seed.
         SpecError: Also if neither ``n_trials`` nor ``timeout`` is given (a ValueError).
     """
     if n_trials is None and timeout is None:
@@ -97,8 +108,12 @@ def search(
     if not isinstance(sampler, (str, optuna.samplers.BaseSampler)):
         raise SpecError(f"sampler must be a name or an Optuna sampler, got {sampler!r}")
     check_seed(seed)  # before the task is built with it
+    if device is not None:
+        devices.resolve_device(device)  # likewise: unknown or absent here, refused at once
     task_ref = task if isinstance(task, str) else None
     loaded = load_task(task, seed=seed) if isinstance(task, str) else task
+    if device is not None:
+        loaded = dataclasses.replace(loaded, device=device)
     setup = make_setup(
         loaded,
         task_ref=task_ref,
@@ -120,6 +135,7 @@ def search(
         storage=storage,
         study_name=study_name,
         sampler=None if isinstance(sampler, str) else sampler,
+        create_in_existing=create_in_existing,
     )
     summary = run_worker(study, loaded, target=n_trials, timeout=timeout, callbacks=callbacks)
     logger.info("%s", summary)

@@ -5,7 +5,8 @@ a worker starts trials while fewer than ``target`` trials count (see :func:`coun
 that resumes and workers together reach the target exactly. What can go wrong is handled so
 that no completed trial is lost and no trial stays RUNNING:
 
-- A trial that raises or hits a NaN loss fails alone (``fail_reason`` in its user attrs).
+- A trial that hits a NaN loss or runs out of device memory fails alone (``fail_reason`` in
+  its user attrs; the memory is released, see :class:`autoprune.study.objective.Objective`).
 - SIGINT/SIGTERM fail the running trial at once (``fail_reason`` says so), queue its policy
   to be retried, and end the worker normally. A signal that lands while the trial writes to
   the storage lets it finish instead, so no write is cut in half. A worker that got a signal
@@ -41,6 +42,7 @@ import optuna
 from optuna.storages import fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
+from autoprune import devices
 from autoprune._version import __version__
 from autoprune.errors import SpecError, StorageError, TrialFailed
 from autoprune.run.budget import STATE_WORDS, SURPLUS_ATTR, WORKER_ATTR, count_tracker
@@ -217,12 +219,13 @@ def _has_work(
     while True:
         if stop.signal:  # first: a trial queued again by the signal is not for this worker
             return False
-        tracker = count_tracker(study)  # reads the study once, and only new trials after
+        # One read of the study; the tracker looks at the trials that are new since the last.
+        tracker = count_tracker(study, study.get_trials(deepcopy=False))
         unfinished = tracker.unfinished()
-        if any(t.state == TrialState.WAITING for t in unfinished):
-            return True
-        if tracker.total() < target:
-            return True
+        if any(t.state == TrialState.WAITING for t in unfinished) or tracker.total() < target:
+            # Again: a signal that came during the read must not let this worker claim a
+            # trial, least of all one that the signal had another worker queue again.
+            return not stop.signal
         running = [t for t in unfinished if t.state == TrialState.RUNNING]
         if not heartbeat:
             running = [t for t in running if _host_pid(t) is not None]
@@ -302,10 +305,11 @@ def _cleaned(trial: FrozenTrial) -> FrozenTrial:
 
 
 class _NoInterruptTraceback(logging.Filter):
-    """Optuna logs a failed trial with its traceback; an interrupted one needs no traceback."""
+    """Optuna logs a failed trial with its traceback; an interrupted one needs none, nor one
+    whose storage failed (the search stops with that one-line StorageError)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], Interrupted):
+        if record.exc_info and isinstance(record.exc_info[1], (Interrupted, StorageError)):
             record.exc_info, record.exc_text = None, None
         return True
 
@@ -349,19 +353,29 @@ def _handling(stop: _Stop) -> Iterator[None]:
 
 
 def join_study(
-    storage: str, study_name: str | None, *, heartbeat: int | None = HEARTBEAT
+    storage: str,
+    study_name: str | None,
+    *,
+    heartbeat: int | None = HEARTBEAT,
+    device: str | None = None,
 ) -> tuple[optuna.Study, StudySetup, Task]:
     """Open a study as a worker that brings no spec file: the study's setup names the task,
     its recipe, space, objectives and everything else. The task is rebuilt here and the
     setup made from it exactly as the study's creator made it, so that a machine that builds
     a different task (dense weights, layers, channel groups) is refused.
 
+    ``device`` is where this worker's trials run (None: the task's own); it is not part of
+    the study, so workers on different devices join the same study.
+
     Raises:
         StorageError: If the storage holds no such study, it is run by another autoprune
             version, its task was given as a Python object (no reference to rebuild it), or
             this machine builds a different task than the study's.
-        TaskError: If the study's task does not import or build here.
+        TaskError: If the study's task does not import or build here, or ``device`` is not
+            a device this machine has.
     """
+    if device is not None:  # before the task is built, which may take long
+        devices.resolve_device(device)
     found = load_study(storage, study_name, wait=True)  # its creator may store the setup now
     name, stored = found.study_name, read_setup(found)
     if stored.version != __version__:
@@ -376,6 +390,8 @@ def join_study(
             "reference (search with task='package.module:function')"
         )
     task = study_task(stored)
+    if device is not None:
+        task = dataclasses.replace(task, device=device)
     setup = make_setup(task, **stored.settings())
     # Each worker samples from its own seed: workers started together must not all draw the
     # same first policies.

@@ -51,11 +51,15 @@ class Constraints:
     def from_dict(cls, data: Mapping[str, Any]) -> Constraints:
         return from_dict(cls, data, "constraint")
 
-    def violations(self, metrics: Mapping[str, float]) -> dict[str, float]:
-        """Constraint values of a trial's metrics for ``trial.set_constraint``: <= 0 is met."""
+    def violations(
+        self, metrics: Mapping[str, float], higher_is_better: bool = True
+    ) -> dict[str, float]:
+        """Constraint values of a trial's metrics for ``trial.set_constraint``: <= 0 is met.
+        For a task whose score is better lower, ``min_accuracy`` bounds it from above."""
         values = {}
         if self.min_accuracy is not None:
-            values["min_accuracy"] = self.min_accuracy - metrics["accuracy"]
+            gap = self.min_accuracy - metrics["accuracy"]
+            values["min_accuracy"] = gap if higher_is_better else -gap
         if self.max_density is not None:
             values["max_density"] = metrics["density"] - self.max_density
         if self.max_params is not None:

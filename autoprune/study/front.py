@@ -82,3 +82,9 @@ def current_front(study: optuna.Study) -> list[FrozenTrial]:
         tracker = _TRACKERS[study] = FrontTracker()
     tracker.update(study, study.get_trials(deepcopy=False))
     return tracker.front
+
+
+def score_sign(study: optuna.Study) -> float:
+    """1.0 when the study's accuracy objective is maximised, -1.0 when a lower score is better
+    (a task with ``higher_is_better=False``): ``sign * accuracy`` is always "more is better"."""
+    return 1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else -1.0

@@ -8,6 +8,7 @@ the time.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import optuna
@@ -56,14 +57,28 @@ def load_study(storage: str, study_name: str | None, *, wait: bool = False) -> o
     return study
 
 
-def await_setup(storage: Any, study: optuna.Study) -> None:
+def await_setup(
+    storage: Any, study: optuna.Study, directions: Sequence[str] | None = None
+) -> None:
     """Wait while ``study`` holds nothing at all: another process creates a study, then
-    stores its setup, and may be between the two.
+    stores its setup, and may be between the two. A study whose directions no search
+    creating it would give (``directions``, those of this process's setup, or else those of
+    any autoprune study) is refused at once: it was made by hand, or for other objectives.
 
     Raises:
-        StorageError: If nothing appears within ``SETUP_WAIT`` seconds.
+        StorageError: If nothing appears within ``SETUP_WAIT`` seconds, or at once for a
+            study of other directions.
     """
     deadline = time.monotonic() + SETUP_WAIT
+    if _holds_nothing(storage, study) and not _could_be_creating(storage, study, directions):
+        given = ", ".join(d.name.lower() for d in study.directions)
+        wanted = (
+            f"this search's ({', '.join(directions)})" if directions else "an autoprune study's"
+        )
+        raise StorageError(
+            f"study {study.study_name!r} holds nothing, and its directions ({given}) are not "
+            f"{wanted}: it was made by hand, or for other objectives"
+        )
     while _holds_nothing(storage, study):
         if time.monotonic() > deadline:
             raise StorageError(
@@ -71,6 +86,18 @@ def await_setup(storage: Any, study: optuna.Study) -> None:
                 f"created it stopped before storing its setup (none came in {SETUP_WAIT:g} s)"
             )
         time.sleep(0.05)
+
+
+def _could_be_creating(
+    storage: Any, study: optuna.Study, directions: Sequence[str] | None
+) -> bool:
+    """Whether a search could be creating ``study`` now: its directions are ``directions``,
+    or (None) an autoprune study's: the score's (either way), then sizes, minimised."""
+    with storages.storage_errors(storage):
+        given = [d.name.lower() for d in study.directions]
+    if directions is not None:
+        return given == list(directions)
+    return len(given) >= 2 and all(d == "minimize" for d in given[1:])
 
 
 def _holds_nothing(storage: Any, study: optuna.Study) -> bool:

@@ -3,6 +3,7 @@ and its numbers recorded on the Optuna trial."""
 
 from __future__ import annotations
 
+import gc
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -10,9 +11,8 @@ from typing import Any, Literal
 import optuna
 from torch import Tensor
 
-from autoprune import measure
+from autoprune import devices, measure
 from autoprune.errors import TrialFailed
-from autoprune.pruning import structured
 from autoprune.pruning.criteria import calibration_gradients, get_criterion
 from autoprune.pruning.masks import prunable_layers
 from autoprune.pruning.policy import Policy
@@ -20,7 +20,7 @@ from autoprune.study.constraints import Constraints
 from autoprune.study.space import SearchSpace, suggest_policy
 from autoprune.study.stopping import EarlyStop
 from autoprune.task import Task
-from autoprune.trial import PruneResult, prune_and_finetune, trial_seed
+from autoprune.trial import PruneResult, dense_on_device, prune_and_finetune, trial_seed
 
 # The default objectives, in order; a study stores its own (``study.metric_names``).
 METRIC_NAMES = measure.DEFAULT_OBJECTIVES
@@ -39,6 +39,10 @@ class Objective:
     (it is how the weights of front trials are stored).
     ``constraints`` are recorded with ``trial.set_constraint``; ``early_stop`` may end a
     hopeless trial after its first epoch with ``optuna.TrialPruned``.
+
+    A trial that fails (``TrialFailed``: a non-finite loss or objective, or the device ran out
+    of memory, whose cached memory is then released) records why in ``fail_reason``, and the
+    study goes on with the next one.
     """
 
     def __init__(
@@ -60,9 +64,11 @@ class Objective:
         self.constraints, self.early_stop = constraints, early_stop
         self.objectives = measure.check_objectives(objectives)
         self.groups, self.blocks = list(groups), list(blocks)
-        example = structured.example_input(task.val)[:1]
-        self.context = measure.Context(example, tuple(layers), latency or measure.Latency())
+        self.context = measure.Context(
+            task.example(1), tuple(layers), latency or measure.Latency(), task.forward
+        )
         self.on_result = on_result
+        self.device = task.torch_device
         self._grads: dict[str, Tensor] | None = None
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
@@ -73,6 +79,7 @@ class Objective:
         trial.set_user_attr("policy", policy.to_dict())
         trial.set_user_attr("seed", seed)
         hook = self.early_stop.hook(trial, self.layers) if self.early_stop else None
+        out_of_memory = None
         try:
             result = prune_and_finetune(
                 self.task,
@@ -82,15 +89,27 @@ class Objective:
                 count=self.layers,
                 on_epoch=hook,
             )
+            for key, value in _user_attrs(result).items():
+                trial.set_user_attr(key, value)
+            measured = {
+                **result.metrics,
+                **measure.measure(result.measured, self.objectives, self.context),
+            }
         except TrialFailed as e:
             trial.set_user_attr("fail_reason", str(e))
             raise
-        for key, value in _user_attrs(result).items():
-            trial.set_user_attr(key, value)
-        measured = {
-            **result.metrics,
-            **measure.measure(result.model, self.objectives, self.context),
-        }
+        except Exception as e:
+            if not devices.is_out_of_memory(e):
+                raise
+            out_of_memory = _first_line(e)
+        if out_of_memory is not None:
+            # Released here, not in the except clause: the error's frames hold the trial's
+            # model copy, activations and gradients until the error itself is gone.
+            gc.collect()
+            devices.release_memory(self.device)
+            reason = f"out of memory on {self.device}: {out_of_memory}"
+            trial.set_user_attr("fail_reason", reason)
+            raise TrialFailed(reason)
         values = tuple(measured[name] for name in self.objectives)
         bad = [
             name
@@ -102,7 +121,9 @@ class Objective:
             trial.set_user_attr("fail_reason", reason)
             raise TrialFailed(reason)
         if self.constraints is not None:
-            for key, value in self.constraints.violations(result.metrics).items():
+            for key, value in self.constraints.violations(
+                result.metrics, self.task.higher_is_better
+            ).items():
                 trial.set_constraint(key, value)
         if self.on_result is not None:
             self.on_result(trial, result, values)
@@ -115,8 +136,13 @@ class Objective:
             return None
         if self._grads is None:
             layers = sorted(set(prunable_layers(self.task.model)) | set(self.layers))
-            self._grads = calibration_gradients(self.task.model, self.task, layers)
+            self._grads = calibration_gradients(dense_on_device(self.task), self.task, layers)
         return self._grads
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _user_attrs(result: PruneResult) -> dict[str, Any]:

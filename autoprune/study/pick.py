@@ -10,7 +10,7 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from autoprune.errors import SpecError
-from autoprune.study.front import front_trials
+from autoprune.study.front import front_trials, score_sign
 from autoprune.study.trial_metrics import (
     ACCURACY,
     metric_names,
@@ -36,6 +36,7 @@ def pick(
     min_accuracy: float | None = None,
     max_params: float | None = None,
     max_size: float | None = None,
+    max_bytes: float | None = None,
     knee: bool = False,
     by: str | None = None,
     front: Sequence[FrozenTrial] | None = None,
@@ -43,48 +44,71 @@ def pick(
     """Choose one front trial by exactly one rule.
 
     Args:
-        min_accuracy: The smallest model (by ``by``) with at least this val accuracy.
+        min_accuracy: The smallest model (by ``by``) with at least this val accuracy (at
+            most, for a task whose score is better lower).
         max_params: The most accurate model with at most this many nonzero prunable weights.
         max_size: The most accurate model whose ``by`` is at most this.
+        max_bytes: The most accurate model whose deployed file (the ``bytes`` objective: its
+            ``model.onnx`` in a study that searches quantization, else its ``model.pt``) is at
+            most this many bytes.
         knee: The knee of the front in (accuracy, log10 size) space.
         by: The size objective (default: the study's first one, e.g. ``nonzero_params``).
         front: The study's front trials, whole, if the caller has read them (None: read).
 
     Raises:
         SpecError: If not exactly one rule is given, ``by`` is not a size objective of the
-            study, or no front trial qualifies (the message says the closest there is).
+            study (``bytes`` for ``max_bytes``), or no front trial qualifies (the message says
+            the closest there is).
     """
-    rules = {"min_accuracy": min_accuracy, "max_params": max_params, "max_size": max_size}
+    rules = {
+        "min_accuracy": min_accuracy,
+        "max_params": max_params,
+        "max_size": max_size,
+        "max_bytes": max_bytes,
+    }
     given = [name for name, value in rules.items() if value is not None] + ["knee"] * knee
     if len(given) != 1:
         raise SpecError(f"give exactly one of {', '.join([*rules, 'knee'])}, got {given or 0}")
     sizes = [name for name in metric_names(study) if name != ACCURACY]
     by = by or size_metric(study)
+    if given[0] == "max_bytes" and "bytes" not in sizes:
+        raise SpecError(
+            f"study {study.study_name!r} does not measure bytes (its size objectives: "
+            f"{', '.join(sizes)})"
+        )
     if by not in sizes:
         raise SpecError(f"size objective must be one of {', '.join(sizes)}, got {by!r}")
     found = front_metrics(study, front)
     if not found:
         raise SpecError(f"study {study.study_name!r} has no completed trial to pick")
-    return copy.deepcopy(_CHOOSERS[given[0]](found, by, rules.get(given[0]) or 0.0))
+    choose = _CHOOSERS[given[0]]
+    return copy.deepcopy(choose(found, by, rules.get(given[0]) or 0.0, score_sign(study)))
 
 
 Front = list[tuple[FrozenTrial, dict[str, float]]]
 
 
-def _smallest_above(front: Front, by: str, bar: float) -> FrozenTrial:
-    ok = [(m[by], -m[ACCURACY], t.number, t) for t, m in front if m[ACCURACY] >= bar]
+def _smallest_above(front: Front, by: str, bar: float, sign: float) -> FrozenTrial:
+    ok = [(m[by], -sign * m[ACCURACY], t.number, t) for t, m in front if _at_least(m, bar, sign)]
     if not ok:
-        best = max(m[ACCURACY] for _, m in front)
-        raise SpecError(f"no front trial has val accuracy >= {bar:g} (the best has {best:.4f})")
+        best = max((m[ACCURACY] for _, m in front), key=lambda a: sign * a)
+        word = ">=" if sign > 0 else "<="
+        raise SpecError(
+            f"no front trial has val accuracy {word} {bar:g} (the best has {best:.4f})"
+        )
     return min(ok, key=lambda row: row[:3])[3]
 
 
-def _most_accurate_under(key: str | None) -> Callable[[Front, str, float], FrozenTrial]:
+def _at_least(metrics: dict[str, float], bar: float, sign: float) -> bool:
+    return sign * metrics[ACCURACY] >= sign * bar
+
+
+def _most_accurate_under(key: str | None) -> Callable[[Front, str, float, float], FrozenTrial]:
     """The most accurate trial whose ``key`` (None: the size objective ``by``) is <= bar."""
 
-    def choose(front: Front, by: str, bar: float) -> FrozenTrial:
+    def choose(front: Front, by: str, bar: float, sign: float) -> FrozenTrial:
         metric = key or by
-        ok = [(-m[ACCURACY], m[metric], t.number, t) for t, m in front if m[metric] <= bar]
+        ok = [(-sign * m[ACCURACY], m[metric], t.number, t) for t, m in front if m[metric] <= bar]
         if not ok:
             least = min(m[metric] for _, m in front)
             raise SpecError(f"no front trial has {metric} <= {bar:g} (the smallest has {least:g})")
@@ -93,11 +117,13 @@ def _most_accurate_under(key: str | None) -> Callable[[Front, str, float], Froze
     return choose
 
 
-def _knee(front: Front, by: str, _: float) -> FrozenTrial:
+def _knee(front: Front, by: str, _: float, sign: float) -> FrozenTrial:
     """The point farthest above the chord joining the two ends of the front, in normalised
     (log10 size, accuracy); with no point above it, the one nearest (smallest, most accurate).
     """
-    points = sorted((math.log10(max(m[by], 1e-12)), m[ACCURACY], t.number, t) for t, m in front)
+    points = sorted(
+        (math.log10(max(m[by], 1e-12)), sign * m[ACCURACY], t.number, t) for t, m in front
+    )
     xs, ys = [p[0] for p in points], [p[1] for p in points]
 
     def scaled(v: float, vs: list[float]) -> float:
@@ -112,9 +138,10 @@ def _knee(front: Front, by: str, _: float) -> FrozenTrial:
     return min(norm, key=lambda p: (math.hypot(p[0], 1.0 - p[1]), p[2].number))[2]
 
 
-_CHOOSERS: dict[str, Callable[[Front, str, float], FrozenTrial]] = {
+_CHOOSERS: dict[str, Callable[[Front, str, float, float], FrozenTrial]] = {
     "min_accuracy": _smallest_above,
     "max_params": _most_accurate_under("nonzero_params"),
     "max_size": _most_accurate_under(None),
+    "max_bytes": _most_accurate_under("bytes"),
     "knee": _knee,
 }

@@ -35,7 +35,7 @@ def layer_sensitivity(
     for layer in layers:
         curve = []
         for sparsity in sparsities:
-            model = copy.deepcopy(task.model)
+            model = copy.deepcopy(task.model).to(task.torch_device)
             policy = Policy({layer: sparsity})
             apply_masks(model, compute_masks(policy, score(model, policy)))
             curve.append([float(sparsity), evaluate(model, task, "val")[0]])

@@ -23,9 +23,10 @@ from typing import Any
 import optuna
 from torch import nn
 
-from autoprune import measure
+from autoprune import devices, measure
 from autoprune._version import __version__
 from autoprune.errors import SpecError, StorageError, TaskError
+from autoprune.inference import as_runtime, require_onnx
 from autoprune.measure import DEFAULT_OBJECTIVES, Latency
 from autoprune.pruning import structured
 from autoprune.pruning.criteria import get_criterion
@@ -56,16 +57,35 @@ MAX_SEED = 2**31 - 1
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """The fine-tuning recipe every trial of a study follows (the task's, after overrides)."""
+    """The fine-tuning recipe every trial of a study follows (the task's, after overrides).
+
+    ``precision`` is part of it: bf16 or fp16 fine-tuning gives other numbers than fp32, so
+    every worker of a study must use the study's. (The device is not: it is where a worker
+    runs, see :attr:`autoprune.Task.device`.) Studies stored before it existed ran in fp32,
+    for whole epochs, one batch a step, on whole validation splits.
+    """
 
     epochs: int
     lr: float
     batch_size: int
     calibration_batches: int
+    precision: str = "fp32"
+    steps: int | None = None
+    grad_accumulation: int = 1
+    val_batches: int | None = None
 
     @classmethod
     def of(cls, task: Task) -> Recipe:
-        return cls(task.finetune_epochs, task.lr, task.batch_size, task.calibration_batches)
+        return cls(
+            task.finetune_epochs,
+            task.lr,
+            task.batch_size,
+            task.calibration_batches,
+            task.precision,
+            task.finetune_steps,
+            task.grad_accumulation,
+            task.val_batches,
+        )
 
     def apply(self, task: Task) -> Task:
         """``task`` fine-tuned by this recipe (a new Task; the model is shared)."""
@@ -75,6 +95,10 @@ class Recipe:
             lr=self.lr,
             batch_size=self.batch_size,
             calibration_batches=self.calibration_batches,
+            precision=self.precision,
+            finetune_steps=self.steps,
+            grad_accumulation=self.grad_accumulation,
+            val_batches=self.val_batches,
         )
 
 
@@ -96,6 +120,7 @@ class StudySetup:
         seed: The study's seed (sampler and each trial's fine-tuning).
         groups: Channel groups of a structured space (names), else empty.
         blocks: Removable residual blocks of a structured space, else empty.
+        higher_is_better: The direction of the task's score (the accuracy objective).
         task_ref: How to rebuild the task elsewhere (a built-in name or
             ``package.module:function``); None: the task was given as an object, so workers
             in other processes cannot join.
@@ -121,6 +146,7 @@ class StudySetup:
     seed: int
     groups: tuple[str, ...] = ()
     blocks: tuple[str, ...] = ()
+    higher_is_better: bool = True
     task_ref: str | None = None
     trials: int | None = DEFAULT_TRIALS
     sampler: str | None = DEFAULT_SAMPLER
@@ -196,6 +222,7 @@ IDENTITY = (
     "seed",
     "groups",
     "blocks",
+    "higher_is_better",
 )
 
 
@@ -243,10 +270,11 @@ def make_setup(
     and ``warm_start=None`` is no warm start.
 
     Raises:
-        SpecError: On bad objectives, trials, seed or sampler, or unstructured pruning with
-            an objective blind to it.
-        TaskError: If the space's globs leave no prunable layer (or channel group), or the
-            data does not fit the model.
+        SpecError: On bad objectives, trials, seed or sampler, unstructured pruning with
+            an objective blind to it, quantization with an objective blind to it (or without
+            onnx and onnxruntime installed), or an early-stop margin of 1 or more on accuracy.
+        TaskError: If the space's globs leave no prunable layer (or channel group), the
+            data does not fit the model, or the task's device is not available here.
     """
     for name, value, kind in (
         ("space", space, SearchSpace),
@@ -261,6 +289,9 @@ def make_setup(
     space = space if space is not None else SearchSpace()
     objectives = tuple(measure.check_objectives(objectives))
     measure.check_granularities(objectives, space.granularities)
+    measure.check_quantizations(objectives, space.quantizations, space.granularities)
+    if as_runtime(space.quantizations) == "onnxruntime":
+        require_onnx()  # the onnx extra: refused before any work, not in every trial
     if trials is not None and not _int_in(trials, 1, MAX_TRIALS):
         raise SpecError(f"trials must be an integer in [1, {MAX_TRIALS}] or None, got {trials!r}")
     check_seed(seed)
@@ -270,7 +301,10 @@ def make_setup(
         constraints = None  # no bound: the same study as no constraints
     if early_stop is not None and early_stop.margin is None:
         early_stop = None
+    if early_stop is not None:
+        early_stop.check_scale(task)
     layers = tuple(prunable_layers(task.model, space.include, space.exclude))
+    devices.resolve_device(task.device)  # a device this machine lacks: refused before any work
     task.check()
     groups, blocks = structured_setup(task, space)
     return StudySetup(
@@ -284,6 +318,7 @@ def make_setup(
         seed=seed,
         groups=groups,
         blocks=blocks,
+        higher_is_better=task.higher_is_better,
         task_ref=task_ref,
         trials=trials,
         sampler=sampler,
@@ -314,8 +349,10 @@ def structured_setup(task: Task, space: SearchSpace) -> tuple[tuple[str, ...], t
     """
     if "structured" not in space.granularities:
         return (), ()
-    example = structured.example_input(task.val)
-    groups = structured.channel_groups(task.model, example, space.include, space.exclude)
+    example = task.example(2)
+    groups = structured.channel_groups(
+        task.model, example, space.include, space.exclude, forward=task.forward
+    )
     if not groups:
         raise TaskError(
             f"include {list(space.include)} / exclude {list(space.exclude)} leave no channel "
@@ -329,7 +366,7 @@ def structured_setup(task: Task, space: SearchSpace) -> tuple[tuple[str, ...], t
                         f"channel criterion {name!r} needs a BatchNorm, and channel group "
                         f"{group.name!r} has none"
                     )
-    blocks = structured.removable_blocks(task.model, example, space.blocks)
+    blocks = structured.removable_blocks(task.model, example, space.blocks, forward=task.forward)
     if space.blocks and not blocks:
         raise TaskError(f"blocks {list(space.blocks)} match no module with parameters")
     return tuple(g.name for g in groups), tuple(blocks)

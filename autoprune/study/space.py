@@ -14,7 +14,7 @@ from autoprune._registry import Registry, from_dict, to_dict
 from autoprune.errors import SpecError
 from autoprune.pruning.allocation import allocate, get_allocation, reallocate
 from autoprune.pruning.criteria import CRITERIA, GRANULARITIES, get_criterion
-from autoprune.pruning.policy import RULES, SCHEDULES, SCOPES, Policy
+from autoprune.pruning.policy import QUANTIZATIONS, RULES, SCHEDULES, SCOPES, Policy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,8 +29,10 @@ class SearchSpace:
             ``mean`` rule, ``high`` caps each layer's sparsity.
         alpha: ``(low, high)`` bounds of the ``mean`` rule's multiplier (searched on a log scale).
         include: Globs over layer names (module paths) of the layers that may be pruned.
-            Structured pruning names a channel group by its first layer: the same globs pick
-            the groups.
+            Structured pruning names a channel group by its first layer (a transformer's
+            heads by their attention module): the same globs pick the groups. A Hugging Face
+            model's head and embeddings are pruned only when a glob other than ``*`` names
+            them (see :func:`autoprune.pruning.masks.prunable_layers`).
         exclude: Globs of layers never pruned, applied after ``include``.
         granularities: Any of ``"unstructured"`` (weights zeroed), ``"structured"`` (output
             channels and neurons removed); both searches them within one study.
@@ -48,6 +50,11 @@ class SearchSpace:
             ``allocation`` parametrization starts from.
         schedules: Any of ``"oneshot"``, ``"gradual"``, ``"gradual-regrow"`` (see
             :mod:`autoprune.pruning.schedule`); searched as a categorical when there are several.
+        quantizations: Any of ``"none"``, ``"int8-dynamic"``, ``"int8-static"``, applied after
+            pruning and fine-tuning; searched as a categorical when there are several. A space
+            with one other than ``"none"`` deploys every trial to ONNX Runtime (its accuracy,
+            bytes and latency are those of the deployed model; see
+            :mod:`autoprune.inference`).
 
     Raises:
         SpecError: Naming the first bad argument and its value.
@@ -68,6 +75,7 @@ class SearchSpace:
     parametrization: str = "allocation"
     allocations: Sequence[str] = ("lamp", "erk", "global", "uniform")
     schedules: Sequence[str] = ("oneshot", "gradual")
+    quantizations: Sequence[str] = ("none",)
 
     def __post_init__(self) -> None:
         PARAMETRIZATIONS.get(self.parametrization)
@@ -83,6 +91,7 @@ class SearchSpace:
             ("granularities", GRANULARITIES),
             ("channel_criteria", CRITERIA),
             ("schedules", SCHEDULES),
+            ("quantizations", QUANTIZATIONS),
         ):
             values = getattr(self, field)
             if isinstance(values, str) or not values:
@@ -164,13 +173,22 @@ def suggest_policy(
     if len(space.granularities) > 1:
         granularity = trial.suggest_categorical("granularity", space.granularities)
     if granularity == "structured":
-        return _structured(trial, space, groups, blocks)
+        return _quantized(trial, space, _structured(trial, space, groups, blocks))
     policy = PARAMETRIZATIONS[space.parametrization](trial, space, layers, model)
     if len(space.schedules) == 1:  # no param: studies from before schedules replay alike
-        return dataclasses.replace(policy, schedule=space.schedules[0])
-    return dataclasses.replace(
-        policy, schedule=trial.suggest_categorical("schedule", space.schedules)
-    )
+        return _quantized(trial, space, dataclasses.replace(policy, schedule=space.schedules[0]))
+    schedule = trial.suggest_categorical("schedule", space.schedules)
+    return _quantized(trial, space, dataclasses.replace(policy, schedule=schedule))
+
+
+def _quantized(trial: optuna.trial.BaseTrial, space: SearchSpace, policy: Policy) -> Policy:
+    """``policy`` with its quantization drawn, and the runtime its numbers are measured in:
+    ONNX Runtime for every trial of a space that may quantize, so all are measured alike."""
+    quantization = space.quantizations[0]
+    if len(space.quantizations) > 1:
+        quantization = trial.suggest_categorical("quantization", space.quantizations)
+    runtime = "onnxruntime" if any(q != "none" for q in space.quantizations) else "pytorch"
+    return dataclasses.replace(policy, quantization=quantization, runtime=runtime)
 
 
 def _per_layer(
@@ -261,19 +279,27 @@ def heuristic_params(
     model: nn.Module,
     layers: Sequence[str],
     schedule: str = "oneshot",
+    quantization: str = "none",
 ) -> dict[str, Any] | None:
     """The params under which ``suggest_policy`` draws the heuristic ``allocation`` at
-    ``target`` with the magnitude criterion and ``schedule`` (for ``study.enqueue_trial``), or
-    None if the space cannot express it. In the per-layer parametrization, sparsities beyond
-    the space's bounds are clipped to them."""
+    ``target`` with the magnitude criterion, ``schedule`` and ``quantization`` (for
+    ``study.enqueue_trial``), or None if the space cannot express it. In the per-layer
+    parametrization, sparsities beyond the space's bounds are clipped to them."""
     params = _heuristic_params(space, allocation, target, model, layers)
     if params is None or schedule not in space.schedules:
         return None
     if "unstructured" not in space.granularities:  # heuristics zero weights
         return None
+    if quantization not in space.quantizations:
+        return None
     if len(space.granularities) > 1:
         params |= {"granularity": "unstructured"}
-    return params | ({"schedule": schedule} if len(space.schedules) > 1 else {})
+    params |= {"schedule": schedule} if len(space.schedules) > 1 else {}
+    return params | _quantization_param(space, quantization)
+
+
+def _quantization_param(space: SearchSpace, quantization: str) -> dict[str, Any]:
+    return {"quantization": quantization} if len(space.quantizations) > 1 else {}
 
 
 def _heuristic_params(
@@ -307,6 +333,7 @@ def structured_heuristic_params(
     blocks: Sequence[str] = (),
     *,
     remove_blocks: bool = False,
+    quantization: str = "none",
 ) -> dict[str, Any] | None:
     """The params under which ``suggest_policy`` draws L1 channel pruning at ``ratio`` (for
     ``study.enqueue_trial``), or None if the space cannot express it.
@@ -317,7 +344,8 @@ def structured_heuristic_params(
     one of the removable ``blocks`` as well (None if there are none); otherwise none is removed.
 
     None when the space has no structured granularity, no ``l1`` channel criterion or no
-    ``ratio`` rule, ``ratio`` is outside its ``channel_sparsity`` bounds, or there is no group.
+    ``ratio`` rule, ``ratio`` is outside its ``channel_sparsity`` bounds, there is no group,
+    or ``quantization`` (applied after pruning) is not among the space's.
     """
     low, high = space.channel_sparsity
     if (
@@ -327,6 +355,7 @@ def structured_heuristic_params(
         or not low <= ratio <= high
         or not groups
         or (remove_blocks and not blocks)
+        or quantization not in space.quantizations
     ):
         return None
     params: dict[str, Any] = {"channel_criterion": "l1", "rule": "ratio"}
@@ -336,7 +365,8 @@ def structured_heuristic_params(
         params |= {"scope": "layer"} | {f"channels:{g}": ratio for g in groups}
     else:
         params |= {"scope": "global", "channels": ratio}
-    return params | {f"remove:{b}": remove_blocks for b in blocks}
+    params |= {f"remove:{b}": remove_blocks for b in blocks}
+    return params | _quantization_param(space, quantization)
 
 
 # Densities down to the bound's divided by this are drawn, and clipped to the bound.

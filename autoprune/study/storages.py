@@ -9,12 +9,14 @@ heartbeats (see the README for what it does keep safe).
 
 :func:`open_storage` opens a URL once for all that follows; whatever the storage layer raises
 becomes a one-line :class:`~autoprune.errors.StorageError` naming the URL, its password
-hidden (:func:`storage_errors`).
+hidden (:func:`storage_errors`). Other people's files are left alone: Optuna's tables are
+added to no database that holds another application's tables unless the user asks
+(``--create-in-existing``), and a database only read is not written at all.
 """
 
 from __future__ import annotations
 
-import traceback
+import json
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -92,25 +94,82 @@ def journal_path(url: str) -> Path:
 
 
 def open_journal(url: str) -> JournalStorage:
-    """Optuna's journal storage on the file of ``url`` (created if missing)."""
+    """Optuna's journal storage on the file of ``url`` (created if missing); a malformed
+    record in it is a :class:`StorageError` wherever it is read (see :class:`_Journal`)."""
     path = journal_path(url)
     if not str(path).strip() or path.is_dir():
         raise ValueError(f"journal storage needs a file path, got {url!r}")
-    return JournalStorage(JournalFileBackend(str(path)))
+    if not _journal_or_empty(path):
+        raise StorageError(
+            f"storage {describe(url)} is not an Optuna journal (its first line is not a "
+            "journal record): it is left as it is"
+        )
+    return _Journal(JournalFileBackend(str(path)))
 
 
-def open_rdb(url: str, *, heartbeat: int | None, lean: bool = False) -> RDBStorage:
+# How Optuna writes every journal record (json.dumps of a dict whose first key is op_code).
+_RECORD_START = b'{"op_code":'
+
+
+def _journal_or_empty(path: Path) -> bool:
+    """Whether ``path`` is missing, empty, or begins with a journal record. Optuna would
+    append its records to any file, and skip a last line it cannot read (a record still
+    being written): a one-line text file of someone else's would get them."""
+    try:
+        with path.open("rb") as f:
+            first = f.readline(1 << 20)
+    except FileNotFoundError:
+        return True
+    if not first.endswith(b"\n"):  # empty, or a first record still being written
+        return _RECORD_START.startswith(first[: len(_RECORD_START)])
+    try:
+        record = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and "op_code" in record
+
+
+class _Journal(JournalStorage):
+    """Optuna's journal storage, which names a malformed record instead of failing on it.
+
+    Every call replays the records that other processes appended since the last one, taking
+    each as it comes: a record that Optuna did not write (another program's, or an edit)
+    raises KeyError, TypeError, ValueError, ... from whatever call came next, in mid-search
+    as well as on opening. Here it is a one-line StorageError naming the file.
+    """
+
+    # JournalStorage._sync_with_backend is private; every public method calls it first
+    # (checked against Optuna 5.0).
+    def _sync_with_backend(self) -> None:
+        try:
+            super()._sync_with_backend()
+        except _REPLAY_ERRORS as e:
+            raise StorageError(
+                f"storage {describe(self)} holds a malformed record ({type(e).__name__}: "
+                f"{_first_line(e)}): it was not written by Optuna, or was edited"
+            ) from e
+
+
+# What replaying a malformed record raises: a missing key, a wrong type or value (also bad
+# JSON), an unknown operation (an assert).
+_REPLAY_ERRORS = (KeyError, TypeError, ValueError, AssertionError, IndexError)
+
+
+def open_rdb(
+    url: str, *, heartbeat: int | None, read: bool = False, lean: bool = False
+) -> RDBStorage:
     """Optuna's RDB storage; with ``heartbeat`` seconds, stale trials are failed and retried;
     ``lean``: its cache holds finished trials without their bulky records, for processes that
     run trials (:class:`autoprune.study._optuna.LeanRDBStorage`).
 
-    Opening a new database creates Optuna's tables and stamps their version. Two processes
-    that open one new database at once both try it, and all but one fail on a table or
-    version row the other made first: they open it again, and find it made.
+    Opening a new database creates Optuna's tables and stamps their version (not with
+    ``read``: a database only read gets no table it lacks). Two processes that open one new
+    database at once both try it, and all but one fail on a table or version row the other
+    made first: they open it again, and find it made.
     """
     for attempt in range(_CREATE_ATTEMPTS):
         try:
-            return _open_rdb(url, heartbeat=heartbeat, lean=lean)
+            return _open_rdb(url, heartbeat=heartbeat, read=read, lean=lean)
         except sqlalchemy.exc.DBAPIError as e:  # IntegrityError, OperationalError, ...
             if attempt == _CREATE_ATTEMPTS - 1 or not _made_meanwhile(e):
                 raise
@@ -126,10 +185,10 @@ def _made_meanwhile(e: Exception) -> bool:
     return any(text in _first_line(e) for text in _MADE_MEANWHILE)
 
 
-def _open_rdb(url: str, *, heartbeat: int | None, lean: bool) -> RDBStorage:
+def _open_rdb(url: str, *, heartbeat: int | None, read: bool, lean: bool) -> RDBStorage:
     kind = LeanRDBStorage if lean else RDBStorage
     if heartbeat is None:
-        return kind(url)
+        return kind(url, skip_table_creation=read)
     with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return kind(
@@ -138,6 +197,54 @@ def _open_rdb(url: str, *, heartbeat: int | None, lean: bool) -> RDBStorage:
             grace_period=GRACE_FACTOR * heartbeat,
             heartbeat_stale_trial_callback=retry_callback(),
         )
+
+
+# Optuna's first two tables and their columns (checked against Optuna 5.0): a database that
+# holds either holds Optuna's schema, or is being given it by another process right now
+# (Optuna makes "studies" first, then "version_info"; its other tables refer to "studies").
+# Not "alembic_version": every database that Alembic migrates has one.
+_OPTUNA_TABLES = {
+    "studies": {"study_id", "study_name"},
+    "version_info": {"version_info_id", "schema_version", "library_version"},
+}
+
+
+def _check_schema(url: str, *, for_writing: bool, create_in_existing: bool) -> None:
+    """Refuse to read a database without Optuna's tables, and to add Optuna's tables to a
+    database that holds another application's (unless ``create_in_existing``); an empty or
+    missing database may be written. Reads the table names only: nothing is written."""
+    tables, optuna_schema = ([], False) if missing_file(url) else _schema(url)
+    if optuna_schema:
+        return
+    theirs = f"its tables: {_listed(tables)}" if tables else "it holds no tables"
+    if not for_writing:
+        raise StorageError(f"storage {describe(url)} holds no Optuna study ({theirs})")
+    if tables and not create_in_existing:
+        raise StorageError(
+            f"storage {describe(url)} holds another application's tables ({_listed(tables)}) "
+            "and no Optuna study; to add Optuna's tables to it, pass --create-in-existing "
+            "(Python: create_in_existing=True)"
+        )
+
+
+def _schema(url: str) -> tuple[list[str], bool]:
+    """The database's table names, and whether they are Optuna's (see _OPTUNA_TABLES)."""
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        inspector = sqlalchemy.inspect(engine)
+        tables = sorted(inspector.get_table_names())
+        optuna_schema = any(
+            name in tables and columns <= {c["name"] for c in inspector.get_columns(name)}
+            for name, columns in _OPTUNA_TABLES.items()
+        )
+        return tables, optuna_schema
+    finally:
+        engine.dispose()
+
+
+def _listed(names: list[str], most: int = 5) -> str:
+    more = f", ... ({len(names)} in all)" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
 
 
 def missing_file(url: Any) -> bool:
@@ -155,21 +262,37 @@ def missing_file(url: Any) -> bool:
 
 
 def open_storage(
-    storage: Any, *, for_writing: bool = False, heartbeat: int | None = HEARTBEAT
+    storage: Any,
+    *,
+    for_writing: bool = False,
+    heartbeat: int | None = HEARTBEAT,
+    create_in_existing: bool = False,
 ) -> Any:
     """A URL becomes a storage object, opened once for all that follows.
 
     ``journal:PATH`` opens a journal file (see :func:`open_journal`). An RDB opened for
     writing (running trials) gets heartbeats every ``heartbeat`` seconds, keeps finished
     trials lean in its cache (``open_rdb``), and a SQLite file is switched to write-ahead
-    logging (see :func:`_sqlite_pragmas`); read-only commands leave the file as they find it.
+    logging (see :func:`_sqlite_pragmas`). Opened only to read, a
+    database is left as it is found: no table, version row or journal mode is written.
+
+    Raises:
+        StorageError: If the storage cannot be opened; if it is to be read and holds no
+            Optuna tables; or if it is to be written and holds another application's tables
+            but not Optuna's (Optuna's would be added to them), unless ``create_in_existing``.
     """
     if not isinstance(storage, str):
         return storage
     with storage_errors(storage):
         if is_journal(storage):
             return open_journal(storage)
-        opened = open_rdb(storage, heartbeat=heartbeat if for_writing else None, lean=for_writing)
+        _check_schema(storage, for_writing=for_writing, create_in_existing=create_in_existing)
+        opened = open_rdb(
+            storage,
+            heartbeat=heartbeat if for_writing else None,
+            read=not for_writing,
+            lean=for_writing,
+        )
     if for_writing and opened.engine.name == "sqlite":
         sqlalchemy.event.listen(opened.engine, "connect", _sqlite_pragmas)
         sqlalchemy.event.listen(opened.engine, "begin", _sqlite_begin)
@@ -201,12 +324,9 @@ def storage_errors(storage: Any) -> Iterator[None]:
     """Turn whatever the storage layer raises into one-line StorageErrors naming the URL."""
     try:
         yield
+    except StorageError:
+        raise
     except Exception as e:
-        if _in_journal_replay(e):
-            raise StorageError(
-                f"storage {describe(storage)} holds a malformed record ({type(e).__name__}: "
-                f"{_first_line(e)}): it was not written by Optuna, or was edited"
-            ) from e
         causes = _causes(e)
         for cause in causes:
             if any(text in str(cause) for text in _READ_ONLY):
@@ -217,20 +337,6 @@ def storage_errors(storage: Any) -> Iterator[None]:
         # Optuna says only that "an exception is raised during the commit": say which.
         said = causes[-1] if isinstance(e, optuna.exceptions.StorageInternalError) else e
         raise StorageError(f"cannot open storage {describe(storage)}: {_first_line(said)}") from e
-
-
-def _in_journal_replay(e: BaseException) -> bool:
-    """Whether ``e`` is Optuna's journal storage failing to read or replay a record (it
-    takes each record as it comes: a bad one raises KeyError, TypeError, ValueError, ...)."""
-    if not isinstance(e, (KeyError, TypeError, ValueError, AssertionError, IndexError)):
-        return False
-    frames = traceback.extract_tb(e.__traceback__)
-    return any(
-        "storages" in frame.filename
-        and "journal" in frame.filename
-        and (frame.name == "read_logs" or "apply" in frame.name)
-        for frame in frames
-    )
 
 
 # What SQLite and PostgreSQL say when a database cannot be written.

@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import optuna
 from optuna.trial import FrozenTrial
@@ -19,7 +19,7 @@ from torch import nn
 
 from autoprune import measure
 from autoprune.errors import TaskError
-from autoprune.pruning import structured
+from autoprune.inference import as_runtime, deploy
 from autoprune.pruning.masks import count_nonzero
 from autoprune.pruning.policy import Policy
 from autoprune.study import storages
@@ -38,7 +38,7 @@ from autoprune.study.setup import (
 from autoprune.study.warm_start import enqueue_warm_starts
 from autoprune.task import Task
 from autoprune.train import evaluate
-from autoprune.trial import PruneResult, prune_and_finetune
+from autoprune.trial import PruneResult, dense_on_device, prune_and_finetune
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ def open_study(
     study_name: str | None,
     sampler: optuna.samplers.BaseSampler | None = None,
     heartbeat: int | None = storages.HEARTBEAT,
+    create_in_existing: bool = False,
 ) -> optuna.Study:
     """Create the study of ``setup`` (made by :func:`autoprune.study.setup.make_setup` for
     ``task``), or open it if it exists and was made with the same identity.
@@ -67,13 +68,18 @@ def open_study(
             first run's random draws.
         heartbeat: Seconds between heartbeats of running trials, for an RDB URL (None: no
             heartbeats); see :mod:`autoprune.study.storages`.
+        create_in_existing: Add Optuna's tables to a database that holds another
+            application's tables (refused without it).
 
     Raises:
-        StorageError: If the storage cannot be opened, or the named study was not made by
-            autoprune or was made with a different identity (task, dense weights, recipe,
-            layers, space, objectives, seed).
+        StorageError: If the storage cannot be opened, holds another application's tables
+            (without ``create_in_existing``), or the named study was not made by autoprune or
+            was made with a different identity (task, dense weights, recipe, layers, space,
+            objectives, seed).
     """
-    storage = storages.open_storage(storage, for_writing=True, heartbeat=heartbeat)
+    storage = storages.open_storage(
+        storage, for_writing=True, heartbeat=heartbeat, create_in_existing=create_in_existing
+    )
     study = _load_existing(storage, study_name)
     created = False
     if study is None:
@@ -84,7 +90,7 @@ def open_study(
             study = _load_existing(storage, study_name)
             assert study is not None
     if not created:
-        await_setup(storage, study)
+        await_setup(storage, study, _directions(setup))
         stored = read_setup(study)
         check_same(stored, setup, study_name)
         setup = _with_dense(setup, stored.dense)
@@ -145,15 +151,21 @@ def objective_for(study: optuna.Study, task: Task) -> tuple[Objective, list[Call
 
 def dense_metrics(task: Task, setup: StudySetup) -> dict[str, float]:
     """Validation (and test) accuracy, nonzero and total prunable weights of the dense model,
-    and the setup's size objectives."""
-    metrics = {"accuracy": evaluate(task.model, task, "val")[0]}
+    and the setup's size objectives (of its fp32 ONNX form in ONNX Runtime, in a study that
+    searches quantization)."""
+    dense = dense_on_device(task)
+    metrics = {"accuracy": evaluate(dense, task, "val")[0]}
     if task.test is not None:
-        metrics["test_accuracy"] = evaluate(task.model, task, "test")[0]
+        metrics["test_accuracy"] = evaluate(dense, task, "test")[0]
     nonzero, total = count_nonzero(task.model, list(setup.layers))
     metrics["nonzero_params"], metrics["total_params"] = float(nonzero), float(total)
-    example = structured.example_input(task.val)[:1]
-    context = measure.Context(example, setup.layers, setup.latency or measure.Latency())
-    metrics.update(measure.measure(task.model, setup.objectives, context))
+    context = measure.Context(
+        task.example(1), setup.layers, setup.latency or measure.Latency(), task.forward
+    )
+    # A quantizing study measures its trials as deployed: the dense reference alike (fp32).
+    deployed = as_runtime(setup.space.quantizations) == "onnxruntime"
+    measured = deploy(task.model, task) if deployed else dense
+    metrics.update(measure.measure(measured, setup.objectives, context))
     return metrics
 
 
@@ -204,7 +216,7 @@ def _create(storage: Any, study_name: str | None, setup: StudySetup) -> optuna.S
             study = optuna.create_study(
                 storage=storage,
                 study_name=study_name,
-                directions=measure.directions(setup.objectives),
+                directions=_directions(setup),
             )
         except optuna.exceptions.DuplicatedStudyError:
             return None
@@ -213,6 +225,11 @@ def _create(storage: Any, study_name: str | None, setup: StudySetup) -> optuna.S
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(list(setup.objectives))
     return study
+
+
+def _directions(setup: StudySetup) -> list[Literal["maximize", "minimize"]]:
+    """The directions of the study that ``setup`` creates."""
+    return measure.directions(setup.objectives, setup.higher_is_better)
 
 
 def _load_existing(storage: Any, study_name: str | None) -> optuna.Study | None:

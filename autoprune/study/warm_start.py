@@ -3,7 +3,9 @@
 :func:`baseline` prunes and fine-tunes by one heuristic allocation (``autoprune prune``);
 :class:`WarmStart` names the heuristics that a new study enqueues as its first trials (magnitude
 allocations for unstructured spaces, uniform L1 channel pruning for structured ones), so that the
-searched front is never worse than them at the same fine-tuning budget.
+searched front is never worse than them at the same fine-tuning budget. In a space that
+searches quantization each heuristic is also tried quantized ("prune then int8"), so that the
+joint front is never worse than quantizing the best heuristic either.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from autoprune._registry import from_dict, to_dict
 from autoprune.errors import SpecError
 from autoprune.pruning.allocation import get_allocation
 from autoprune.pruning.policy import SCHEDULES
-from autoprune.pruning.structured import kept_channels
+from autoprune.pruning.structured import group_sizes, kept_channels
 from autoprune.study.space import SearchSpace, heuristic_params, structured_heuristic_params
 from autoprune.task import Task
 
@@ -113,6 +115,10 @@ def enqueue_warm_starts(
     :func:`~autoprune.study.space.structured_heuristic_params`. At most ``limit`` are
     enqueued, in that order, so that a small budget is not spent on warm starts alone.
 
+    In a space with quantizations, each heuristic comes once per quantization, right after
+    one another: ``"l1-uniform@0.5"``, then ``"l1-uniform@0.5+int8-static"`` ("prune then
+    int8": the same pruning, fine-tuned, then quantized).
+
     Heuristics the space cannot express (e.g. no magnitude criterion, or a target outside its
     bounds) are skipped, and logged in one message; so are structured ones that keep the same
     channel counts as an earlier one (``round_to`` can round two ratios alike).
@@ -122,10 +128,14 @@ def enqueue_warm_starts(
         for schedule in warm_start.schedules:
             for target in warm_start.sparsities:
                 for name in warm_start.allocations:
-                    label = f"{name}@{target:g}"
-                    label += "" if schedule == "oneshot" else f" {schedule}"
-                    params = heuristic_params(space, name, target, task.model, layers, schedule)
-                    candidates.append((label, params, None))
+                    for quantization in space.quantizations:
+                        label = f"{name}@{target:g}"
+                        label += "" if schedule == "oneshot" else f" {schedule}"
+                        label += _suffix(quantization)
+                        params = heuristic_params(
+                            space, name, target, task.model, layers, schedule, quantization
+                        )
+                        candidates.append((label, params, None))
     if "structured" in space.granularities:
         candidates += _structured_candidates(task, space, warm_start, groups, blocks)
     n, skipped, repeated = 0, [], []
@@ -169,16 +179,20 @@ def _structured_candidates(
     candidates = []
     for remove in (False, True) if blocks else (False,):
         for ratio in warm_start.channel_sparsities:
-            label = f"l1-{'uniform' if uniform else 'global'}@{ratio:g}"
-            label += "+blocks" if remove else ""
-            params = structured_heuristic_params(
-                space, ratio, groups, blocks, remove_blocks=remove
-            )
-            key = None
-            if uniform and params is not None:
-                modules = dict(task.model.named_modules())
-                sizes = (modules[g].weight.shape[0] for g in groups)  # type: ignore[index]
-                kept = tuple(kept_channels(int(c), ratio, space.round_to) for c in sizes)
-                key = (remove, kept)
-            candidates.append((label, params, key))
+            for quantization in space.quantizations:
+                label = f"l1-{'uniform' if uniform else 'global'}@{ratio:g}"
+                label += ("+blocks" if remove else "") + _suffix(quantization)
+                params = structured_heuristic_params(
+                    space, ratio, groups, blocks, remove_blocks=remove, quantization=quantization
+                )
+                key = None
+                if uniform and params is not None:
+                    sizes = group_sizes(task.model, groups)
+                    kept = tuple(kept_channels(c, ratio, space.round_to, u) for c, u in sizes)
+                    key = (remove, kept, quantization)
+                candidates.append((label, params, key))
     return candidates
+
+
+def _suffix(quantization: str) -> str:
+    return "" if quantization == "none" else f"+{quantization}"

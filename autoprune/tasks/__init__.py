@@ -9,6 +9,7 @@ from collections.abc import Callable
 from autoprune.errors import TaskError
 from autoprune.task import Task
 from autoprune.tasks.digits import digits_cnn, digits_mlp, digits_resnet
+from autoprune.tasks.digits_bert import digits_bert
 
 # package.module:function, absolute (a relative import has no package to start from).
 _REFERENCE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
@@ -18,6 +19,8 @@ TASKS: dict[str, Callable[..., Task]] = {
     "digits-cnn": digits_cnn,
     "digits-mlp": digits_mlp,
     "digits-resnet": digits_resnet,
+    # Needs the hf extra (transformers), imported only when the task is built.
+    "digits-bert": digits_bert,
 }
 
 
@@ -54,4 +57,4 @@ def load_task(ref: str, *, seed: int = 0) -> Task:
     return task
 
 
-__all__ = ["TASKS", "digits_cnn", "digits_mlp", "digits_resnet", "load_task"]
+__all__ = ["TASKS", "digits_bert", "digits_cnn", "digits_mlp", "digits_resnet", "load_task"]
