@@ -267,8 +267,11 @@ def build(path: Path, n: int, seed: int = 0) -> None:
 
 
 def cached_study(n: int) -> Path:
-    """The SQLite file of the ``n``-trial study, built on first use."""
-    path = CACHE / f"v{BUILD_FORMAT}" / f"digits-mlp-{n}.db"
+    """The SQLite file of the ``n``-trial study, built on first use (per autoprune version:
+    a worker joins only a study of its own version)."""
+    from autoprune._version import __version__
+
+    path = CACHE / f"v{BUILD_FORMAT}-autoprune-{__version__}" / f"digits-mlp-{n}.db"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
