@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from collections.abc import Callable, Iterator
 
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 
 from autoprune import devices
 from autoprune.errors import TaskError, TrialFailed
+from autoprune.recovery import Recovery, eval_mode, teacher_logits
 from autoprune.task import Batch, Task, logits_of, targets_of
 
 # Points per epoch on the train-loss curve: enough to see a trend, few enough to store.
@@ -123,6 +125,8 @@ def fit(
     seed: int,
     on_epoch: EpochHook | None = None,
     on_step: StepHook | None = None,
+    recovery: Recovery | None = None,
+    timings: dict[str, float] | None = None,
 ) -> dict[str, list[list[float]]]:
     """Train ``model`` in place with the task's optimizer, loss, scheduler and precision.
 
@@ -133,9 +137,14 @@ def fit(
     validation split and ``on_epoch`` is called with the passes done, the model and its score;
     ``on_step`` is called before each optimizer step's first forward pass with the steps done.
 
+    ``recovery`` may scale the learning rate, rewind its schedule and distill from a teacher,
+    at the same budget (see :mod:`autoprune.recovery`); the teacher's time is added to
+    ``timings["teacher"]`` (wall time of its calls: on a GPU, the time to queue its work).
+
     Returns:
         Loss curves: ``{"train": [[epoch, loss], ...], "val": [[epoch, loss], ...]}``, where
         ``epoch`` is fractional (optimizer steps / steps per pass) and ``val`` starts at 0.
+        The train curve is the task's loss, with or without distillation.
 
     Raises:
         TrialFailed: If the loss becomes NaN or infinite.
@@ -147,44 +156,64 @@ def fit(
         return history
     device = model_device(model)
     per_pass = _steps_per_pass(task)
-    optimizer = task.optimizer(model.parameters(), task.lr)
-    scheduler = task.scheduler(optimizer, steps) if task.scheduler is not None else None
+    recovery = recovery if recovery is not None else Recovery()
+    teacher = recovery.teacher if recovery.distill else None
+    optimizer = task.optimizer(model.parameters(), task.lr * recovery.lr_scale)
+    scheduler = recovery.scheduler(task, optimizer, steps)
     scaler = devices.grad_scaler(device, task.precision)
     history["val"].append([0.0, evaluate(model, task, "val")[1]])
     done, passes = 0, 0
-    while done < steps:
-        model.train()
-        losses: list[torch.Tensor] = []
-        micro, start = 0, done
-        for batch in task.batches("train", shuffle=True, seed=seed + passes):
-            if micro == 0 and on_step is not None:
-                on_step(done, model)
-            batch = devices.to_device(batch, device)
-            with devices.autocast(device, task.precision):
-                loss = task.loss_of(task.outputs(model, batch), batch)
-            scaler.scale(loss / task.grad_accumulation).backward()
-            losses.append(loss.detach().float())
-            if len(losses) % _CHECK_EVERY == 0:
-                _check_finite(losses, len(losses) - _CHECK_EVERY, passes)
-            micro += 1
-            if micro == task.grad_accumulation:
+    with eval_mode(teacher):  # the teacher's dropout and batch statistics held
+        while done < steps:
+            model.train()
+            losses: list[torch.Tensor] = []
+            micro, start = 0, done
+            for batch in task.batches("train", shuffle=True, seed=seed + passes):
+                if micro == 0 and on_step is not None:
+                    on_step(done, model)
+                batch = devices.to_device(batch, device)
+                with devices.autocast(device, task.precision):
+                    soft = _teacher(teacher, task, batch, timings)
+                    outputs = task.outputs(model, batch)
+                    loss = task.loss_of(outputs, batch)
+                    objective = recovery.loss(loss, outputs, soft)
+                scaler.scale(objective / task.grad_accumulation).backward()
+                losses.append(loss.detach().float())
+                if len(losses) % _CHECK_EVERY == 0:
+                    _check_finite(losses, len(losses) - _CHECK_EVERY, passes)
+                micro += 1
+                if micro == task.grad_accumulation:
+                    _step(optimizer, scheduler, scaler)
+                    micro, done = 0, done + 1
+                    if done == steps:
+                        break
+            if not losses:
+                raise TaskError("Task.train yielded no batch")
+            values = _check_finite(losses, 0, passes)
+            if micro:  # the pass ended inside an accumulation: its gradients still count
                 _step(optimizer, scheduler, scaler)
-                micro, done = 0, done + 1
-                if done == steps:
-                    break
-        if not losses:
-            raise TaskError("Task.train yielded no batch")
-        values = _check_finite(losses, 0, passes)
-        if micro:  # the pass ended inside an accumulation: its gradients still count
-            _step(optimizer, scheduler, scaler)
-            done += 1
-        passes += 1
-        history["train"].extend(_curve(values, start / per_pass, (done - start) / per_pass))
-        score, val_loss = evaluate(model, task, "val")
-        history["val"].append([done / per_pass, val_loss])
-        if on_epoch is not None:
-            on_epoch(passes, model, score)
+                done += 1
+            passes += 1
+            curve = _curve(values, start / per_pass, (done - start) / per_pass)
+            history["train"].extend(curve)
+            score, val_loss = evaluate(model, task, "val")
+            history["val"].append([done / per_pass, val_loss])
+            if on_epoch is not None:
+                on_epoch(passes, model, score)
     return history
+
+
+def _teacher(
+    teacher: nn.Module | None, task: Task, batch: Batch, timings: dict[str, float] | None
+) -> torch.Tensor | None:
+    """The teacher's logits on ``batch`` (None without a teacher), its time in ``timings``."""
+    if teacher is None:
+        return None
+    start = time.perf_counter()
+    logits = teacher_logits(teacher, task, batch)
+    if timings is not None:
+        timings["teacher"] = timings.get("teacher", 0.0) + time.perf_counter() - start
+    return logits
 
 
 def _check_finite(losses: list[torch.Tensor], first: int, passes: int) -> list[float]:

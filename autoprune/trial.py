@@ -24,6 +24,7 @@ from autoprune.pruning.criteria import calibration_gradients, get_criterion
 from autoprune.pruning.masks import fold_masks, prunable_layers, score
 from autoprune.pruning.policy import Policy
 from autoprune.pruning.schedule import SCHEDULE_FUNCTIONS
+from autoprune.recovery import Recovery
 from autoprune.task import Task
 from autoprune.train import EpochHook, StepHook, evaluate, fit, total_steps
 
@@ -92,7 +93,16 @@ def prune_and_finetune(
         layers = list(count) if count is not None else list(policy.sparsity)
     with _timed(timings, "finetuning"):
         torch.manual_seed(seed)
-        history = fit(model, task, seed=seed, on_epoch=on_epoch, on_step=on_step)
+        recovery = _recovery(task, policy)
+        history = fit(
+            model,
+            task,
+            seed=seed,
+            on_epoch=on_epoch,
+            on_step=on_step,
+            recovery=recovery,
+            timings=timings,
+        )
         fold_masks(model)
     deployed = None
     if policy.runtime == "onnxruntime":
@@ -118,6 +128,14 @@ def prune_and_finetune(
     if test_accuracy is not None:
         metrics["test_accuracy"] = test_accuracy
     return PruneResult(model, policy, metrics, sparsity, history, timings, plan, deployed)
+
+
+def _recovery(task: Task, policy: Policy) -> Recovery:
+    """The policy's recovery settings; its teacher, when it distills, the dense model."""
+    teacher = dense_on_device(task) if policy.distill else None
+    return Recovery(
+        lr_scale=policy.lr_scale, rewind=policy.rewind, distill=policy.distill, teacher=teacher
+    )
 
 
 def _apply_unstructured(
@@ -175,19 +193,30 @@ def baseline(
     seed: int = 0,
     layers: Sequence[str] | None = None,
     schedule: str = "oneshot",
+    distill: float = 0.0,
+    lr_scale: float = 1.0,
+    rewind: bool = False,
 ) -> PruneResult:
     """Prune ``task.model`` by the heuristic ``allocation`` at ``target`` sparsity (magnitude
     within each layer), fine-tune with the task's recipe, and measure: the one-shot baseline.
 
     Args:
         layers: The layers to prune; default: every prunable layer.
+        schedule: The pruning schedule (see :mod:`autoprune.pruning.schedule`).
+        distill, lr_scale, rewind: Recovery settings instead of the task's recipe (see
+            :class:`~autoprune.pruning.policy.Policy`), e.g. for a ``lamp+gradual+distill`` row.
 
     Raises:
-        SpecError: On an unknown allocation or a target outside [0, 1).
+        SpecError: On an unknown allocation, a target outside [0, 1) or a bad recovery
+            setting.
     """
     layers = list(layers) if layers is not None else prunable_layers(task.model)
     policy = dataclasses.replace(
-        heuristic_policy(allocation, task.model, layers, target), schedule=schedule
+        heuristic_policy(allocation, task.model, layers, target),
+        schedule=schedule,
+        distill=distill,
+        lr_scale=lr_scale,
+        rewind=rewind,
     )
     return prune_and_finetune(task, policy, seed=seed)
 

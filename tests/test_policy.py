@@ -90,7 +90,8 @@ def test_from_dict_rejects_unknown_keys() -> None:
         Policy.from_dict({"sparsity": {"x": 0.5}, "granularityy": "channel"})
     assert str(info.value) == (
         "unknown policy key 'granularityy' (known: sparsity, criterion, scope, rule, alpha, "
-        "granularity, round_to, removed_blocks, schedule, quantization, runtime)"
+        "granularity, round_to, removed_blocks, schedule, quantization, runtime, "
+        "distill, lr_scale, rewind)"
     )
     with pytest.raises(SpecError, match=r"^unknown policy key 'sparsityy' \(known: sparsity, "):
         Policy.from_json('{"sparsityy": {"x": 0.5}}')

@@ -110,7 +110,7 @@ def test_from_dict_rejects_unknown_keys() -> None:
         "unknown search-space key 'sparsities' "
         "(known: criteria, scopes, rules, sparsity, alpha, include, exclude, granularities, "
         "channel_criteria, channel_sparsity, round_to, blocks, parametrization, allocations, "
-        "schedules, quantizations)"
+        "schedules, quantizations, distill, lr_scale, rewinds)"
     )
 
 

@@ -54,12 +54,16 @@ class Policy:
             :mod:`autoprune.inference.quantize`). Needs the ``onnxruntime`` runtime.
         runtime: ``"pytorch"``: the model is measured as a PyTorch module. ``"onnxruntime"``:
             it is exported to ONNX (and quantized) and measured in ONNX Runtime, as deployed.
+        distill: Weight in [0, 1) of distillation from the dense model during fine-tuning
+            (0: off); ``lr_scale``: the fine-tune learning rate is the task's times this;
+            ``rewind``: replay a high-then-decaying learning-rate schedule instead of the
+            task's. All at the task's budget (see :mod:`autoprune.recovery`).
 
     Raises:
         SpecError: On an unknown criterion, scope, rule, granularity, schedule, quantization
             or runtime, a criterion that cannot score the granularity, a sparsity outside
             [0, 1), structured-only settings on an unstructured policy, or a quantization
-            outside ONNX Runtime.
+            outside ONNX Runtime, or a recovery setting of the wrong type or range.
     """
 
     sparsity: Mapping[str, float]
@@ -73,6 +77,9 @@ class Policy:
     schedule: str = "oneshot"
     quantization: str = "none"
     runtime: str = "pytorch"
+    distill: float = 0.0
+    lr_scale: float = 1.0
+    rewind: bool = False
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
@@ -106,6 +113,7 @@ class Policy:
         alpha = self.alpha
         if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0):
             raise SpecError(f"alpha must be a finite number >= 0, got {self.alpha!r}")
+        self._check_recovery()
         # A private copy, so that changing the caller's dict cannot change the policy.
         object.__setattr__(self, "sparsity", {k: float(v) for k, v in self.sparsity.items()})
 
@@ -125,6 +133,17 @@ class Policy:
                 "removed once, before fine-tuning)"
             )
 
+    def _check_recovery(self) -> None:
+        distill, lr_scale = self.distill, self.lr_scale
+        if not _is_number(distill) or not 0.0 <= distill < 1.0:
+            raise SpecError(f"distill must be a number in [0, 1), got {distill!r}")
+        if not _is_number(lr_scale) or not lr_scale > 0.0:
+            raise SpecError(f"lr_scale must be a finite number > 0, got {lr_scale!r}")
+        if not isinstance(self.rewind, bool):
+            raise SpecError(f"rewind must be true or false, got {self.rewind!r}")
+        object.__setattr__(self, "distill", float(distill))
+        object.__setattr__(self, "lr_scale", float(lr_scale))
+
     def to_dict(self) -> dict[str, Any]:
         """Plain data (for JSON, trial user attrs and tables)."""
         data: dict[str, Any] = {
@@ -142,6 +161,13 @@ class Policy:
         if self.runtime != "pytorch":  # so are the dicts of trials measured in PyTorch
             data["quantization"] = self.quantization
             data["runtime"] = self.runtime
+        # Recovery settings only where they differ from the task's recipe.
+        if self.distill:
+            data["distill"] = self.distill
+        if self.lr_scale != 1.0:
+            data["lr_scale"] = self.lr_scale
+        if self.rewind:
+            data["rewind"] = True
         return data
 
     def to_json(self) -> str:
@@ -154,3 +180,7 @@ class Policy:
     @classmethod
     def from_json(cls, text: str) -> Policy:
         return cls.from_dict(json.loads(text))
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

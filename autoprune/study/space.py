@@ -55,6 +55,14 @@ class SearchSpace:
             with one other than ``"none"`` deploys every trial to ONNX Runtime (its accuracy,
             bytes and latency are those of the deployed model; see
             :mod:`autoprune.inference`).
+        distill: Weights of distillation from the dense model during fine-tuning to choose
+            from (each in [0, 1); 0 is off); searched as a categorical when there are several.
+        lr_scale: ``(low, high)`` bounds of the factor on the task's fine-tune learning rate,
+            searched on a log scale; ``(1, 1)`` keeps the task's rate and adds no param.
+        rewinds: Any of ``False`` (the task's learning-rate schedule), ``True`` (a rewound,
+            high-then-decaying one); searched as a categorical when there are both. The
+            recovery settings apply to both granularities, always at the task's budget (see
+            :mod:`autoprune.recovery`).
 
     Raises:
         SpecError: Naming the first bad argument and its value.
@@ -76,6 +84,9 @@ class SearchSpace:
     allocations: Sequence[str] = ("lamp", "erk", "global", "uniform")
     schedules: Sequence[str] = ("oneshot", "gradual")
     quantizations: Sequence[str] = ("none",)
+    distill: Sequence[float] = (0.0,)
+    lr_scale: tuple[float, float] = (1.0, 1.0)
+    rewinds: Sequence[bool] = (False,)
 
     def __post_init__(self) -> None:
         PARAMETRIZATIONS.get(self.parametrization)
@@ -108,6 +119,7 @@ class SearchSpace:
                     get_criterion(value, "structured")
             object.__setattr__(self, field, tuple(values))
         self._check_structured()
+        self._check_recovery()
         low, high = _bounds("sparsity", self.sparsity)
         if not 0.0 <= low <= high < 1.0:
             raise SpecError(
@@ -142,6 +154,30 @@ class SearchSpace:
         if "structured" not in self.granularities and (self.blocks or round_to != 1):
             raise SpecError("round_to and blocks need 'structured' in granularities")
 
+    def _check_recovery(self) -> None:
+        weights = self.distill
+        if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence) or not weights:
+            raise SpecError(f"distill must be a non-empty list of weights, got {weights!r}")
+        for weight in weights:
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+                raise SpecError(f"distill weights must be numbers in [0, 1), got {weight!r}")
+            if not 0.0 <= weight < 1.0:
+                raise SpecError(f"distill weights must be numbers in [0, 1), got {weight!r}")
+        object.__setattr__(self, "distill", tuple(float(w) for w in weights))
+        low, high = _bounds("lr_scale", self.lr_scale)
+        if not (0.0 < low <= high and math.isfinite(high)):
+            raise SpecError(
+                f"lr_scale bounds must satisfy 0 < low <= high < inf, got {[low, high]}"
+            )
+        object.__setattr__(self, "lr_scale", (low, high))
+        rewinds = self.rewinds
+        if isinstance(rewinds, (str, bytes)) or not isinstance(rewinds, Sequence) or not rewinds:
+            raise SpecError(f"rewinds must be a non-empty list of true/false, got {rewinds!r}")
+        for rewind in rewinds:
+            if not isinstance(rewind, bool):
+                raise SpecError(f"rewinds must be true or false, got {rewind!r}")
+        object.__setattr__(self, "rewinds", tuple(rewinds))
+
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
 
@@ -173,12 +209,28 @@ def suggest_policy(
     if len(space.granularities) > 1:
         granularity = trial.suggest_categorical("granularity", space.granularities)
     if granularity == "structured":
-        return _quantized(trial, space, _structured(trial, space, groups, blocks))
+        policy = _quantized(trial, space, _structured(trial, space, groups, blocks))
+        return _recovered(trial, space, policy)
     policy = PARAMETRIZATIONS[space.parametrization](trial, space, layers, model)
-    if len(space.schedules) == 1:  # no param: studies from before schedules replay alike
-        return _quantized(trial, space, dataclasses.replace(policy, schedule=space.schedules[0]))
-    schedule = trial.suggest_categorical("schedule", space.schedules)
-    return _quantized(trial, space, dataclasses.replace(policy, schedule=schedule))
+    schedule = space.schedules[0]
+    if len(space.schedules) > 1:  # no param otherwise: studies from before schedules replay
+        schedule = trial.suggest_categorical("schedule", space.schedules)
+    policy = _quantized(trial, space, dataclasses.replace(policy, schedule=schedule))
+    return _recovered(trial, space, policy)
+
+
+def _recovered(trial: optuna.trial.BaseTrial, space: SearchSpace, policy: Policy) -> Policy:
+    """``policy`` with its recovery settings drawn: a param only for a setting with a choice,
+    so that studies from before these settings replay alike."""
+    distill = space.distill[0]
+    if len(space.distill) > 1:
+        distill = trial.suggest_categorical("distill", space.distill)
+    low, high = space.lr_scale
+    lr_scale = low if low == high else trial.suggest_float("lr_scale", low, high, log=True)
+    rewind = space.rewinds[0]
+    if len(space.rewinds) > 1:
+        rewind = trial.suggest_categorical("rewind", space.rewinds)
+    return dataclasses.replace(policy, distill=distill, lr_scale=lr_scale, rewind=rewind)
 
 
 def _quantized(trial: optuna.trial.BaseTrial, space: SearchSpace, policy: Policy) -> Policy:
@@ -282,9 +334,9 @@ def heuristic_params(
     quantization: str = "none",
 ) -> dict[str, Any] | None:
     """The params under which ``suggest_policy`` draws the heuristic ``allocation`` at
-    ``target`` with the magnitude criterion, ``schedule`` and ``quantization`` (for
-    ``study.enqueue_trial``), or None if the space cannot express it. In the per-layer
-    parametrization, sparsities beyond the space's bounds are clipped to them."""
+    ``target`` with the magnitude criterion, ``schedule`` and ``quantization``, and the
+    task's own recovery (for ``study.enqueue_trial``), or None if the space cannot express
+    it. In the per-layer parametrization, sparsities beyond the space's bounds are clipped."""
     params = _heuristic_params(space, allocation, target, model, layers)
     if params is None or schedule not in space.schedules:
         return None
@@ -292,14 +344,34 @@ def heuristic_params(
         return None
     if quantization not in space.quantizations:
         return None
+    recovery = _task_recovery_params(space)
+    if recovery is None:
+        return None
     if len(space.granularities) > 1:
         params |= {"granularity": "unstructured"}
     params |= {"schedule": schedule} if len(space.schedules) > 1 else {}
-    return params | _quantization_param(space, quantization)
+    return params | _quantization_param(space, quantization) | recovery
 
 
 def _quantization_param(space: SearchSpace, quantization: str) -> dict[str, Any]:
     return {"quantization": quantization} if len(space.quantizations) > 1 else {}
+
+
+def _task_recovery_params(space: SearchSpace) -> dict[str, Any] | None:
+    """The params that pin the task's own recovery (no distillation, its learning rate and
+    schedule) where the space searches them, so that a heuristic warm start is the heuristic
+    as it always was; None if the space cannot express that."""
+    low, high = space.lr_scale
+    if 0.0 not in space.distill or False not in space.rewinds or not low <= 1.0 <= high:
+        return None
+    params: dict[str, Any] = {}
+    if len(space.distill) > 1:
+        params["distill"] = 0.0
+    if low < high:
+        params["lr_scale"] = 1.0
+    if len(space.rewinds) > 1:
+        params["rewind"] = False
+    return params
 
 
 def _heuristic_params(
@@ -345,7 +417,8 @@ def structured_heuristic_params(
 
     None when the space has no structured granularity, no ``l1`` channel criterion or no
     ``ratio`` rule, ``ratio`` is outside its ``channel_sparsity`` bounds, there is no group,
-    or ``quantization`` (applied after pruning) is not among the space's.
+    or ``quantization`` (applied after pruning) is not among the space's, or the space cannot
+    fine-tune with the task's own recovery (no distillation, its rate and schedule).
     """
     low, high = space.channel_sparsity
     if (
@@ -358,6 +431,9 @@ def structured_heuristic_params(
         or quantization not in space.quantizations
     ):
         return None
+    recovery = _task_recovery_params(space)
+    if recovery is None:
+        return None
     params: dict[str, Any] = {"channel_criterion": "l1", "rule": "ratio"}
     if len(space.granularities) > 1:
         params["granularity"] = "structured"
@@ -366,7 +442,7 @@ def structured_heuristic_params(
     else:
         params |= {"scope": "global", "channels": ratio}
     params |= {f"remove:{b}": remove_blocks for b in blocks}
-    return params | _quantization_param(space, quantization)
+    return params | _quantization_param(space, quantization) | recovery
 
 
 # Densities down to the bound's divided by this are drawn, and clipped to the bound.
