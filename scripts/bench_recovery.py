@@ -8,9 +8,14 @@ target: the mean validation and test accuracy of each variant over seeds and sch
 its lead over ``base``; then the fine-tune time of distillation against ``base`` and the
 teacher's share of it. Used to choose ``SearchSpace``'s recovery defaults.
 
+With ``--search N``, instead: studies of N trials through ``autoprune.search`` (default
+arguments but the space) with and without searched recovery settings, each printed with the
+test accuracy of its val-selected front point at >= 0.9, 0.95, 0.98 sparsity and its
+hypervolume (as ``scripts/bench_search.py`` computes them), means over seeds.
+
     nice python scripts/bench_recovery.py [--tasks digits-cnn digits-mlp] [--seeds 0 1]
         [--targets 0.95 0.98] [--schedules oneshot gradual] [--variants base rewind ...]
-        [--temperature 4] [--rewind-peak 3]
+        [--temperature 4] [--rewind-peak 3] [--search 30]
 """
 
 from __future__ import annotations
@@ -21,11 +26,28 @@ import time
 from collections import defaultdict
 
 import torch
+from bench_search import best_at, hypervolume  # scripts/ is on the path of a script
 
-from autoprune import recovery
+from autoprune import SearchSpace, recovery
 from autoprune.pruning.masks import prunable_layers
+from autoprune.run.searching import search
 from autoprune.tasks import load_task
 from autoprune.trial import baseline, trial_seed
+
+SPACES: dict[str, dict[str, object]] = {
+    "task's recipe": {"lr_scale": (1.0, 1.0), "distill": (0.0,), "rewinds": (False,)},
+    "lr_scale 0.5-16": {"lr_scale": (0.5, 16.0), "distill": (0.0,), "rewinds": (False,)},
+    "lr_scale 0.5-16, rewinds": {
+        "lr_scale": (0.5, 16.0),
+        "distill": (0.0,),
+        "rewinds": (False, True),
+    },
+    "lr_scale 0.5-16, distill": {
+        "lr_scale": (0.5, 16.0),
+        "distill": (0.0, 0.5),
+        "rewinds": (False,),
+    },
+}
 
 VARIANTS: dict[str, dict[str, object]] = {
     "base": {},
@@ -38,6 +60,10 @@ VARIANTS: dict[str, dict[str, object]] = {
     "lr_scale=4": {"lr_scale": 4.0},
     "lr_scale=2+distill=0.5": {"lr_scale": 2.0, "distill": 0.5},
     "lr_scale=2+rewind": {"lr_scale": 2.0, "rewind": True},
+    "lr_scale=8": {"lr_scale": 8.0},
+    "lr_scale=16": {"lr_scale": 16.0},
+    "lr_scale=4+distill=0.5": {"lr_scale": 4.0, "distill": 0.5},
+    "lr_scale=4+rewind": {"lr_scale": 4.0, "rewind": True},
 }
 
 
@@ -50,9 +76,14 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--temperature", type=float, default=recovery.DISTILL_TEMPERATURE)
     parser.add_argument("--rewind-peak", type=float, default=recovery.REWIND_PEAK)
+    parser.add_argument("--search", type=int, default=0, metavar="TRIALS")
+    parser.add_argument("--spaces", nargs="+", default=list(SPACES))
     args = parser.parse_args()
     # Module constants, read at each use: a measurement of other values than the defaults.
     recovery.DISTILL_TEMPERATURE, recovery.REWIND_PEAK = args.temperature, args.rewind_peak
+    if args.search:
+        compare_searches(args.tasks, args.seeds, args.search, args.spaces)
+        return
     torch.set_num_threads(1)
     for name in args.tasks:
         accuracy: dict[tuple[float, str], list[tuple[float, float]]] = defaultdict(list)
@@ -103,6 +134,39 @@ def main() -> None:
             print(f"  fine-tune time {variant:20} x{ratio:.2f} of base")
         if teacher:
             print(f"  teacher's share of a distilling fine-tune: {statistics.mean(teacher):.1%}")
+
+
+def compare_searches(tasks: list[str], seeds: list[int], trials: int, spaces: list[str]) -> None:
+    for name in tasks:
+        rows: dict[str, list[list[float]]] = defaultdict(list)
+        for seed in seeds:
+            task = load_task(name, seed=seed)
+            for space_name in spaces:
+                start = time.perf_counter()
+                study = search(
+                    task, n_trials=trials, seed=seed, space=SearchSpace(**SPACES[space_name])
+                )  # type: ignore[arg-type]
+                points = [
+                    {
+                        "val": t.values[0],
+                        "test": t.user_attrs["test_accuracy"],
+                        "sparsity": 1.0 - t.user_attrs["density"],
+                    }
+                    for t in study.best_trials
+                ]
+                row = [best_at(points, s) for s in (0.9, 0.95, 0.98)] + [hypervolume(points)]
+                rows[space_name].append(row)
+                print(
+                    f"  {name} seed {seed} {space_name:26} "
+                    + " ".join(f"{v:.4f}" for v in row)
+                    + f" ({time.perf_counter() - start:.0f}s)",
+                    flush=True,
+                )
+        print(f"\n{name}: {trials} trials, mean over seeds {seeds}")
+        print(f"  {'space':26} best@0.9 best@0.95 best@0.98 hv")
+        for space_name in spaces:
+            means = [statistics.mean(column) for column in zip(*rows[space_name], strict=True)]
+            print(f"  {space_name:26} " + " ".join(f"{v:.4f}" for v in means))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -393,3 +394,73 @@ def test_distillation_on_data_without_targets_uses_the_task_s_own_loss() -> None
     timings: dict[str, float] = {}
     fit(student, task, seed=0, recovery=Recovery(distill=0.5, teacher=teacher), timings=timings)
     assert "teacher" in timings
+
+
+# --- report ---------------------------------------------------------------------------------
+
+
+def _study_with_recovery() -> optuna.Study:
+    from conftest import hand_setup
+    from optuna.trial import create_trial
+
+    study = optuna.create_study(directions=["maximize", "minimize"], study_name="recovery")
+    hand_setup(study, accuracy=1.0)
+    recovery = [{}, {"distill": 0.5, "rewind": True}, {"lr_scale": 2.0}]
+    for i, (settings, values) in enumerate(
+        zip(recovery, [(0.9, 100.0), (0.95, 200.0), (0.99, 400.0)], strict=True)
+    ):
+        policy = {"sparsity": {"a": 0.9}, "criterion": "magnitude", "scope": "layer"}
+        policy |= {"rule": "ratio", "alpha": 1.0, "schedule": "oneshot", **settings}
+        attrs = {"policy": policy, "seed": i, "density": values[1] / 1000, "total_params": 1e3}
+        study.add_trial(create_trial(values=list(values), user_attrs=attrs))
+    return study
+
+
+def test_front_tables_show_recovery_settings_where_a_trial_has_them() -> None:
+    from autoprune.report.data import front_share, pareto_front, trials_frame
+
+    front = pareto_front(_study_with_recovery())
+    columns = list(front.columns)
+    at = columns.index("schedule")
+    assert columns[at + 1 : at + 4] == ["distill", "lr_scale", "rewind"]
+    assert list(front["distill"]) == [0.0, 0.5, 0.0]  # the task's own where not in the dict
+    assert list(front["lr_scale"]) == [1.0, 1.0, 2.0]
+    assert list(front["rewind"]) == [False, True, False]
+    share = front_share(trials_frame(_study_with_recovery())).set_index(["aspect", "value"])
+    assert share.loc[("rewind", True), "trials"] == 1
+    assert share.loc[("distill", 0.0), "trials"] == 2
+    plain = pareto_front(_plain_study())
+    assert not {"distill", "lr_scale", "rewind"} & set(plain.columns)
+
+
+def _plain_study() -> optuna.Study:
+    """The same study with every trial at the task's own recovery settings."""
+    study = _study_with_recovery()
+    fresh = optuna.create_study(directions=["maximize", "minimize"], study_name="plain")
+    fresh.set_user_attr("autoprune", study.user_attrs["autoprune"])
+    for trial in study.trials:
+        attrs = dict(trial.user_attrs)
+        attrs["policy"] = {
+            k: v for k, v in attrs["policy"].items() if k not in ("distill", "lr_scale", "rewind")
+        }
+        fresh.add_trial(optuna.trial.create_trial(values=trial.values, user_attrs=attrs))
+    return fresh
+
+
+def test_spec_space_keys_reach_the_search_space(tmp_path: Path) -> None:
+    from autoprune.spec import load_spec
+
+    path = tmp_path / "s.toml"
+    path.write_text(
+        'task = "digits-cnn"\n[space]\ndistill = [0.0, 0.5]\nlr_scale = [0.5, 2]\n'
+        "rewinds = [false, true]\n"
+    )
+    space = load_spec(path).space
+    assert (space.distill, space.lr_scale, space.rewinds) == (
+        (0.0, 0.5),
+        (0.5, 2.0),
+        (False, True),
+    )
+    path.write_text('task = "digits-cnn"\n[space]\ndistill = [1.5]\n')
+    with pytest.raises(SpecError, match=r"distill weights must be numbers in \[0, 1\), got 1.5"):
+        load_spec(path)

@@ -20,6 +20,9 @@ SCHEDULES = ("oneshot", "gradual", "gradual-regrow")
 QUANTIZATIONS = ("none", "int8-dynamic", "int8-static")
 # Where the trial's model is measured: PyTorch eager, or exported to ONNX in ONNX Runtime.
 RUNTIMES = ("pytorch", "onnxruntime")
+# Recovery settings (see autoprune.recovery) at the task's own recipe: a policy dict leaves
+# them out at these values, so that dicts from before them read and compare as they were.
+RECOVERY_DEFAULTS: dict[str, object] = {"distill": 0.0, "lr_scale": 1.0, "rewind": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,13 +164,9 @@ class Policy:
         if self.runtime != "pytorch":  # so are the dicts of trials measured in PyTorch
             data["quantization"] = self.quantization
             data["runtime"] = self.runtime
-        # Recovery settings only where they differ from the task's recipe.
-        if self.distill:
-            data["distill"] = self.distill
-        if self.lr_scale != 1.0:
-            data["lr_scale"] = self.lr_scale
-        if self.rewind:
-            data["rewind"] = True
+        for key, default in RECOVERY_DEFAULTS.items():
+            if getattr(self, key) != default:
+                data[key] = getattr(self, key)
         return data
 
     def to_json(self) -> str:

@@ -23,6 +23,7 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
+from autoprune.pruning.policy import RECOVERY_DEFAULTS
 from autoprune.report import importance
 from autoprune.report.figures import loss_curves_figure, pareto_figure
 from autoprune.study.front import front_numbers, front_trials, score_sign
@@ -40,7 +41,17 @@ from autoprune.study.trial_metrics import (
 from autoprune.study.trials import full_trials, trial_summaries
 
 # Policy columns whose values are compared by their share of the front.
-ASPECTS = ("criterion", "scope", "rule", "schedule", "granularity", "quantization")
+ASPECTS = (
+    "criterion",
+    "scope",
+    "rule",
+    "schedule",
+    "granularity",
+    "quantization",
+    "distill",
+    "rewind",
+)
+
 # Fewer complete trials than this give importances that mean nothing.
 MIN_TRIALS_FOR_IMPORTANCE = importance.MIN_TRIALS
 # Dominated trials a page shows at most (spread evenly over the study); every front trial is
@@ -128,6 +139,7 @@ def trials_frame(study: optuna.Study, read: StudyRead | None = None) -> pd.DataF
     names, total = metric_names(study), study_total_params(study)
     rows = [_row(t, t.number in numbers, names, total) for t in trials]
     frame = pd.DataFrame(rows, columns=[*COLUMNS, "on_front"] if not rows else None)
+    frame = _with_recovery(frame)
     return frame.sort_values("nonzero_params", kind="stable").reset_index(drop=True)
 
 
@@ -147,7 +159,7 @@ def pareto_front(study: optuna.Study, front: Sequence[FrozenTrial] | None = None
     rows = [_row(t, True, names, total) for t in front]
     if not rows:
         return pd.DataFrame(columns=COLUMNS)
-    frame = pd.DataFrame(rows).drop(columns="on_front")
+    frame = _with_recovery(pd.DataFrame(rows).drop(columns="on_front"))
     size = names[1] if len(names) > 1 and names[1] in frame else "nonzero_params"
     return frame.sort_values([size, "trial"]).reset_index(drop=True)
 
@@ -187,7 +199,22 @@ def _aspects(policy: dict[str, Any]) -> dict[str, object]:
         row["granularity"] = policy["granularity"]
     if "quantization" in policy:  # trials deployed to ONNX Runtime (a quantizing study)
         row["quantization"] = policy["quantization"]
+    row |= {key: policy[key] for key in RECOVERY_DEFAULTS if key in policy}
     return row
+
+
+def _with_recovery(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with the recovery columns that some of its trials have filled in for the
+    others (the task's own settings), placed after the other policy columns."""
+    present = [key for key in RECOVERY_DEFAULTS if key in frame.columns]
+    if not present:
+        return frame
+    frame = frame.copy()
+    for key in present:
+        frame[key] = [RECOVERY_DEFAULTS[key] if pd.isna(v) else v for v in frame[key]]
+    others = [c for c in frame.columns if c not in present]
+    at = max(others.index(c) for c in ("schedule", "granularity", "quantization") if c in others)
+    return frame[others[: at + 1] + present + others[at + 1 :]]
 
 
 def aspects_frame(read: StudyRead) -> pd.DataFrame:
@@ -198,7 +225,7 @@ def aspects_frame(read: StudyRead) -> pd.DataFrame:
         for t in read.complete
     ]
     columns = ["criterion", "scope", "rule", "schedule", "on_front"]
-    return pd.DataFrame(rows, columns=columns if not rows else None)
+    return _with_recovery(pd.DataFrame(rows, columns=columns if not rows else None))
 
 
 def relative_size(study: optuna.Study) -> Callable[[FrozenTrial], float]:

@@ -15,6 +15,7 @@ import plotly.colors
 import plotly.graph_objects as go
 from optuna.trial import FrozenTrial
 
+from autoprune.pruning.policy import RECOVERY_DEFAULTS
 from autoprune.study.front import front_trials
 
 PALETTE = plotly.colors.qualitative.Plotly
@@ -88,6 +89,13 @@ def _hover(row: dict[str, Any]) -> str:
         lines.append(f"alpha {row['alpha']:.3f}")
     if isinstance(row.get("quantization"), str):
         lines.append(f"quantization {row['quantization']}")
+    recovery = [
+        f"{key} {row[key]}"
+        for key, default in RECOVERY_DEFAULTS.items()
+        if key in row and pd.notna(row[key]) and row[key] != default
+    ]
+    if recovery:
+        lines.append(", ".join(recovery))
     lines += [
         f"{key.split(':', 1)[1]}: {value:.3f}"
         for key, value in row.items()

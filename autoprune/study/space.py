@@ -15,6 +15,7 @@ from autoprune.errors import SpecError
 from autoprune.pruning.allocation import allocate, get_allocation, reallocate
 from autoprune.pruning.criteria import CRITERIA, GRANULARITIES, get_criterion
 from autoprune.pruning.policy import QUANTIZATIONS, RULES, SCHEDULES, SCOPES, Policy
+from autoprune.study.recovery_space import check_recovery, suggest_recovery, task_recovery_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,28 +156,15 @@ class SearchSpace:
             raise SpecError("round_to and blocks need 'structured' in granularities")
 
     def _check_recovery(self) -> None:
-        weights = self.distill
-        if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence) or not weights:
-            raise SpecError(f"distill must be a non-empty list of weights, got {weights!r}")
-        for weight in weights:
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-                raise SpecError(f"distill weights must be numbers in [0, 1), got {weight!r}")
-            if not 0.0 <= weight < 1.0:
-                raise SpecError(f"distill weights must be numbers in [0, 1), got {weight!r}")
-        object.__setattr__(self, "distill", tuple(float(w) for w in weights))
+        distill, rewinds = check_recovery(self.distill, self.rewinds)
         low, high = _bounds("lr_scale", self.lr_scale)
         if not (0.0 < low <= high and math.isfinite(high)):
             raise SpecError(
                 f"lr_scale bounds must satisfy 0 < low <= high < inf, got {[low, high]}"
             )
+        object.__setattr__(self, "distill", distill)
         object.__setattr__(self, "lr_scale", (low, high))
-        rewinds = self.rewinds
-        if isinstance(rewinds, (str, bytes)) or not isinstance(rewinds, Sequence) or not rewinds:
-            raise SpecError(f"rewinds must be a non-empty list of true/false, got {rewinds!r}")
-        for rewind in rewinds:
-            if not isinstance(rewind, bool):
-                raise SpecError(f"rewinds must be true or false, got {rewind!r}")
-        object.__setattr__(self, "rewinds", tuple(rewinds))
+        object.__setattr__(self, "rewinds", rewinds)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -220,17 +208,8 @@ def suggest_policy(
 
 
 def _recovered(trial: optuna.trial.BaseTrial, space: SearchSpace, policy: Policy) -> Policy:
-    """``policy`` with its recovery settings drawn: a param only for a setting with a choice,
-    so that studies from before these settings replay alike."""
-    distill = space.distill[0]
-    if len(space.distill) > 1:
-        distill = trial.suggest_categorical("distill", space.distill)
-    low, high = space.lr_scale
-    lr_scale = low if low == high else trial.suggest_float("lr_scale", low, high, log=True)
-    rewind = space.rewinds[0]
-    if len(space.rewinds) > 1:
-        rewind = trial.suggest_categorical("rewind", space.rewinds)
-    return dataclasses.replace(policy, distill=distill, lr_scale=lr_scale, rewind=rewind)
+    settings = suggest_recovery(trial, space.distill, space.lr_scale, space.rewinds)
+    return dataclasses.replace(policy, **settings)
 
 
 def _quantized(trial: optuna.trial.BaseTrial, space: SearchSpace, policy: Policy) -> Policy:
@@ -344,7 +323,7 @@ def heuristic_params(
         return None
     if quantization not in space.quantizations:
         return None
-    recovery = _task_recovery_params(space)
+    recovery = task_recovery_params(space.distill, space.lr_scale, space.rewinds)
     if recovery is None:
         return None
     if len(space.granularities) > 1:
@@ -355,23 +334,6 @@ def heuristic_params(
 
 def _quantization_param(space: SearchSpace, quantization: str) -> dict[str, Any]:
     return {"quantization": quantization} if len(space.quantizations) > 1 else {}
-
-
-def _task_recovery_params(space: SearchSpace) -> dict[str, Any] | None:
-    """The params that pin the task's own recovery (no distillation, its learning rate and
-    schedule) where the space searches them, so that a heuristic warm start is the heuristic
-    as it always was; None if the space cannot express that."""
-    low, high = space.lr_scale
-    if 0.0 not in space.distill or False not in space.rewinds or not low <= 1.0 <= high:
-        return None
-    params: dict[str, Any] = {}
-    if len(space.distill) > 1:
-        params["distill"] = 0.0
-    if low < high:
-        params["lr_scale"] = 1.0
-    if len(space.rewinds) > 1:
-        params["rewind"] = False
-    return params
 
 
 def _heuristic_params(
@@ -431,7 +393,7 @@ def structured_heuristic_params(
         or quantization not in space.quantizations
     ):
         return None
-    recovery = _task_recovery_params(space)
+    recovery = task_recovery_params(space.distill, space.lr_scale, space.rewinds)
     if recovery is None:
         return None
     params: dict[str, Any] = {"channel_criterion": "l1", "rule": "ratio"}
