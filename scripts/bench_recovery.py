@@ -66,6 +66,18 @@ VARIANTS: dict[str, dict[str, object]] = {
     "lr_scale=4+rewind": {"lr_scale": 4.0, "rewind": True},
 }
 
+DEFAULT_VARIANTS = [
+    "base",
+    "distill=0.5",
+    "rewind",
+    "lr_scale=0.5",
+    "lr_scale=2",
+    "lr_scale=4",
+    "lr_scale=16",
+    "lr_scale=4+distill=0.5",
+    "lr_scale=4+rewind",
+]
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -73,7 +85,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--targets", nargs="+", type=float, default=[0.95, 0.98])
     parser.add_argument("--schedules", nargs="+", default=["oneshot", "gradual"])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS)
     parser.add_argument("--temperature", type=float, default=recovery.DISTILL_TEMPERATURE)
     parser.add_argument("--rewind-peak", type=float, default=recovery.REWIND_PEAK)
     parser.add_argument("--search", type=int, default=0, metavar="TRIALS")

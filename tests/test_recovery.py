@@ -31,6 +31,8 @@ from autoprune.train import fit, total_steps
 from autoprune.trial import baseline, prune_and_finetune
 
 LAYERS = ["features.0", "classifier.1", "classifier.3"]
+# A space that searches no recovery setting: every trial fine-tunes with the task's recipe.
+TASK_RECIPE: dict[str, Any] = {"distill": [0.0], "lr_scale": [1.0, 1.0], "rewinds": [False]}
 RECOVERY_SPACE: dict[str, Any] = {
     "distill": [0.0, 0.5],
     "lr_scale": [0.5, 2.0],
@@ -300,7 +302,7 @@ def _drawn(space: SearchSpace, seed: int = 0, **kwargs: Any) -> tuple[dict[str, 
 
 def test_recovery_params_only_when_the_space_offers_a_choice(tiny_task: Task) -> None:
     model = tiny_task.model
-    params, policy = _drawn(SearchSpace(), model=model)
+    params, policy = _drawn(SearchSpace(**TASK_RECIPE), model=model)
     assert not {"distill", "lr_scale", "rewind"} & set(params)
     assert (policy.distill, policy.lr_scale, policy.rewind) == (0.0, 1.0, False)
     fixed = SearchSpace(distill=[0.5], lr_scale=[2.0, 2.0], rewinds=[True])
@@ -332,7 +334,7 @@ def test_structured_trials_draw_recovery_too() -> None:
 
 def test_warm_starts_pin_the_task_s_recovery(tiny_task: Task) -> None:
     model = tiny_task.model
-    plain = SearchSpace()
+    plain = SearchSpace(**TASK_RECIPE)
     searched = SearchSpace(**RECOVERY_SPACE)
     base = heuristic_params(plain, "lamp", 0.9, model, LAYERS, "gradual")
     pinned = heuristic_params(searched, "lamp", 0.9, model, LAYERS, "gradual")
@@ -355,6 +357,18 @@ def test_warm_starts_pin_the_task_s_recovery(tiny_task: Task) -> None:
     }
     no_task_rate = SearchSpace(granularities=["structured"], lr_scale=[2, 3])
     assert structured_heuristic_params(no_task_rate, 0.5, ["features.0"]) is None
+
+
+def test_the_default_space_searches_the_learning_rate_only(tiny_task: Task) -> None:
+    """The measured defaults (scripts/bench_recovery.py, README): the fine-tune learning rate
+    from half to 16 times the task's; distillation and rewinding available, off."""
+    space = SearchSpace()
+    assert (space.distill, space.lr_scale, space.rewinds) == ((0.0,), (0.5, 16.0), (False,))
+    params, policy = _drawn(space, model=tiny_task.model)
+    assert {"distill", "lr_scale", "rewind"} & set(params) == {"lr_scale"}
+    assert policy.lr_scale == params["lr_scale"] and policy.distill == 0.0 and not policy.rewind
+    warm = heuristic_params(space, "lamp", 0.9, tiny_task.model, LAYERS)
+    assert warm is not None and warm["lr_scale"] == 1.0
 
 
 def test_space_dicts_round_trip_with_recovery() -> None:
@@ -464,3 +478,20 @@ def test_spec_space_keys_reach_the_search_space(tmp_path: Path) -> None:
     path.write_text('task = "digits-cnn"\n[space]\ndistill = [1.5]\n')
     with pytest.raises(SpecError, match=r"distill weights must be numbers in \[0, 1\), got 1.5"):
         load_spec(path)
+
+
+def test_a_space_stored_before_recovery_settings_searches_none(tiny_task: Task) -> None:
+    """Whatever the defaults, a study stored without these keys replays without their params."""
+    from autoprune import make_setup
+    from autoprune.study.setup import StudySetup
+
+    stored = SearchSpace().to_dict()
+    for key in ("distill", "lr_scale", "rewinds"):
+        del stored[key]
+    space = SearchSpace.from_stored(stored)
+    assert (space.distill, space.lr_scale, space.rewinds) == ((0.0,), (1.0, 1.0), (False,))
+    searched = SearchSpace(**RECOVERY_SPACE)
+    assert SearchSpace.from_stored(searched.to_dict()) == searched
+    data = make_setup(tiny_task, space=searched).to_dict()
+    data["space"] = stored
+    assert StudySetup.from_dict(data).space == space

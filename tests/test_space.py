@@ -15,7 +15,8 @@ from autoprune.pruning.policy import RULES, SCOPES
 LAYERS = ["features.0", "classifier.1", "classifier.3"]
 # The per-layer parametrization, one-shot: what these tests draw (SearchSpace defaults to the
 # allocation parametrization, which needs the dense model, and searches the schedule too).
-PER_LAYER = {"parametrization": "per-layer", "schedules": ("oneshot",)}
+# The task's own learning rate: no lr_scale param (see tests/test_recovery.py for it).
+PER_LAYER = {"parametrization": "per-layer", "schedules": ("oneshot",), "lr_scale": (1.0, 1.0)}
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,7 @@ def groups_and_blocks(task: Task, space: SearchSpace) -> tuple[list[str], list[s
 
 def structured_space(**overrides: object) -> SearchSpace:
     kwargs: dict = {"granularities": ["structured"], "blocks": BLOCKS, "scopes": ["layer"]}
+    kwargs["lr_scale"] = (1.0, 1.0)  # the task's own rate: no lr_scale param
     return SearchSpace(**(kwargs | overrides))
 
 
@@ -70,6 +71,7 @@ def test_mixed_and_global_only_spaces(resnet_task: Task) -> None:
         "rule": "ratio",
         "scope": "global",
         "channels": 0.3,
+        "lr_scale": 1.0,  # the task's own rate, where the space searches it
     }
     policy = suggest_policy(FixedTrial(params), space, ["fc"], groups)
     assert policy.scope == "global" and policy.sparsity == dict.fromkeys(groups, 0.3)

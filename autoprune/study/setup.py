@@ -233,7 +233,7 @@ def _optional(read: Any) -> Any:
 _TYPED: dict[str, Any] = {
     "finetune": lambda d: Recipe(**d),
     "layers": tuple,
-    "space": SearchSpace.from_dict,
+    "space": SearchSpace.from_stored,
     "objectives": tuple,
     "latency": _optional(Latency.from_dict),
     "groups": tuple,
@@ -457,7 +457,7 @@ def _from_legacy(data: Mapping[str, Any]) -> StudySetup:
         model=data["model"],
         finetune=Recipe(**data["finetune"]),
         layers=tuple(data["layers"]),
-        space=SearchSpace.from_dict(data["space"]),
+        space=SearchSpace.from_stored(data["space"]),
         objectives=tuple(data.get("objectives", DEFAULT_OBJECTIVES)),
         latency=Latency.from_dict(data["latency"]) if data.get("latency") else None,
         seed=data["seed"],
