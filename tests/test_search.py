@@ -33,7 +33,8 @@ from autoprune.train import evaluate
 
 LAYERS = ["features.0", "classifier.1", "classifier.3"]
 # The per-layer parametrization, one-shot: the space of the tests that enqueue its params.
-PER_LAYER = SearchSpace(parametrization="per-layer", schedules=["oneshot"])
+# The task's own learning rate (lr_scale (1, 1)): the params are those the tests enqueue.
+PER_LAYER = SearchSpace(parametrization="per-layer", schedules=["oneshot"], lr_scale=(1.0, 1.0))
 TOTAL = 4 * 9 + 64 * 16 + 16 * 3  # prunable weights of the tiny CNN
 
 
