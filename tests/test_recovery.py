@@ -430,6 +430,15 @@ def _study_with_recovery() -> optuna.Study:
     return study
 
 
+def test_the_report_s_recovery_defaults_are_the_policy_s() -> None:
+    from autoprune.pruning.policy import RECOVERY_DEFAULTS
+    from autoprune.report.data import RECOVERY_DEFAULTS as REPORTED
+
+    assert REPORTED == RECOVERY_DEFAULTS
+    fields = {f.name: f.default for f in dataclasses.fields(Policy)}
+    assert {key: fields[key] for key in RECOVERY_DEFAULTS} == RECOVERY_DEFAULTS
+
+
 def test_front_tables_show_recovery_settings_where_a_trial_has_them() -> None:
     from autoprune.report.data import front_share, pareto_front, trials_frame
 

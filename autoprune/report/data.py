@@ -23,7 +23,6 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
-from autoprune.pruning.policy import RECOVERY_DEFAULTS
 from autoprune.report import importance
 from autoprune.report.figures import loss_curves_figure, pareto_figure
 from autoprune.study.front import front_numbers, front_trials, score_sign
@@ -52,6 +51,10 @@ ASPECTS = (
     "rewind",
 )
 
+# The Policy's recovery settings at the task's recipe, which its dicts leave out (the values
+# of autoprune.pruning.policy.RECOVERY_DEFAULTS, a test holds them equal: that module imports
+# torch, which reading commands never do).
+RECOVERY_DEFAULTS: dict[str, object] = {"distill": 0.0, "lr_scale": 1.0, "rewind": False}
 # Fewer complete trials than this give importances that mean nothing.
 MIN_TRIALS_FOR_IMPORTANCE = importance.MIN_TRIALS
 # Dominated trials a page shows at most (spread evenly over the study); every front trial is

@@ -15,7 +15,6 @@ import plotly.colors
 import plotly.graph_objects as go
 from optuna.trial import FrozenTrial
 
-from autoprune.pruning.policy import RECOVERY_DEFAULTS
 from autoprune.study.front import front_trials
 
 PALETTE = plotly.colors.qualitative.Plotly
@@ -89,10 +88,11 @@ def _hover(row: dict[str, Any]) -> str:
         lines.append(f"alpha {row['alpha']:.3f}")
     if isinstance(row.get("quantization"), str):
         lines.append(f"quantization {row['quantization']}")
+    # Recovery columns are in a frame whose trials do not all use the task's recipe.
     recovery = [
         f"{key} {row[key]}"
-        for key, default in RECOVERY_DEFAULTS.items()
-        if key in row and pd.notna(row[key]) and row[key] != default
+        for key in ("distill", "lr_scale", "rewind")
+        if key in row and pd.notna(row[key])
     ]
     if recovery:
         lines.append(", ".join(recovery))
