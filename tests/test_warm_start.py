@@ -71,7 +71,6 @@ def test_mixed_and_global_only_spaces(resnet_task: Task) -> None:
         "rule": "ratio",
         "scope": "global",
         "channels": 0.3,
-        "lr_scale": 1.0,  # the task's own rate, where the space searches it
     }
     policy = suggest_policy(FixedTrial(params), space, ["fc"], groups)
     assert policy.scope == "global" and policy.sparsity == dict.fromkeys(groups, 0.3)
