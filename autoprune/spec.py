@@ -59,6 +59,11 @@ steps = 300                      # optional: a budget of optimizer steps instead
 grad_accumulation = 1            # batches summed into one optimizer step
 val_batches = 50                 # optional: at most this many batches per evaluation
 
+[fidelity]                       # optional: screen sampled policies with a short fine-tune
+screen = 0.25                    # fraction of the fine-tune steps of a screened trial
+promote = 0.34                   # fraction of screened trials promoted to the full fine-tune
+                                 # (trials then counts fine-tune compute, in full trials)
+
 [artifacts]                      # weights of the front trials (autoprune.study.artifacts)
 dir = "autoprune.artifacts"      # default: <database stem>.artifacts next to a SQLite file
 keep = "front"                   # "front" (drop those that leave it), "all" or "none"
@@ -87,6 +92,7 @@ from autoprune.measure import (
 )
 from autoprune.study.artifacts import ArtifactSpec
 from autoprune.study.constraints import Constraints
+from autoprune.study.fidelity import Fidelity
 from autoprune.study.samplers import SAMPLERS
 from autoprune.study.setup import (
     DEFAULT_SAMPLER,
@@ -153,6 +159,7 @@ class StudySpec:
     latency: Latency = dataclasses.field(default_factory=Latency)
     # Where this run's trials run; None: the task's own. Not part of the study's setup.
     device: str | None = None
+    fidelity: Fidelity | None = None
 
     @property
     def name(self) -> str:
@@ -190,6 +197,7 @@ class StudySpec:
             artifacts=self.artifacts,
             objectives=self.objectives,
             latency=self.latency,
+            fidelity=self.fidelity,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -259,6 +267,7 @@ _TABLES: dict[str, Callable[[dict[str, Any]], Any]] = {
     "constraints": Constraints.from_dict,
     "artifacts": ArtifactSpec.from_dict,
     "latency": Latency.from_dict,
+    "fidelity": Fidelity.from_dict,
 }
 
 

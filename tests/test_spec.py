@@ -94,7 +94,7 @@ def test_integer_lr_becomes_float(tmp_path: Path) -> None:
             "trails = 5\n",
             "unknown key 'trails' (known: task, study_name, storage, trials, timeout, seed, "
             "sampler, space, warm_start, constraints, early_stop, finetune, artifacts, "
-            "objectives, latency, device)",
+            "objectives, latency, device, fidelity)",
         ),
         (
             "[finetune]\nepoch = 1\n",
