@@ -13,6 +13,7 @@ from conftest import new_study
 from optuna.trial import FrozenTrial, TrialState
 
 import autoprune
+from autoprune.cli._common import status_text
 from autoprune.errors import SpecError, StorageError
 from autoprune.pruning.policy import Policy
 from autoprune.run.budget import SURPLUS_ATTR, CountTracker, counted
@@ -150,6 +151,8 @@ def test_the_front_pick_and_status_never_hold_a_screened_trial(tmp_path: Path) -
     assert status.front_size == 2
     assert (status.screened, status.full, status.compute) == (1, 2, 2.25)
     assert status.best_at_sparsity[0.9] == (0.9, 1)  # not the screened 0.99
+    assert status.progress == 2.25
+    assert "fidelity: 1 screened, 2 full; compute 2.25 full trials" in status_text(status)
 
 
 def test_the_trials_table_says_which_trials_are_screened(tiny_task: Task) -> None:

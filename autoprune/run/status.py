@@ -61,6 +61,11 @@ class StudyStatus:
     full: int = 0  # complete full-fidelity trials
     compute: float | None = None  # fine-tune compute of the counted trials, in full trials
 
+    @property
+    def progress(self) -> float:
+        """Toward the target: finished trials, or with fidelity the compute spent."""
+        return self.done if self.compute is None else self.compute
+
 
 def study_status(
     study: optuna.Study,
