@@ -312,3 +312,25 @@ def test_a_study_without_fidelity_is_as_before(tiny_task: Task) -> None:
     for trial in trials:
         assert not {FIDELITY_ATTR, "epochs_spent", PROMOTED_ATTR} & set(trial.user_attrs)
     assert study_status(study).compute is None
+
+
+@pytest.mark.slow
+def test_two_worker_processes_run_a_fidelity_study(tmp_path: Path) -> None:
+    """``autoprune search --workers 2``: the workers join the stored fidelity, promote from
+    each other's screened trials, and run no promotion twice; the compute stays in budget."""
+    from test_worker import GATHER, SPEC, run_search, trials_of
+
+    spec = SPEC.format(task="tiny", trials=6) + "\n[fidelity]\nscreen = 0.5\npromote = 0.5\n"
+    (tmp_path / "gather").mkdir()
+    code, out, err = run_search(
+        tmp_path, spec, "--workers", "2", **{GATHER: f"{tmp_path / 'gather'}:2"}
+    )
+    assert code == 0, out + err
+    trials = trials_of(f"sqlite:///{tmp_path / 's.db'}", "s")
+    kept = counted(trials)
+    complete = [t for t in kept if t.state == TrialState.COMPLETE]
+    sources = [t.user_attrs[PROMOTED_ATTR] for t in complete if PROMOTED_ATTR in t.user_attrs]
+    screened = [t for t in complete if t.user_attrs[FIDELITY_ATTR] < 1]
+    assert sources and len(sources) == len(set(sources)) == int(0.5 * len(screened))
+    assert 6 - 1 - 0.5 < sum(t.user_attrs[FIDELITY_ATTR] for t in kept) <= 6
+    assert not [t for t in trials if t.state in (TrialState.WAITING, TrialState.RUNNING)]
