@@ -49,7 +49,7 @@ class _Progress:
     EVERY = 2.0
     SHARE_OF_TIME = 0.02
 
-    def __init__(self, total: int | None, *, initial: int = 0, disable: bool = False):
+    def __init__(self, total: int | None, *, initial: float = 0, disable: bool = False):
         self.bar = tqdm(
             total=total,
             initial=initial,
