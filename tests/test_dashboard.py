@@ -294,7 +294,7 @@ def test_two_processes_writing_one_report(tmp_path: Path) -> None:
     hand_made("a", storage)
     path = tmp_path / "r.html"
     context = multiprocessing.get_context("fork")
-    barrier = context.Barrier(2, timeout=120)
+    barrier = context.Barrier(2, timeout=600)
     writers = [
         context.Process(target=_report_writer, args=(storage, path, every, barrier, 40))
         for every in (1.0, 2.0)
