@@ -10,8 +10,9 @@ from torch import nn
 
 import autoprune
 from autoprune import Policy, prune_and_finetune
-from autoprune.pruning.criteria import calibration_gradients, criteria_for
-from autoprune.pruning.masks import compute_masks, score
+from autoprune.pruning.calibration import STATISTICS, calibrate
+from autoprune.pruning.criteria import criteria_for
+from autoprune.pruning.masks import compute_masks, prunable_layers, score
 
 LAYERS = ["features.0", "classifier.1", "classifier.3"]
 SIZES = {"features.0": 36, "classifier.1": 1024, "classifier.3": 48}
@@ -149,10 +150,13 @@ def test_different_seeds_draw_different_random_masks(tiny_task: autoprune.Task) 
         assert not torch.equal(a[name], b[name])
 
 
-def test_given_grads_equal_computed_grads(tiny_task: autoprune.Task) -> None:
-    policy = Policy(SPARSITY, criterion="sensitivity")
-    grads = calibration_gradients(tiny_task.model, tiny_task, LAYERS)
-    given = prune_and_finetune(tiny_task, policy, seed=0, grads=grads)
+@pytest.mark.parametrize("criterion", ["sensitivity", "wanda", "fisher"])
+def test_given_stats_equal_computed_stats(criterion: str, tiny_task: autoprune.Task) -> None:
+    # As a study gives them: measured once, every statistic, for more layers than the policy's.
+    policy = Policy(SPARSITY, criterion=criterion)
+    layers = prunable_layers(tiny_task.model)
+    stats = calibrate(tiny_task.model, tiny_task, layers, STATISTICS)
+    given = prune_and_finetune(tiny_task, policy, seed=0, stats=stats)
     computed = prune_and_finetune(tiny_task, policy, seed=0)
     assert given.metrics == computed.metrics
     assert _same_state(given.model, computed.model)
