@@ -173,3 +173,25 @@ def test_zero_epochs_evaluates_the_pruned_model_as_is(tiny_task: autoprune.Task)
     for name, w in _weights(result.model).items():
         assert torch.equal(w, dense[name] * masks[name])
     assert result.history == {"train": [], "val": []}
+
+
+def test_a_study_measures_the_statistics_of_its_space_once(
+    tiny_task: autoprune.Task, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from autoprune.study import objective as objective_module
+
+    calls: list[tuple[str, ...]] = []
+
+    def counting(*args: object) -> object:
+        calls.append(tuple(args[3]))  # type: ignore[arg-type]
+        return calibrate(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(objective_module, "calibrate", counting)
+    space = autoprune.SearchSpace(criteria=["magnitude", "taylor", "wanda"])
+    objective = objective_module.Objective(tiny_task, space, LAYERS)
+    assert objective._stats_for(Policy(SPARSITY)) is None  # magnitude needs none
+    first = objective._stats_for(Policy(SPARSITY, criterion="wanda"))
+    second = objective._stats_for(Policy(SPARSITY, criterion="taylor"))
+    assert first is second
+    assert calls == [("grad", "input_norm")]  # one pass, what the space's criteria need
+    assert first is not None and first["features.0"].grad_sq is None
