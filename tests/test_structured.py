@@ -263,11 +263,13 @@ def test_plan_refuses_unknown_groups() -> None:
         plan(model, policy, channel_groups(model, x[:2]))
 
 
-def test_structured_trial_end_to_end(resnet_task: autoprune.Task) -> None:
+@pytest.mark.parametrize("criterion", ["taylor", "wanda", "fisher"])
+def test_structured_trial_end_to_end(resnet_task: autoprune.Task, criterion: str) -> None:
+    # Each criterion with calibration statistics, measured in the trial.
     groups = [g.name for g in channel_groups(resnet_task.model, resnet_task.val[0][:2])]
     policy = Policy(
         dict.fromkeys(groups, 0.5),
-        criterion="taylor",
+        criterion=criterion,
         granularity="structured",
         removed_blocks=("stages.1.1",),
     )
