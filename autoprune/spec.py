@@ -101,7 +101,7 @@ from autoprune.study.setup import (
 from autoprune.study.space import SearchSpace
 from autoprune.study.stopping import EarlyStop
 from autoprune.study.warm_start import DEFAULT_WARM_START, WarmStart
-from autoprune.task import Task
+from autoprune.task import MAX_LR, Task
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -333,7 +333,7 @@ def _early_stop(value: Any) -> EarlyStop:
 def _finetune(table: dict[str, Any]) -> Finetune:
     checks = {
         "epochs": (int, lambda v: v >= 0, "an integer >= 0"),
-        "lr": (float, lambda v: math.isfinite(v) and v > 0, "a number > 0"),
+        "lr": (float, lambda v: 0 < v <= MAX_LR, f"a number > 0 and <= {MAX_LR:g}"),
         "batch_size": (int, lambda v: v >= 1, "an integer >= 1"),
         "precision": (str, lambda v: v in devices.PRECISIONS, _one_of(devices.PRECISIONS)),
         "steps": (int, lambda v: v >= 1, "an integer >= 1"),

@@ -155,6 +155,9 @@ def test_export_refuses_bad_input(searched: dict[str, Any], tmp_path: Path) -> N
     assert [p.name for p in (tmp_path / "full").iterdir()] == ["keep.txt"]
     with pytest.raises(SpecError, match="study 's' has no trial 99"):
         export(study, 99, tmp_path / "x", task=task)
+    for number in (-1, 2**63, 10**20):  # beyond a database integer: no trial, not a crash
+        with pytest.raises(SpecError, match=f"has no trial {number}"):
+            export(study, number, tmp_path / "x", task=task)
     assert not (tmp_path / "x").exists()
 
 

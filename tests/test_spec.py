@@ -118,7 +118,12 @@ def test_integer_lr_becomes_float(tmp_path: Path) -> None:
         ),
         ('storage = " "\n', "key 'storage' must be a non-empty string, got ' '"),
         ("space = 3\n", "key 'space' must be a table, got 3"),
-        ("[finetune]\nlr = -1\n", "key 'finetune.lr' must be a number > 0, got -1.0"),
+        ("[finetune]\nlr = -1\n", "key 'finetune.lr' must be a number > 0 and <= 1000, got -1.0"),
+        # 1e300 crashed the optimizer mid-trial (beyond float32)
+        (
+            "[finetune]\nlr = 1e300\n",
+            "key 'finetune.lr' must be a number > 0 and <= 1000, got 1e+300",
+        ),
         ("[finetune]\nepochs = -1\n", "key 'finetune.epochs' must be an integer >= 0, got -1"),
         (
             "[finetune]\nbatch_size = 0\n",

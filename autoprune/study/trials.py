@@ -52,13 +52,17 @@ def trial_summaries(
 def full_trials(study: optuna.Study, numbers: Iterable[int]) -> list[FrozenTrial]:
     """The whole trials of these numbers (all that exist), in number order. Read them only:
     they may be the storage's own."""
-    wanted = set(numbers)
+    # A number no database integer holds names no trial (and would make the driver raise).
+    wanted = {n for n in numbers if 0 <= n < _MAX_NUMBER}
     if not wanted:
         return []
     storage = _optuna.rdb_storage(study)
     if storage is None:
         return [t for t in study.get_trials(deepcopy=False) if t.number in wanted]
     return _optuna.read_trials(storage, _optuna.study_id(study), numbers=wanted)
+
+
+_MAX_NUMBER = 2**63  # trial numbers are 64-bit signed integers in every storage
 
 
 def full_trial(study: optuna.Study, number: int) -> FrozenTrial | None:
