@@ -195,3 +195,9 @@ def test_a_study_measures_the_statistics_of_its_space_once(
     assert first is second
     assert calls == [("grad", "input_norm")]  # one pass, what the space's criteria need
     assert first is not None and first["features.0"].grad_sq is None
+    # Only the criteria of the space's granularities count (taylor also scores channels).
+    wanda_only = autoprune.SearchSpace(criteria=["magnitude", "wanda"])
+    objective_module.Objective(tiny_task, wanda_only, LAYERS)._stats_for(
+        Policy(SPARSITY, criterion="wanda")
+    )
+    assert calls[-1] == ("input_norm",)

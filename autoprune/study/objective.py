@@ -137,7 +137,11 @@ class Objective:
             return None
         if self._stats is None:
             layers = sorted(set(prunable_layers(self.task.model)) | set(self.layers))
-            offered = {*self.space.criteria, *self.space.channel_criteria, policy.criterion}
+            space, offered = self.space, {policy.criterion}
+            if "unstructured" in space.granularities:
+                offered |= set(space.criteria)
+            if "structured" in space.granularities:
+                offered |= set(space.channel_criteria)
             needs = statistics_for(sorted(offered))
             self._stats = calibrate(dense_on_device(self.task), self.task, layers, needs)
         return self._stats
