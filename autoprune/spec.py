@@ -16,7 +16,7 @@ device = "auto"                  # optional: where trials run, overriding the ta
                                  # of the study (each worker runs where it is told, --device)
 
 [space]                          # see autoprune.SearchSpace
-criteria = ["magnitude", "random", "sensitivity", "taylor"]
+criteria = ["magnitude", "random", "sensitivity", "taylor", "wanda"]  # also "fisher"
 scopes = ["layer", "global"]
 rules = ["ratio", "mean"]
 sparsity = [0.0, 0.98]
@@ -44,6 +44,8 @@ warmup = 3
 allocations = ["lamp", "global"]
 sparsities = [0.5, 0.8, 0.9, 0.95, 0.98]
 schedules = ["oneshot", "gradual"]
+extreme_allocations = ["erk", "uniform"]  # also tried at the targets from extreme_from up
+extreme_from = 0.95
 channel_sparsities = [0.2, 0.3, 0.5, 0.65]  # structured: uniform L1 channel pruning
 
 [constraints]                    # optional: infeasible trials leave the front

@@ -21,7 +21,7 @@ import autoprune
 from autoprune import devices
 from autoprune.deploy import example
 from autoprune.errors import TaskError
-from autoprune.pruning.criteria import calibration_gradients
+from autoprune.pruning.calibration import calibration_gradients
 from autoprune.train import evaluate, fit, total_steps
 
 Output = collections.namedtuple("Output", ["loss", "logits"])
