@@ -16,7 +16,7 @@ device = "auto"                  # optional: where trials run, overriding the ta
                                  # of the study (each worker runs where it is told, --device)
 
 [space]                          # see autoprune.SearchSpace
-criteria = ["magnitude", "random", "sensitivity", "taylor"]
+criteria = ["magnitude", "random", "sensitivity", "taylor", "wanda"]  # also "fisher"
 scopes = ["layer", "global"]
 rules = ["ratio", "mean"]
 sparsity = [0.0, 0.98]
@@ -44,6 +44,8 @@ warmup = 3
 allocations = ["lamp", "global"]
 sparsities = [0.5, 0.8, 0.9, 0.95, 0.98]
 schedules = ["oneshot", "gradual"]
+extreme_allocations = ["erk", "uniform"]  # also tried at the targets from extreme_from up
+extreme_from = 0.95
 channel_sparsities = [0.2, 0.3, 0.5, 0.65]  # structured: uniform L1 channel pruning
 
 [constraints]                    # optional: infeasible trials leave the front
@@ -105,7 +107,7 @@ from autoprune.study.setup import (
 from autoprune.study.space import SearchSpace
 from autoprune.study.stopping import EarlyStop
 from autoprune.study.warm_start import DEFAULT_WARM_START, WarmStart
-from autoprune.task import Task
+from autoprune.task import MAX_LR, Task
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -340,7 +342,7 @@ def _early_stop(value: Any) -> EarlyStop:
 def _finetune(table: dict[str, Any]) -> Finetune:
     checks = {
         "epochs": (int, lambda v: v >= 0, "an integer >= 0"),
-        "lr": (float, lambda v: math.isfinite(v) and v > 0, "a number > 0"),
+        "lr": (float, lambda v: 0 < v <= MAX_LR, f"a number > 0 and <= {MAX_LR:g}"),
         "batch_size": (int, lambda v: v >= 1, "an integer >= 1"),
         "precision": (str, lambda v: v in devices.PRECISIONS, _one_of(devices.PRECISIONS)),
         "steps": (int, lambda v: v >= 1, "an integer >= 1"),

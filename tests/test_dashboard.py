@@ -221,10 +221,12 @@ def test_cli_report_of_two_studies(tmp_path: Path, capsys, monkeypatch) -> None:
     assert code == 0 and out == f"report: {tmp_path / 'a-vs-b.html'}\n"
     page = (tmp_path / "a-vs-b.html").read_text(encoding="utf-8")
     assert "autoprune report: a, b" in page and "<p>b: 2 complete trials" in page
-    with pytest.raises(SystemExit) as exit_:
-        run(capsys, "report", "--storage", storage, "--watch", "soon")
-    assert exit_.value.code == 2
-    assert "--watch: must be a number of seconds > 0, got 'soon'" in capsys.readouterr().err
+    for bad in ("soon", "0", "nan", "1e300"):  # 1e300 overflowed the sleep, after a report
+        with pytest.raises(SystemExit) as exit_:
+            run(capsys, "report", "--storage", storage, "--watch", bad)
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert f"--watch: must be a number of seconds > 0 and <= 86400, got {bad!r}" in err
 
 
 @pytest.mark.parametrize(
@@ -294,7 +296,7 @@ def test_two_processes_writing_one_report(tmp_path: Path) -> None:
     hand_made("a", storage)
     path = tmp_path / "r.html"
     context = multiprocessing.get_context("fork")
-    barrier = context.Barrier(2, timeout=120)
+    barrier = context.Barrier(2, timeout=600)
     writers = [
         context.Process(target=_report_writer, args=(storage, path, every, barrier, 40))
         for every in (1.0, 2.0)

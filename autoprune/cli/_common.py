@@ -38,13 +38,20 @@ def create_in_existing_argument(p: argparse.ArgumentParser) -> None:
     )
 
 
+# The longest interval a watch may sleep: a day (a longer one overflows the clock's sleep).
+MAX_INTERVAL = 86_400.0
+
+
 def positive_float(text: str) -> float:
+    """An interval in seconds: > 0, at most a day."""
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
+    if not (math.isfinite(value) and 0 < value <= MAX_INTERVAL):
+        raise argparse.ArgumentTypeError(
+            f"must be a number of seconds > 0 and <= {MAX_INTERVAL:.0f}, got {text!r}"
+        )
     return value
 
 

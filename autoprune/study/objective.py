@@ -10,11 +10,11 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import optuna
-from torch import Tensor
 
 from autoprune import devices, measure
 from autoprune.errors import TrialFailed
-from autoprune.pruning.criteria import calibration_gradients, get_criterion
+from autoprune.pruning.calibration import LayerStats, calibrate
+from autoprune.pruning.criteria import get_criterion, statistics_for
 from autoprune.pruning.masks import prunable_layers
 from autoprune.pruning.policy import Policy
 from autoprune.study.constraints import Constraints
@@ -76,7 +76,7 @@ class Objective:
         )
         self.on_result = on_result
         self.device = task.torch_device
-        self._grads: dict[str, Tensor] | None = None
+        self._stats: dict[str, LayerStats] | None = None
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
         task, level = self.task, 1.0
@@ -98,7 +98,7 @@ class Objective:
                 task,
                 policy,
                 seed=seed,
-                grads=self._grads_for(policy),
+                stats=self._stats_for(policy),
                 count=self.layers,
                 on_epoch=hook,
             )
@@ -142,15 +142,22 @@ class Objective:
             self.on_result(trial, result, values)
         return values
 
-    def _grads_for(self, policy: Policy) -> dict[str, Tensor] | None:
-        # The dense model's gradients are the same for every trial: compute them once, for
-        # every layer (a channel group may reach beyond the searched layers).
-        if not get_criterion(policy.criterion).needs_grad:
+    def _stats_for(self, policy: Policy) -> dict[str, LayerStats] | None:
+        # The dense model's statistics are the same for every trial: measure them once, for
+        # every layer (a channel group may reach beyond the searched layers) and for every
+        # criterion the space offers, in one pass over the calibration batches.
+        if not get_criterion(policy.criterion).needs:
             return None
-        if self._grads is None:
+        if self._stats is None:
             layers = sorted(set(prunable_layers(self.task.model)) | set(self.layers))
-            self._grads = calibration_gradients(dense_on_device(self.task), self.task, layers)
-        return self._grads
+            space, offered = self.space, {policy.criterion}
+            if "unstructured" in space.granularities:
+                offered |= set(space.criteria)
+            if "structured" in space.granularities:
+                offered |= set(space.channel_criteria)
+            needs = statistics_for(sorted(offered))
+            self._stats = calibrate(dense_on_device(self.task), self.task, layers, needs)
+        return self._stats
 
 
 def screened_task(task: Task, screen: float) -> Task:
