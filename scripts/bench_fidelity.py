@@ -2,7 +2,7 @@
 
 For each seed, an ``autoprune.search`` study of a task (default arguments otherwise) with and
 without ``fidelity`` (:class:`autoprune.Fidelity`), both given the compute of ``--trials`` full
-trials. Per study: the front's hypervolume and best@s as ``scripts/bench_search.py`` computes
+trials. Per study: the front's hypervolume and best@s as ``scripts/_search_bench.py`` computes
 them (test accuracy of the val-selected full-fidelity point at sparsity >= s), the compute
 spent (full-trial equivalents, from the trials' ``fidelity``), trials run, and wall time.
 
@@ -20,7 +20,8 @@ from pathlib import Path
 import optuna
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_search import THRESHOLDS, best_at, hypervolume  # noqa: E402
+from _search_bench import best_at, hypervolume  # noqa: E402
+from _search_targets import THRESHOLDS  # noqa: E402
 
 import autoprune  # noqa: E402
 from autoprune.study.fidelity import Fidelity, compute  # noqa: E402
