@@ -42,6 +42,7 @@ _WHERE = {
     "search": "autoprune.run.searching",
     "ArtifactSpec": "autoprune.study.artifacts",
     "Constraints": "autoprune.study.constraints",
+    "Fidelity": "autoprune.study.fidelity",
     "pick": "autoprune.study.pick",
     "StudySetup": "autoprune.study.setup",
     "make_setup": "autoprune.study.setup",
@@ -88,6 +89,7 @@ if TYPE_CHECKING:
     from autoprune.run.searching import search
     from autoprune.study.artifacts import ArtifactSpec
     from autoprune.study.constraints import Constraints
+    from autoprune.study.fidelity import Fidelity
     from autoprune.study.loading import load_study
     from autoprune.study.pick import pick
     from autoprune.study.setup import StudySetup, make_setup, read_setup
@@ -106,6 +108,7 @@ __all__ = [
     "Constraints",
     "Criterion",
     "EarlyStop",
+    "Fidelity",
     "OutputError",
     "Policy",
     "PruneResult",

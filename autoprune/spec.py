@@ -16,7 +16,7 @@ device = "auto"                  # optional: where trials run, overriding the ta
                                  # of the study (each worker runs where it is told, --device)
 
 [space]                          # see autoprune.SearchSpace
-criteria = ["magnitude", "random", "sensitivity", "taylor"]
+criteria = ["magnitude", "random", "sensitivity", "taylor", "wanda"]  # also "fisher"
 scopes = ["layer", "global"]
 rules = ["ratio", "mean"]
 sparsity = [0.0, 0.98]
@@ -48,6 +48,8 @@ warmup = 3
 allocations = ["lamp", "global"]
 sparsities = [0.5, 0.8, 0.9, 0.95, 0.98]
 schedules = ["oneshot", "gradual"]
+extreme_allocations = ["erk", "uniform"]  # also tried at the targets from extreme_from up
+extreme_from = 0.95
 channel_sparsities = [0.2, 0.3, 0.5, 0.65]  # structured: uniform L1 channel pruning
 
 [constraints]                    # optional: infeasible trials leave the front
@@ -62,6 +64,11 @@ precision = "fp32"               # or bf16, fp16 (autocast): stored with the stu
 steps = 300                      # optional: a budget of optimizer steps instead of epochs
 grad_accumulation = 1            # batches summed into one optimizer step
 val_batches = 50                 # optional: at most this many batches per evaluation
+
+[fidelity]                       # optional: screen sampled policies with a short fine-tune
+screen = 0.25                    # fraction of the fine-tune steps of a screened trial
+promote = 0.34                   # fraction of screened trials promoted to the full fine-tune
+                                 # (trials then counts fine-tune compute, in full trials)
 
 [artifacts]                      # weights of the front trials (autoprune.study.artifacts)
 dir = "autoprune.artifacts"      # default: <database stem>.artifacts next to a SQLite file
@@ -91,6 +98,7 @@ from autoprune.measure import (
 )
 from autoprune.study.artifacts import ArtifactSpec
 from autoprune.study.constraints import Constraints
+from autoprune.study.fidelity import Fidelity
 from autoprune.study.samplers import SAMPLERS
 from autoprune.study.setup import (
     DEFAULT_SAMPLER,
@@ -103,7 +111,7 @@ from autoprune.study.setup import (
 from autoprune.study.space import SearchSpace
 from autoprune.study.stopping import EarlyStop
 from autoprune.study.warm_start import DEFAULT_WARM_START, WarmStart
-from autoprune.task import Task
+from autoprune.task import MAX_LR, Task
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -157,6 +165,7 @@ class StudySpec:
     latency: Latency = dataclasses.field(default_factory=Latency)
     # Where this run's trials run; None: the task's own. Not part of the study's setup.
     device: str | None = None
+    fidelity: Fidelity | None = None
 
     @property
     def name(self) -> str:
@@ -194,6 +203,7 @@ class StudySpec:
             artifacts=self.artifacts,
             objectives=self.objectives,
             latency=self.latency,
+            fidelity=self.fidelity,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -263,6 +273,7 @@ _TABLES: dict[str, Callable[[dict[str, Any]], Any]] = {
     "constraints": Constraints.from_dict,
     "artifacts": ArtifactSpec.from_dict,
     "latency": Latency.from_dict,
+    "fidelity": Fidelity.from_dict,
 }
 
 
@@ -335,7 +346,7 @@ def _early_stop(value: Any) -> EarlyStop:
 def _finetune(table: dict[str, Any]) -> Finetune:
     checks = {
         "epochs": (int, lambda v: v >= 0, "an integer >= 0"),
-        "lr": (float, lambda v: math.isfinite(v) and v > 0, "a number > 0"),
+        "lr": (float, lambda v: 0 < v <= MAX_LR, f"a number > 0 and <= {MAX_LR:g}"),
         "batch_size": (int, lambda v: v >= 1, "an integer >= 1"),
         "precision": (str, lambda v: v in devices.PRECISIONS, _one_of(devices.PRECISIONS)),
         "steps": (int, lambda v: v >= 1, "an integer >= 1"),

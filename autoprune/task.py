@@ -39,6 +39,11 @@ OptimizerFactory = Callable[[Iterable[nn.Parameter], float], torch.optim.Optimiz
 SchedulerFactory = Callable[[torch.optim.Optimizer, int], Any]
 
 
+# The largest learning rate a Task or spec takes: far above any recipe's (LARS at batch 32k
+# uses ~30); beyond float32's range the optimizer itself raises mid-trial.
+MAX_LR = 1e3
+
+
 def accuracy(logits: Tensor, targets: Tensor) -> float:
     """Fraction of rows whose arg-max logit is the target class."""
     return (logits.argmax(dim=-1) == targets).float().mean().item()
@@ -186,8 +191,8 @@ class Task:
         for field in ("finetune_steps", "val_batches"):
             if getattr(self, field) is not None:
                 _check_int(field, getattr(self, field), 1)
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise TaskError(f"Task.lr must be a finite number > 0, got {self.lr!r}")
+        if not (isinstance(self.lr, (int, float)) and 0 < self.lr <= MAX_LR):
+            raise TaskError(f"Task.lr must be a number > 0 and <= {MAX_LR:g}, got {self.lr!r}")
         for field in ("forward", "loss", "metric", "optimizer"):
             if not callable(getattr(self, field)):
                 raise TaskError(f"Task.{field} must be callable, got {getattr(self, field)!r}")

@@ -20,7 +20,8 @@ from autoprune import measure
 from autoprune.inference import OnnxModel, deploy
 from autoprune.pruning import structured
 from autoprune.pruning.allocation import heuristic_policy
-from autoprune.pruning.criteria import calibration_gradients, get_criterion
+from autoprune.pruning.calibration import LayerStats, calibrate
+from autoprune.pruning.criteria import get_criterion
 from autoprune.pruning.masks import fold_masks, prunable_layers, score
 from autoprune.pruning.policy import Policy
 from autoprune.pruning.schedule import SCHEDULE_FUNCTIONS
@@ -55,7 +56,7 @@ def prune_and_finetune(
     policy: Policy,
     *,
     seed: int,
-    grads: Mapping[str, Tensor] | None = None,
+    stats: Mapping[str, LayerStats] | None = None,
     count: Sequence[str] | None = None,
     on_epoch: EpochHook | None = None,
 ) -> PruneResult:
@@ -66,8 +67,9 @@ def prune_and_finetune(
     device: this is how a trial is replayed.
 
     Args:
-        grads: Calibration gradients of the dense model, if already computed (they are
-            the same for every trial of a task); computed here when the criterion needs them.
+        stats: Calibration statistics of the dense model's layers, if already measured (they
+            are the same for every trial of a task); measured here when the criterion needs
+            them (see :func:`autoprune.pruning.calibration.calibrate`).
         count: The layers whose weights ``nonzero_params`` and ``density`` count; by default
             the policy's layers (unstructured) or every Linear/Conv layer (structured).
         on_epoch: Called after each fine-tuning epoch (see :func:`autoprune.train.fit`).
@@ -86,10 +88,10 @@ def prune_and_finetune(
     plan, on_step = None, None
     if policy.granularity == "structured":
         with _timed(timings, "pruning"):
-            plan = structured.prune_task_model(model, task, policy, seed=seed, grads=grads)
+            plan = structured.prune_task_model(model, task, policy, seed=seed, stats=stats)
         layers = list(count) if count is not None else prunable_layers(task.model)
     else:
-        on_step = _apply_unstructured(model, task, policy, seed, grads, timings)
+        on_step = _apply_unstructured(model, task, policy, seed, stats, timings)
         layers = list(count) if count is not None else list(policy.sparsity)
     with _timed(timings, "finetuning"):
         torch.manual_seed(seed)
@@ -143,18 +145,19 @@ def _apply_unstructured(
     task: Task,
     policy: Policy,
     seed: int,
-    grads: Mapping[str, Tensor] | None,
+    stats: Mapping[str, LayerStats] | None,
     timings: dict[str, float],
 ) -> StepHook | None:
     """Mask ``model`` by ``policy``'s schedule; return the schedule's per-step hook (None for
     one-shot pruning, whose masks are all in place before fine-tuning)."""
     with _timed(timings, "scoring"):
-        if get_criterion(policy.criterion).needs_grad and grads is None:
-            grads = calibration_gradients(model, task, list(policy.sparsity))
+        needs = get_criterion(policy.criterion).needs
+        if needs and stats is None:
+            stats = calibrate(model, task, list(policy.sparsity), needs)
         torch.manual_seed(seed)  # the random criterion draws from here
-        scores = score(model, policy, grads)
+        scores = score(model, policy, stats)
     with _timed(timings, "masking"):
-        return SCHEDULE_FUNCTIONS[policy.schedule](model, policy, scores, grads, total_steps(task))
+        return SCHEDULE_FUNCTIONS[policy.schedule](model, policy, scores, stats, total_steps(task))
 
 
 def _layer_sparsity(model: nn.Module, dense: nn.Module, layers: Sequence[str]) -> dict[str, float]:

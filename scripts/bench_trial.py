@@ -110,8 +110,8 @@ def run(args: argparse.Namespace) -> tuple[optuna.Study, Ledger, dict[str, float
             for name in [n for n in dir(api) if not n.startswith("_")]:
                 setattr(obj, name, ledger.wrap(getattr(obj, name), bucket))
         # Computed once per study, outside the `timings` of the first trial that needs them.
-        grads_for = ledger.wrap(objective._grads_for, "calibration grads")
-        objective._grads_for = grads_for  # type: ignore[method-assign]
+        stats_for = ledger.wrap(objective._stats_for, "calibration grads")
+        objective._stats_for = stats_for  # type: ignore[method-assign]
         ledger.mark = start = time.perf_counter()
         study.optimize(
             ledger.wrap(objective, "objective"),

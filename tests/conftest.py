@@ -11,6 +11,7 @@ from torch import nn
 
 import autoprune
 from autoprune.measure import DEFAULT_OBJECTIVES
+from autoprune.pruning.calibration import LayerStats
 from autoprune.study.setup import Recipe, write_setup
 from autoprune.study.study import open_study
 from autoprune.tasks.resnet import ResNet
@@ -46,6 +47,23 @@ class TinyCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
+
+
+def fake_stats(
+    model: nn.Module, types: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
+) -> dict[str, LayerStats]:
+    """Random calibration statistics, shaped as :func:`autoprune.pruning.calibration.calibrate`
+    shapes them, for every layer of ``types``: for planning without data."""
+    modules = [(n, m) for n, m in model.named_modules() if isinstance(m, types)]
+    g = torch.Generator().manual_seed(1)
+    grads = [torch.rand(m.weight.shape, generator=g) for _, m in modules]
+    stats = {}
+    for (name, m), grad in zip(modules, grads, strict=True):
+        weight = m.weight
+        rows = weight.shape[0] if getattr(m, "groups", 1) > 1 else 1
+        norm = torch.rand(rows, weight.shape[1], *(1,) * (weight.dim() - 2), generator=g)
+        stats[name] = LayerStats(grad, torch.rand(weight.shape, generator=g), norm)
+    return stats
 
 
 def make_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

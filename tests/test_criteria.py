@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
 import autoprune
 from autoprune import CRITERIA, Policy, SpecError, get_criterion, register_criterion
-from autoprune.pruning.criteria import calibration_gradients, criteria_for
+from autoprune.pruning.calibration import STATISTICS, LayerStats, calibrate, calibration_gradients
+from autoprune.pruning.criteria import criteria_for
 from autoprune.pruning.masks import compute_masks, prunable_layers, score
 
 
-def _weight_and_grad(task: autoprune.Task, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _weight_and_grad(task: autoprune.Task, layer: str) -> tuple[torch.Tensor, LayerStats]:
     weight = dict(task.model.named_modules())[layer].weight.detach()
-    grad = calibration_gradients(task.model, task, [layer])[layer]
-    return weight, grad
+    return weight, calibrate(task.model, task, [layer], STATISTICS)[layer]
 
 
 # Parametrized over the registry itself, so a newly registered criterion is checked too
@@ -25,28 +26,29 @@ def _weight_and_grad(task: autoprune.Task, layer: str) -> tuple[torch.Tensor, to
 def test_criterion_contract(name: str, tiny_task: autoprune.Task) -> None:
     criterion = get_criterion(name)
     assert criterion.name == name
+    assert set(criterion.needs) <= set(STATISTICS)
     layers = prunable_layers(tiny_task.model)
-    grads = calibration_gradients(tiny_task.model, tiny_task, layers)
+    stats = calibrate(tiny_task.model, tiny_task, layers, criterion.needs)
     modules = dict(tiny_task.model.named_modules())
     scores = {}
     for layer in layers:
         weight = modules[layer].weight.detach()
         weight_before = weight.clone()
-        grad = grads[layer] if criterion.needs_grad else None
-        grad_before = None if grad is None else grad.clone()
+        given = stats[layer]
+        stats_before = [None if t is None else t.clone() for t in dataclasses.astuple(given)]
 
         torch.manual_seed(123)
-        first = criterion.score(weight, grad)
+        first = criterion.score(weight, given)
         torch.manual_seed(123)
-        second = criterion.score(weight, grad)
+        second = criterion.score(weight, given)
 
         assert first.shape == weight.shape
         assert torch.isfinite(first).all()
         assert (first >= 0).all()
         assert torch.equal(first, second), "not deterministic under torch.manual_seed"
         assert torch.equal(weight, weight_before), "the criterion modified the weight"
-        if grad is not None:
-            assert torch.equal(grad, grad_before), "the criterion modified the gradient"
+        for after, before in zip(dataclasses.astuple(given), stats_before, strict=True):
+            assert after is None or torch.equal(after, before), "it modified the statistics"
         scores[layer] = first
 
     sparsity = dict(zip(layers, (0.3, 0.75, 0.5), strict=True))
@@ -58,34 +60,35 @@ def test_criterion_contract(name: str, tiny_task: autoprune.Task) -> None:
 
 
 def test_magnitude_is_abs_weight(tiny_task: autoprune.Task) -> None:
-    weight, _ = _weight_and_grad(tiny_task, "classifier.1")
-    assert torch.equal(get_criterion("magnitude").score(weight, None), weight.abs())
+    weight, stats = _weight_and_grad(tiny_task, "classifier.1")
+    assert torch.equal(get_criterion("magnitude").score(weight, stats), weight.abs())
 
 
 def test_taylor_is_abs_weight_times_grad(tiny_task: autoprune.Task) -> None:
-    weight, grad = _weight_and_grad(tiny_task, "classifier.1")
-    assert get_criterion("taylor").needs_grad
-    assert torch.equal(get_criterion("taylor").score(weight, grad), (weight * grad).abs())
+    weight, stats = _weight_and_grad(tiny_task, "classifier.1")
+    assert get_criterion("taylor").needs == ("grad",)
+    scores = get_criterion("taylor").score(weight, stats)
+    assert torch.equal(scores, (weight * stats.grad).abs())
 
 
 def test_sensitivity_is_grad(tiny_task: autoprune.Task) -> None:
-    weight, grad = _weight_and_grad(tiny_task, "features.0")
-    assert get_criterion("sensitivity").needs_grad
-    scores = get_criterion("sensitivity").score(weight, grad)
-    assert torch.equal(scores, grad)
-    assert scores is not grad  # a copy: changing the scores cannot change the gradients
+    weight, stats = _weight_and_grad(tiny_task, "features.0")
+    assert get_criterion("sensitivity").needs == ("grad",)
+    scores = get_criterion("sensitivity").score(weight, stats)
+    assert torch.equal(scores, stats.grad)
+    assert scores is not stats.grad  # a copy: changing the scores cannot change the gradients
 
 
 def test_random_depends_on_seed_only(tiny_task: autoprune.Task) -> None:
-    weight, _ = _weight_and_grad(tiny_task, "classifier.1")
+    weight, stats = _weight_and_grad(tiny_task, "classifier.1")
     random = get_criterion("random")
-    assert not random.needs_grad
+    assert not random.needs
     torch.manual_seed(0)
-    a = random.score(weight, None)
+    a = random.score(weight, stats)
     torch.manual_seed(1)
-    b = random.score(weight, None)
+    b = random.score(weight, stats)
     torch.manual_seed(0)
-    c = random.score(weight * 7.0, None)
+    c = random.score(weight * 7.0, stats)
     assert not torch.equal(a, b)
     assert torch.equal(a, c)
 
@@ -153,7 +156,8 @@ def test_registering_a_duplicate_name_raises() -> None:
 
 def test_score_without_grads_for_a_grad_criterion_raises(tiny_task: autoprune.Task) -> None:
     policy = Policy({"features.0": 0.5}, criterion="taylor")
-    with pytest.raises(ValueError, match="criterion 'taylor' needs calibration gradients"):
+    message = r"^criterion 'taylor' needs calibration statistics: no grad of features.0$"
+    with pytest.raises(ValueError, match=message):
         score(tiny_task.model, policy)
 
 
@@ -163,7 +167,7 @@ def position_criterion():
     name = "test-position"
 
     @register_criterion(name)
-    def position(weight: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+    def position(weight: torch.Tensor, stats: LayerStats) -> torch.Tensor:
         return torch.arange(weight.numel(), dtype=weight.dtype).reshape(weight.shape)
 
     try:

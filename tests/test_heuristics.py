@@ -18,7 +18,7 @@ from autoprune.pruning.masks import prunable_layers
 from autoprune.spec import StudySpec, spec_from_dict
 from autoprune.study.samplers import SAMPLERS, make_sampler
 from autoprune.study.space import heuristic_params
-from autoprune.study.warm_start import WarmStart
+from autoprune.study.warm_start import WarmStart, enqueue_warm_starts
 from autoprune.trial import baseline, prune_and_finetune
 
 
@@ -93,10 +93,14 @@ def test_a_new_study_runs_the_warm_starts_first(
     assert labels == ["lamp@0.5", "uniform@0.5", "lamp@0.9", "uniform@0.9"] + [None] * 4
     skipped = [r.getMessage() for r in caplog.records if "warm starts" in r.getMessage()]
     # The space has no gradual schedule, so the gradual warm starts are skipped too.
-    assert len(skipped) == 1 and skipped[0].startswith(
-        "8 of 12 warm starts are outside the search space and were skipped: lamp@0.99, "
-        "uniform@0.99, lamp@0.5 gradual,"
-    )
+    assert (
+        len(skipped) == 1
+        and skipped[0].startswith(
+            "10 of 14 warm starts are outside the search space and were skipped: lamp@0.99, "
+            "uniform@0.99, lamp@0.5 gradual,"
+        )
+        and skipped[0].endswith("erk@0.99, erk@0.99 gradual")
+    )  # uniform is an allocation already
     assert all(t.state == TrialState.COMPLETE for t in study.trials)
     layers = prunable_layers(tiny_task.model)
     for trial in study.trials[:4]:
@@ -141,11 +145,38 @@ def test_densities_drawn_below_the_bound_are_the_bound(tiny_task: Task) -> None:
         ({"sparsities": [0.5, 1.0]}, r"sparsities must be numbers in \[0, 1\), got 1.0"),
         ({"sparsities": [True]}, r"sparsities must be numbers in \[0, 1\), got True"),
         ({"targets": [0.5]}, "unknown warm-start key 'targets' "),
+        ({"extreme_allocations": "erk"}, "extreme_allocations must be a list, got 'erk'"),
+        ({"extreme_allocations": ["erkk"]}, "unknown allocation 'erkk'"),
+        ({"extreme_from": 1.5}, r"extreme_from must be a number in \[0, 1\], got 1.5$"),
+        ({"extreme_from": True}, r"extreme_from must be a number in \[0, 1\], got True$"),
     ],
 )
 def test_bad_warm_starts_are_named(data: dict, message: str) -> None:
     with pytest.raises(SpecError, match=f"^{message}"):
         WarmStart.from_dict(data)
+
+
+def test_extreme_allocations_come_last_at_the_extreme_targets_only() -> None:
+    warm = WarmStart(allocations=["lamp", "uniform"], sparsities=[0.9, 0.95, 0.98])
+    schedules = ("oneshot", "gradual")
+    assert warm.heuristics() == [
+        (s, t, a) for s in schedules for t in (0.9, 0.95, 0.98) for a in ("lamp", "uniform")
+    ] + [(s, t, "erk") for s in schedules for t in (0.95, 0.98)]
+    assert len(WarmStart(extreme_allocations=[]).heuristics()) == 20
+    only = WarmStart(allocations=["lamp"], sparsities=[0.9, 0.95], extreme_from=0.9)
+    assert only.heuristics()[4:] == [
+        (s, t, a) for s in ("oneshot", "gradual") for t in (0.9, 0.95) for a in ("erk", "uniform")
+    ]
+
+
+def test_a_small_budget_keeps_the_main_warm_starts(tiny_task: Task) -> None:
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    space = SearchSpace(schedules=["oneshot"])
+    layers = prunable_layers(tiny_task.model)
+    warm = WarmStart(sparsities=[0.9, 0.95])
+    assert enqueue_warm_starts(study, tiny_task, space, layers, warm, limit=5) == 5
+    labels = [t.user_attrs["warm_start"] for t in study.get_trials(deepcopy=False)]
+    assert labels == ["lamp@0.9", "global@0.9", "lamp@0.95", "global@0.95", "erk@0.95"]
 
 
 def test_warm_start_round_trips() -> None:

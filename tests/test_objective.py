@@ -10,8 +10,9 @@ from torch import nn
 
 import autoprune
 from autoprune import Policy, prune_and_finetune
-from autoprune.pruning.criteria import calibration_gradients, criteria_for
-from autoprune.pruning.masks import compute_masks, score
+from autoprune.pruning.calibration import STATISTICS, calibrate
+from autoprune.pruning.criteria import criteria_for
+from autoprune.pruning.masks import compute_masks, prunable_layers, score
 
 LAYERS = ["features.0", "classifier.1", "classifier.3"]
 SIZES = {"features.0": 36, "classifier.1": 1024, "classifier.3": 48}
@@ -149,10 +150,13 @@ def test_different_seeds_draw_different_random_masks(tiny_task: autoprune.Task) 
         assert not torch.equal(a[name], b[name])
 
 
-def test_given_grads_equal_computed_grads(tiny_task: autoprune.Task) -> None:
-    policy = Policy(SPARSITY, criterion="sensitivity")
-    grads = calibration_gradients(tiny_task.model, tiny_task, LAYERS)
-    given = prune_and_finetune(tiny_task, policy, seed=0, grads=grads)
+@pytest.mark.parametrize("criterion", ["sensitivity", "wanda", "fisher"])
+def test_given_stats_equal_computed_stats(criterion: str, tiny_task: autoprune.Task) -> None:
+    # As a study gives them: measured once, every statistic, for more layers than the policy's.
+    policy = Policy(SPARSITY, criterion=criterion)
+    layers = prunable_layers(tiny_task.model)
+    stats = calibrate(tiny_task.model, tiny_task, layers, STATISTICS)
+    given = prune_and_finetune(tiny_task, policy, seed=0, stats=stats)
     computed = prune_and_finetune(tiny_task, policy, seed=0)
     assert given.metrics == computed.metrics
     assert _same_state(given.model, computed.model)
@@ -169,3 +173,31 @@ def test_zero_epochs_evaluates_the_pruned_model_as_is(tiny_task: autoprune.Task)
     for name, w in _weights(result.model).items():
         assert torch.equal(w, dense[name] * masks[name])
     assert result.history == {"train": [], "val": []}
+
+
+def test_a_study_measures_the_statistics_of_its_space_once(
+    tiny_task: autoprune.Task, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from autoprune.study import objective as objective_module
+
+    calls: list[tuple[str, ...]] = []
+
+    def counting(*args: object) -> object:
+        calls.append(tuple(args[3]))  # type: ignore[arg-type]
+        return calibrate(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(objective_module, "calibrate", counting)
+    space = autoprune.SearchSpace(criteria=["magnitude", "taylor", "wanda"])
+    objective = objective_module.Objective(tiny_task, space, LAYERS)
+    assert objective._stats_for(Policy(SPARSITY)) is None  # magnitude needs none
+    first = objective._stats_for(Policy(SPARSITY, criterion="wanda"))
+    second = objective._stats_for(Policy(SPARSITY, criterion="taylor"))
+    assert first is second
+    assert calls == [("grad", "input_norm")]  # one pass, what the space's criteria need
+    assert first is not None and first["features.0"].grad_sq is None
+    # Only the criteria of the space's granularities count (taylor also scores channels).
+    wanda_only = autoprune.SearchSpace(criteria=["magnitude", "wanda"])
+    objective_module.Objective(tiny_task, wanda_only, LAYERS)._stats_for(
+        Policy(SPARSITY, criterion="wanda")
+    )
+    assert calls[-1] == ("input_norm",)

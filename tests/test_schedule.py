@@ -72,13 +72,15 @@ def test_regrowth_brings_back_a_weight_whose_score_recovers(tiny_task: Task) -> 
     assert results == {"gradual": False, "gradual-regrow": True}
 
 
+@pytest.mark.parametrize("criterion", ["taylor", "wanda", "fisher"])
 @pytest.mark.parametrize("schedule", ["gradual", "gradual-regrow"])
 def test_gradual_trials_reach_the_target_and_replay_exactly(
-    tiny_task: Task, schedule: str
+    tiny_task: Task, schedule: str, criterion: str
 ) -> None:
+    # Criteria with calibration statistics rescore the changing weights with them.
     task = dataclasses.replace(tiny_task, finetune_epochs=2)
     layers = prunable_layers(task.model)
-    policy = Policy(dict.fromkeys(layers, 0.8), criterion="taylor", schedule=schedule)
+    policy = Policy(dict.fromkeys(layers, 0.8), criterion=criterion, schedule=schedule)
     first = prune_and_finetune(task, policy, seed=5)
     nonzero, total = count_nonzero(first.model, layers)
     assert nonzero == total - sum(round(0.8 * n) for n in _sizes(task, layers))

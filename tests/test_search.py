@@ -399,7 +399,10 @@ def test_a_bad_or_absent_device_is_refused_before_the_storage(
 def test_diverging_finetuning_fails_every_trial_but_not_the_study(
     tiny_task: Task, tmp_path: Path
 ) -> None:
-    task = dataclasses.replace(tiny_task, lr=1e30)
+    def diverging(params, lr):  # a step far beyond any learning rate a Task takes
+        return torch.optim.SGD(params, lr=1e30)
+
+    task = dataclasses.replace(tiny_task, optimizer=diverging)
     space = SearchSpace(criteria=["magnitude"], sparsity=(0.0, 0.5))
     study = search(task, n_trials=2, storage=url(tmp_path), study_name="s", space=space)
     assert [t.state for t in study.trials] == [TrialState.FAIL] * 2

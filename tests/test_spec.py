@@ -42,7 +42,7 @@ def test_digits_cnn_spec_parses() -> None:
         timeout=None,
         seed=0,
         space=SearchSpace(
-            criteria=("magnitude", "random", "sensitivity", "taylor"),
+            criteria=("magnitude", "random", "sensitivity", "taylor", "wanda"),
             scopes=("layer", "global"),
             rules=("ratio", "mean"),
             sparsity=(0.0, 0.98),
@@ -94,7 +94,7 @@ def test_integer_lr_becomes_float(tmp_path: Path) -> None:
             "trails = 5\n",
             "unknown key 'trails' (known: task, study_name, storage, trials, timeout, seed, "
             "sampler, space, warm_start, constraints, early_stop, finetune, artifacts, "
-            "objectives, latency, device)",
+            "objectives, latency, device, fidelity)",
         ),
         (
             "[finetune]\nepoch = 1\n",
@@ -114,11 +114,16 @@ def test_integer_lr_becomes_float(tmp_path: Path) -> None:
         (  # a list is unhashable: the check must not look it up in a set or dict
             '[space]\ncriteria = [["magnitude"]]\n',
             "[space] unknown criterion ['magnitude'] (known: magnitude, random, sensitivity, "
-            "taylor, l1, l2, bn_scale, fpgm)",
+            "taylor, wanda, fisher, l1, l2, bn_scale, fpgm)",
         ),
         ('storage = " "\n', "key 'storage' must be a non-empty string, got ' '"),
         ("space = 3\n", "key 'space' must be a table, got 3"),
-        ("[finetune]\nlr = -1\n", "key 'finetune.lr' must be a number > 0, got -1.0"),
+        ("[finetune]\nlr = -1\n", "key 'finetune.lr' must be a number > 0 and <= 1000, got -1.0"),
+        # 1e300 crashed the optimizer mid-trial (beyond float32)
+        (
+            "[finetune]\nlr = 1e300\n",
+            "key 'finetune.lr' must be a number > 0 and <= 1000, got 1e+300",
+        ),
         ("[finetune]\nepochs = -1\n", "key 'finetune.epochs' must be an integer >= 0, got -1"),
         (
             "[finetune]\nbatch_size = 0\n",

@@ -9,11 +9,12 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import TinyCNN, tiny_resnet
+from conftest import TinyCNN, fake_stats, tiny_resnet
 from torch import nn
 
 import autoprune
 from autoprune import Policy, SpecError, TaskError, prune_and_finetune
+from autoprune.pruning.calibration import LayerStats
 from autoprune.pruning.criteria import criteria_for, get_criterion
 from autoprune.pruning.sizes import predict_params
 from autoprune.pruning.structured import (
@@ -86,15 +87,6 @@ def build(arch: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
     return model.eval(), torch.rand(5, *shape)
 
 
-def fake_grads(model: nn.Module) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    return {
-        name: torch.rand(m.weight.shape, generator=g)
-        for name, m in model.named_modules()
-        if isinstance(m, autoprune.pruning.masks.PRUNABLE_TYPES)
-    }
-
-
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 @pytest.mark.parametrize("criterion", CHANNEL_CRITERIA)
 def test_structured_policy_contract(arch: str, criterion: str) -> None:
@@ -110,10 +102,10 @@ def test_structured_policy_contract(arch: str, criterion: str) -> None:
         g.batchnorms for g in groups
     ):
         with pytest.raises(TaskError, match=rf"criterion '{criterion}' .* has no BatchNorm"):
-            plan(model, policy, groups, fake_grads(model))
+            plan(model, policy, groups, fake_stats(model, autoprune.pruning.masks.PRUNABLE_TYPES))
         return
     torch.manual_seed(0)
-    result = plan(model, policy, groups, fake_grads(model))
+    result = plan(model, policy, groups, fake_stats(model, autoprune.pruning.masks.PRUNABLE_TYPES))
     modules = dict(model.named_modules())
     for group in groups:
         removed = result.channels.get(group.name, ())
@@ -147,11 +139,13 @@ def test_channel_criterion_contract(criterion: str) -> None:
     for shape in shapes:
         weight = torch.randn(shape)
         before = weight.clone()
-        grad = torch.rand(shape) if chosen.needs_grad else None
+        norm = torch.rand(1, *shape[1:2], *(1,) * len(shape[2:]))
+        stats = LayerStats(torch.rand(shape), torch.rand(shape), norm)
+        given = LayerStats(**{k: getattr(stats, k) for k in chosen.needs})
         torch.manual_seed(3)
-        first = chosen.channel_score(weight, grad)
+        first = chosen.channel_score(weight, given)
         torch.manual_seed(3)
-        second = chosen.channel_score(weight, grad)
+        second = chosen.channel_score(weight, given)
         assert first.shape == (shape[0],)
         assert torch.isfinite(first).all() and (first >= 0).all()
         assert torch.equal(first, second) and torch.equal(weight, before)
@@ -160,13 +154,20 @@ def test_channel_criterion_contract(criterion: str) -> None:
 def test_channel_criteria_formulas() -> None:
     w = torch.tensor([[1.0, -2.0], [0.5, 0.5], [1.0, -2.1]])
     score = {name: get_criterion(name).channel_score for name in CHANNEL_CRITERIA}
-    assert torch.allclose(score["l1"](w, None), torch.tensor([3.0, 1.0, 3.1]))  # type: ignore[misc]
-    assert torch.allclose(score["l2"](w, None), w.norm(dim=1))  # type: ignore[misc]
+    none = LayerStats()
+    assert torch.allclose(score["l1"](w, none), torch.tensor([3.0, 1.0, 3.1]))  # type: ignore[misc]
+    assert torch.allclose(score["l2"](w, none), w.norm(dim=1))  # type: ignore[misc]
     g = torch.tensor([[1.0, 1.0], [2.0, 0.0], [0.0, 0.0]])
-    assert torch.allclose(score["taylor"](w, g), torch.tensor([3.0, 1.0, 0.0]))  # type: ignore[misc]
+    taylor = score["taylor"](w, LayerStats(grad=g))  # type: ignore[misc]
+    assert torch.allclose(taylor, torch.tensor([3.0, 1.0, 0.0]))
+    # Wanda: |w_ij| * ||X_j|| summed over the channel's row; Fisher: w^2 * E[g^2] summed.
+    wanda = score["wanda"](w, LayerStats(input_norm=torch.tensor([[2.0, 0.5]])))  # type: ignore[misc]
+    assert torch.allclose(wanda, torch.tensor([3.0, 1.25, 3.05]))
+    fisher = score["fisher"](w, LayerStats(grad_sq=g))  # type: ignore[misc]
+    assert torch.allclose(fisher, torch.tensor([5.0, 0.5, 0.0]))
     # FPGM: the filter between the two others (the geometric median) is the most replaceable.
     middle = torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]])
-    assert int(score["fpgm"](middle, None).argmin()) == 1  # type: ignore[misc]
+    assert int(score["fpgm"](middle, none).argmin()) == 1  # type: ignore[misc]
 
 
 def test_unstructured_only_criteria_are_refused_for_structured_policies() -> None:
@@ -262,11 +263,13 @@ def test_plan_refuses_unknown_groups() -> None:
         plan(model, policy, channel_groups(model, x[:2]))
 
 
-def test_structured_trial_end_to_end(resnet_task: autoprune.Task) -> None:
+@pytest.mark.parametrize("criterion", ["taylor", "wanda", "fisher"])
+def test_structured_trial_end_to_end(resnet_task: autoprune.Task, criterion: str) -> None:
+    # Each criterion with calibration statistics, measured in the trial.
     groups = [g.name for g in channel_groups(resnet_task.model, resnet_task.val[0][:2])]
     policy = Policy(
         dict.fromkeys(groups, 0.5),
-        criterion="taylor",
+        criterion=criterion,
         granularity="structured",
         removed_blocks=("stages.1.1",),
     )

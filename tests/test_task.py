@@ -21,7 +21,7 @@ import autoprune
 from autoprune import devices
 from autoprune.deploy import example
 from autoprune.errors import TaskError
-from autoprune.pruning.criteria import calibration_gradients
+from autoprune.pruning.calibration import calibration_gradients
 from autoprune.train import evaluate, fit, total_steps
 
 Output = collections.namedtuple("Output", ["loss", "logits"])
@@ -265,7 +265,8 @@ def test_a_trial_runs_on_the_task_device_and_reports_fp32_scores() -> None:
         ("finetune_steps", 0, "Task.finetune_steps must be an integer >= 1, got 0"),
         ("grad_accumulation", True, "Task.grad_accumulation must be an integer >= 1"),
         ("val_batches", -1, "Task.val_batches must be an integer >= 1, got -1"),
-        ("lr", math.nan, "Task.lr must be a finite number > 0, got nan"),
+        ("lr", math.nan, "Task.lr must be a number > 0 and <= 1000, got nan"),
+        ("lr", 1e300, "Task.lr must be a number > 0 and <= 1000, got 1e+300"),
         ("forward", "model", "Task.forward must be callable, got 'model'"),
         ("evaluate", 3, "Task.evaluate must be callable or None, got 3"),
         ("higher_is_better", 1, "Task.higher_is_better must be a bool, got 1"),

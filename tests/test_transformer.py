@@ -11,7 +11,7 @@ from typing import Any
 import optuna
 import pytest
 import torch
-from conftest import TinyCNN
+from conftest import TinyCNN, fake_stats
 from torch import nn
 
 import autoprune
@@ -165,15 +165,13 @@ def test_heads_and_neurons_contract(arch: str, criterion: str) -> None:
         criterion=criterion,
         granularity="structured",
     )
-    grads = {
-        n: torch.rand_like(m.weight) for n, m in model.named_modules() if isinstance(m, nn.Linear)
-    }
+    stats = fake_stats(model, (nn.Linear,))
     if get_criterion(criterion).channel_source == "batchnorm":
         with pytest.raises(TaskError, match="has no BatchNorm"):
-            plan(model, policy, groups, grads)
+            plan(model, policy, groups, stats)
         return
     torch.manual_seed(0)
-    result = plan(model, policy, groups, grads)
+    result = plan(model, policy, groups, stats)
     assert {k: len(v) for k, v in result.channels.items()} == {
         groups[0].name: 2,
         groups[1].name: 7,

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import make_data
+from conftest import fake_stats, make_data
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -183,15 +183,6 @@ def randomized(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def fake_grads(model: nn.Module) -> dict[str, Tensor]:
-    g = torch.Generator().manual_seed(1)
-    return {
-        name: torch.rand(m.weight.shape, generator=g)
-        for name, m in model.named_modules()
-        if isinstance(m, (nn.Linear, nn.Conv2d))
-    }
-
-
 def check_pruned(
     model: nn.Module,
     x: Tensor,
@@ -206,7 +197,7 @@ def check_pruned(
     masked model computes. Return the copy and the plan."""
     groups = groups if groups is not None else channel_groups(model, x[:2])
     torch.manual_seed(0)
-    result = plan(model, policy, groups, fake_grads(model))
+    result = plan(model, policy, groups, fake_stats(model, (nn.Linear, nn.Conv2d)))
     pruned = apply_plan(copy.deepcopy(model), result, x[:2]).eval()
     with torch.no_grad():
         out = pruned(x)

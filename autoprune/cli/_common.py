@@ -109,6 +109,12 @@ def status_text(status: StudyStatus) -> str:
     states = ", ".join(f"{n} {word}" for word, n in status.states.items())
     target = f" of a target of {status.target}" if status.target else ""
     lines = [f"study {status.name!r}: {status.counted} trials{target} ({states})"]
+    if status.compute is not None:
+        of = f" of {status.target}" if status.target else ""
+        lines.append(
+            f"fidelity: {status.screened} screened, {status.full} full; "
+            f"compute {status.compute:g}{of} full trials"
+        )
     pace = status.trials_per_hour
     lines.append(
         "pace: "

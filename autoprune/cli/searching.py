@@ -49,7 +49,7 @@ class _Progress:
     EVERY = 2.0
     SHARE_OF_TIME = 0.02
 
-    def __init__(self, total: int | None, *, initial: int = 0, disable: bool = False):
+    def __init__(self, total: int | None, *, initial: float = 0, disable: bool = False):
         self.bar = tqdm(
             total=total,
             initial=initial,
@@ -73,7 +73,7 @@ class _Progress:
         self._counted = now
         status = study_status(study)
         self._wait = max(self.EVERY, (time.monotonic() - now) / self.SHARE_OF_TIME)
-        self.bar.update(max(0, status.done - self.bar.n))
+        self.bar.update(max(0, status.progress - self.bar.n))
         hv = "-" if status.hypervolume is None else f"{status.hypervolume:.3f}"
         states = status.states
         self.bar.set_postfix_str(
@@ -139,7 +139,7 @@ def _search(args: argparse.Namespace) -> int:
         ),
         flush=True,
     )
-    progress = _Progress(spec.trials, initial=study_status(study).done, disable=args.quiet)
+    progress = _Progress(spec.trials, initial=study_status(study).progress, disable=args.quiet)
     codes = [0]
     try:
         if workers == 1:
@@ -194,7 +194,7 @@ def _worker(args: argparse.Namespace) -> int:
         )
         target = args.trials or setup.trials
         timeout = parse_duration(args.timeout) if args.timeout is not None else None
-        progress = _Progress(target, initial=study_status(study).done, disable=args.quiet)
+        progress = _Progress(target, initial=study_status(study).progress, disable=args.quiet)
         try:
             summary = run_worker(
                 study, task, target=target, timeout=timeout, callbacks=[progress], stop=stop

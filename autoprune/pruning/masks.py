@@ -17,7 +17,8 @@ from torch.nn.utils import prune
 
 from autoprune.errors import TaskError
 from autoprune.pruning import transformer
-from autoprune.pruning.criteria import get_criterion
+from autoprune.pruning.calibration import LayerStats
+from autoprune.pruning.criteria import NO_STATS, Criterion, get_criterion
 from autoprune.pruning.policy import Policy
 
 PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -63,23 +64,52 @@ def weights(model: nn.Module, layers: Sequence[str]) -> dict[str, Tensor]:
 
 
 def score(
-    model: nn.Module, policy: Policy, grads: Mapping[str, Tensor] | None = None
+    model: nn.Module, policy: Policy, stats: Mapping[str, LayerStats] | None = None
 ) -> dict[str, Tensor]:
-    """Scores of the policy's criterion for each of the policy's layers (no gradient kept)."""
+    """Scores of the policy's criterion for each of the policy's layers (no gradient kept).
+
+    ``stats``: the calibration statistics of each layer (see
+    :func:`~autoprune.pruning.calibration.calibrate`), needed by criteria that read them.
+    """
     criterion = get_criterion(policy.criterion, "unstructured")
     assert criterion.score is not None
-    if not criterion.needs_grad:
-        grads = None
-    elif grads is None:
-        raise ValueError(f"criterion {policy.criterion!r} needs calibration gradients")
+    layers = sorted(policy.sparsity)
     # In sorted order: the random criterion's draws must not depend on the order the layers
     # are listed in, since policies that compare equal must prune alike.
+    given = layer_stats(criterion, stats, layers)
     with torch.no_grad():
         score_fn = criterion.score
         return {
-            name: score_fn(w.detach(), grads[name] if grads is not None else None)
-            for name, w in weights(model, sorted(policy.sparsity)).items()
+            name: score_fn(w.detach(), given[name]) for name, w in weights(model, layers).items()
         }
+
+
+def layer_stats(
+    criterion: Criterion, stats: Mapping[str, LayerStats] | None, layers: Sequence[str]
+) -> dict[str, LayerStats]:
+    """What ``criterion`` is given for each of ``layers``: the statistics it needs (no others,
+    so that it cannot depend on what else was measured).
+
+    Raises:
+        ValueError: If the criterion needs statistics and ``stats`` lacks them.
+    """
+    if not criterion.needs:
+        return dict.fromkeys(layers, NO_STATS)
+    missing = [
+        f"{stat} of {name}"
+        for name in layers
+        for stat in criterion.needs
+        if stats is None or name not in stats or getattr(stats[name], stat) is None
+    ]
+    if missing:
+        raise ValueError(
+            f"criterion {criterion.name!r} needs calibration statistics: no {missing[0]}"
+        )
+    assert stats is not None
+    return {
+        name: LayerStats(**{stat: getattr(stats[name], stat) for stat in criterion.needs})
+        for name in layers
+    }
 
 
 def compute_masks(policy: Policy, scores: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -8,8 +8,9 @@
 - ``gradual-regrow``: the same, but every recomputation ranks all weights, pruned ones by the
   value they had when pruned, so a weight whose score recovers relative to the others regrows.
 
-Each schedule is a function ``(model, policy, scores, grads, steps) -> on_step hook | None``
-that applies the first masks; the hook runs before each optimizer step (see
+Each schedule is a function ``(model, policy, scores, stats, steps) -> on_step hook | None``
+(``stats``: the layers' calibration statistics, for criteria that rescore with them) that
+applies the first masks; the hook runs before each optimizer step (see
 :func:`autoprune.train.fit`).
 """
 
@@ -22,8 +23,9 @@ import torch
 from torch import Tensor, nn
 
 from autoprune._registry import Registry
+from autoprune.pruning.calibration import LayerStats
 from autoprune.pruning.criteria import get_criterion
-from autoprune.pruning.masks import apply_masks, compute_masks
+from autoprune.pruning.masks import apply_masks, compute_masks, layer_stats
 from autoprune.pruning.policy import SCHEDULES, Policy
 from autoprune.train import StepHook
 
@@ -33,7 +35,7 @@ AGP_END = 0.75
 AGP_UPDATES = 32
 
 Schedule = Callable[
-    [nn.Module, Policy, Mapping[str, Tensor], "Mapping[str, Tensor] | None", int],
+    [nn.Module, Policy, Mapping[str, Tensor], "Mapping[str, LayerStats] | None", int],
     "StepHook | None",
 ]
 
@@ -49,7 +51,7 @@ def oneshot(
     model: nn.Module,
     policy: Policy,
     scores: Mapping[str, Tensor],
-    grads: Mapping[str, Tensor] | None,
+    stats: Mapping[str, LayerStats] | None,
     steps: int,
 ) -> StepHook | None:
     """Apply the policy's masks now; nothing changes during fine-tuning."""
@@ -62,18 +64,20 @@ def _gradual(regrow: bool) -> Schedule:
         model: nn.Module,
         policy: Policy,
         scores: Mapping[str, Tensor],
-        grads: Mapping[str, Tensor] | None,
+        stats: Mapping[str, LayerStats] | None,
         steps: int,
     ) -> StepHook | None:
         end = int(AGP_END * steps)
         if end <= 0:  # no step to ramp over: as one shot
-            return oneshot(model, policy, scores, grads, steps)
+            return oneshot(model, policy, scores, stats, steps)
         modules = dict(model.named_modules())
         layers = list(policy.sparsity)
         apply_masks(model, {k: torch.ones_like(scores[k], dtype=torch.bool) for k in layers})
         every = max(1, math.ceil(end / AGP_UPDATES))
-        score_fn = get_criterion(policy.criterion, "unstructured").score
+        criterion = get_criterion(policy.criterion, "unstructured")
+        score_fn = criterion.score
         assert score_fn is not None  # unstructured criteria score weights
+        given = layer_stats(criterion, stats, layers)
 
         def on_step(step: int, model: nn.Module) -> None:
             if step % every or step > end:
@@ -92,7 +96,7 @@ def _gradual(regrow: bool) -> Schedule:
                 current = {}
                 for k in layers:
                     weight = modules[k].weight_orig * (1 if regrow else masks[k])
-                    s = score_fn(weight.detach(), grads[k] if grads else None).float()
+                    s = score_fn(weight.detach(), given[k]).float()
                     # Without regrowth the ratio rule counts the pruned weights first; the
                     # mean rule's threshold needs finite scores, and the mask below keeps
                     # pruned weights pruned.

@@ -30,8 +30,9 @@ from torch import Tensor, nn
 from autoprune.devices import to_device
 from autoprune.errors import TaskError
 from autoprune.pruning import transformer
-from autoprune.pruning.criteria import calibration_gradients, get_criterion
-from autoprune.pruning.masks import PRUNABLE_TYPES, compute_masks
+from autoprune.pruning.calibration import LayerStats, calibrate
+from autoprune.pruning.criteria import get_criterion
+from autoprune.pruning.masks import PRUNABLE_TYPES, compute_masks, layer_stats
 from autoprune.pruning.policy import Policy
 from autoprune.task import Task
 
@@ -108,20 +109,21 @@ def prune_task_model(
     policy: Policy,
     *,
     seed: int,
-    grads: Mapping[str, Tensor] | None = None,
+    stats: Mapping[str, LayerStats] | None = None,
 ) -> Plan:
     """Prune ``model`` (a copy of ``task.model``) in place by the structured ``policy``.
 
-    The random criterion draws from ``seed``; gradient criteria use ``grads``, or calibration
-    gradients computed here on the task's training data.
+    The random criterion draws from ``seed``; criteria that need calibration statistics use
+    ``stats``, or statistics measured here on the task's training data.
     """
     example = to_device(task.example(2), next(model.parameters()).device)
     groups = channel_groups(model, example, forward=task.forward)
-    if get_criterion(policy.criterion).needs_grad and grads is None:
+    needs = get_criterion(policy.criterion).needs
+    if needs and stats is None:
         layers = sorted({layer for g in groups for layer in (*g.layers, *g.inputs)})
-        grads = calibration_gradients(model, task, layers)
+        stats = calibrate(model, task, layers, needs)
     torch.manual_seed(seed)
-    return prune_structured(model, policy, example, grads, groups, forward=task.forward)
+    return prune_structured(model, policy, example, stats, groups, forward=task.forward)
 
 
 def dependency_graph(
@@ -240,7 +242,7 @@ def plan(
     model: nn.Module,
     policy: Policy,
     groups: Sequence[ChannelGroup],
-    grads: Mapping[str, Tensor] | None = None,
+    stats: Mapping[str, LayerStats] | None = None,
 ) -> Plan:
     """Which channels of ``policy``'s groups go, by its criterion, scope and rule.
 
@@ -264,7 +266,7 @@ def plan(
     chosen = {name: g for name in policy.sparsity if (g := by_name[name]) is not None}
     scores = {
         name: s.view(chosen[name].parts, -1).mean(0)  # one score per offset within a part
-        for name, s in _group_scores(model, policy, chosen, grads).items()
+        for name, s in _group_scores(model, policy, chosen, stats).items()
     }
     if not scores:
         return Plan({}, policy.removed_blocks)
@@ -342,7 +344,7 @@ def prune_structured(
     model: nn.Module,
     policy: Policy,
     example: Any,
-    grads: Mapping[str, Tensor] | None = None,
+    stats: Mapping[str, LayerStats] | None = None,
     groups: Sequence[ChannelGroup] | None = None,
     *,
     forward: Forward | None = None,
@@ -352,7 +354,7 @@ def prune_structured(
         groups = channel_groups(model, example, forward=forward)
     # raises on a non-identity block
     removable_blocks(model, example, policy.removed_blocks, forward=forward)
-    result = plan(model, policy, groups, grads)
+    result = plan(model, policy, groups, stats)
     apply_plan(model, result, example, forward=forward)
     return result
 
@@ -385,12 +387,10 @@ def _group_scores(
     model: nn.Module,
     policy: Policy,
     groups: Mapping[str, ChannelGroup],
-    grads: Mapping[str, Tensor] | None,
+    stats: Mapping[str, LayerStats] | None,
 ) -> dict[str, Tensor]:
     criterion = get_criterion(policy.criterion, "structured")
     assert criterion.channel_score is not None
-    if criterion.needs_grad and grads is None:
-        raise ValueError(f"criterion {policy.criterion!r} needs calibration gradients")
     modules = dict(model.named_modules())
     scores = {}
     with torch.no_grad():
@@ -403,13 +403,12 @@ def _group_scores(
                     f"group {name!r} has no BatchNorm"
                 )
             total = torch.zeros(group.channels * group.unit)
+            given = layer_stats(criterion, stats, (*sources, *group.inputs))
             for source in (*sources, *group.inputs):
-                weight = modules[source].weight.detach()
-                grad = grads[source] if criterion.needs_grad and grads is not None else None
+                weight, source_stats = modules[source].weight.detach(), given[source]
                 if source in group.inputs:  # its input columns: the rows of the transpose
-                    weight = weight.T
-                    grad = grad.T if grad is not None else None
-                total += criterion.channel_score(weight, grad).float()
+                    weight, source_stats = weight.T, source_stats.transposed()
+                total += criterion.channel_score(weight, source_stats).float()
             scores[name] = total.reshape(group.channels, group.unit).sum(dim=1)
     return scores
 

@@ -25,6 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autoprune.report import importance
 from autoprune.report.figures import loss_curves_figure, pareto_figure
+from autoprune.study.fidelity import is_full, trial_fidelity
 from autoprune.study.front import front_numbers, front_trials, score_sign
 from autoprune.study.record import (
     SENSITIVITY_ATTR,  # {layer: [[sparsity, accuracy], ...]}
@@ -135,12 +136,16 @@ def read_study(study: optuna.Study, *, max_dominated: int | None = MAX_DOMINATED
 
 def trials_frame(study: optuna.Study, read: StudyRead | None = None) -> pd.DataFrame:
     """One row per complete trial, front and dominated alike (given ``read``: per trial it
-    shows); ``on_front`` marks the front."""
+    shows); ``on_front`` marks the front, and ``fidelity`` screened trials in a study that
+    has them (:mod:`autoprune.study.fidelity`: never on the front)."""
     read = read or read_study(study, max_dominated=None)
     numbers = {t.number for t in read.front}
     trials = [t for t in read.shown if t.state == TrialState.COMPLETE]
     names, total = metric_names(study), study_total_params(study)
     rows = [_row(t, t.number in numbers, names, total) for t in trials]
+    if any(not is_full(t) for t in trials):  # screened beside full: say which is which
+        for row, t in zip(rows, trials, strict=True):
+            row["fidelity"] = trial_fidelity(t)
     frame = pd.DataFrame(rows, columns=[*COLUMNS, "on_front"] if not rows else None)
     frame = _with_recovery(frame)
     return frame.sort_values("nonzero_params", kind="stable").reset_index(drop=True)

@@ -20,6 +20,7 @@ from autoprune.measure import DEFAULT_OBJECTIVES, Latency
 from autoprune.run.worker import run_worker
 from autoprune.study.artifacts import ArtifactSpec
 from autoprune.study.constraints import Constraints
+from autoprune.study.fidelity import Fidelity
 from autoprune.study.setup import DEFAULT_SAMPLER, DEFAULT_TRIALS, check_seed, make_setup
 from autoprune.study.space import SearchSpace
 from autoprune.study.stopping import EarlyStop
@@ -52,6 +53,7 @@ def search(
     latency: Latency | None = None,
     device: str | None = None,
     create_in_existing: bool = False,
+    fidelity: Fidelity | None = None,
 ) -> optuna.Study:
     """Search pruning policies of ``task``'s model; return the (new or resumed) Optuna study.
 
@@ -88,6 +90,9 @@ def search(
             a worker may run elsewhere). None: the task's.
         create_in_existing: Add Optuna's tables to a database that holds another
             application's tables (without it, such a database is refused, untouched).
+        fidelity: Screen sampled policies with a short fine-tune and promote the best to
+            the full one (:class:`autoprune.study.fidelity.Fidelity`); ``n_trials`` then
+            counts fine-tune compute in full trials. None: every trial is full.
 
     SIGINT and SIGTERM stop the search as they stop a worker: the running trial fails, is
     queued for retry, and the study is returned.
@@ -128,6 +133,7 @@ def search(
         objectives=objectives,
         latency=latency,
         front_table=front_table,
+        fidelity=fidelity,
     )
     study = open_study(
         setup,

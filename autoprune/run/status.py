@@ -21,6 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autoprune.run.budget import COUNT_ATTRS, STATE_WORDS, WORKER_ATTR, counted
 from autoprune.study import _optuna
+from autoprune.study.fidelity import FIDELITY_ATTR, compute, is_full
 from autoprune.study.record import recorded_dense, recorded_target
 from autoprune.study.trial_metrics import metric_names
 from autoprune.study.trials import trial_summaries
@@ -55,6 +56,15 @@ class StudyStatus:
     best_at_sparsity: dict[float, tuple[float, int] | None]  # level -> (accuracy, trial)
     workers: list[WorkerSeen]
     long_running: list[tuple[int, str, float]]  # (trial, worker, seconds running)
+    # A study with fidelity (autoprune.study.fidelity); else 0, 0 and None.
+    screened: int = 0  # complete screened trials
+    full: int = 0  # complete full-fidelity trials
+    compute: float | None = None  # fine-tune compute of the counted trials, in full trials
+
+    @property
+    def progress(self) -> float:
+        """Toward the target: finished trials, or with fidelity the compute spent."""
+        return self.done if self.compute is None else self.compute
 
 
 def study_status(
@@ -78,7 +88,9 @@ def study_status(
     states = Counter(STATE_WORDS[t.state] for t in trials)
     kept = counted(trials)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    full = [t for t in complete if is_full(t)]
     front = _optuna.pareto_front(complete, study.directions)
+    fidelity = any(FIDELITY_ATTR in t.user_attrs for t in trials)
     return StudyStatus(
         name=study.study_name,
         target=recorded_target(study),
@@ -88,9 +100,12 @@ def study_status(
         front_size=len(front),
         hypervolume=hypervolume(study, front),
         trials_per_hour=_pace(trials, now),
-        best_at_sparsity=_best_at_sparsity(study, complete),
+        best_at_sparsity=_best_at_sparsity(study, full),
         workers=_workers(trials, now, recent),
         long_running=_long_running(trials, now, long_factor, long_floor),
+        screened=len(complete) - len(full) if fidelity else 0,
+        full=len(full) if fidelity else 0,
+        compute=compute([t for t in kept if t.state.is_finished()]) if fidelity else None,
     )
 
 

@@ -33,7 +33,7 @@ import time
 import warnings
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from types import FrameType
 from typing import Any
@@ -47,6 +47,7 @@ from autoprune._version import __version__
 from autoprune.errors import SpecError, StorageError, TrialFailed
 from autoprune.run.budget import STATE_WORDS, SURPLUS_ATTR, WORKER_ATTR, count_tracker
 from autoprune.study import _optuna
+from autoprune.study.fidelity import DUPLICATE, PROMOTED_ATTR, duplicate_of
 from autoprune.study.loading import load_study
 from autoprune.study.objective import Objective
 from autoprune.study.samplers import make_sampler
@@ -126,11 +127,16 @@ class _WorkerObjective:
 
     def __init__(self, objective: Objective, target: float, stop: _Stop, me: str):
         self.objective, self.target, self.stop, self.me = objective, target, stop, me
+        # A screened trial sets aside compute for the promotions it earns (budget.weight).
+        self.reserve = objective.fidelity.promote if objective.fidelity is not None else 0.0
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
         trial.set_user_attr(WORKER_ATTR, self.me)
-        before = count_tracker(trial.study).before(trial.number)
-        if before >= self.target:  # another worker started the last trial first
+        tracker = count_tracker(trial.study, reserve=self.reserve)
+        promoted = self.reserve and PROMOTED_ATTR in trial.user_attrs
+        if promoted:  # paid for by its screened trial: never surplus, unless a duplicate
+            self._refuse_duplicate(trial, tracker.trials)
+        elif tracker.before(trial.number) >= self.target:  # another worker started it first
             trial.set_user_attr(SURPLUS_ATTR, True)
             reason = f"surplus: the study already held its target of {self.target:g} trials"
             trial.set_user_attr("fail_reason", reason)
@@ -146,6 +152,21 @@ class _WorkerObjective:
         except Interrupted as e:
             trial.set_user_attr("fail_reason", str(e))
             raise
+
+    @staticmethod
+    def _refuse_duplicate(trial: optuna.Trial, trials: Sequence[FrozenTrial]) -> None:
+        """Fail ``trial``, uncounted, if an earlier trial promotes the same screened one (two
+        workers enqueued it at once, see :mod:`autoprune.study.fidelity`)."""
+        frozen = trials[trial.number]  # as the tracker just read it
+        earlier = duplicate_of(trials, frozen)
+        if earlier is not None:
+            trial.set_user_attr(SURPLUS_ATTR, True)
+            reason = (
+                f"{DUPLICATE} of trial {frozen.user_attrs[PROMOTED_ATTR]}: trial {earlier} "
+                "promotes it"
+            )
+            trial.set_user_attr("fail_reason", reason)
+            raise TrialFailed(reason)
 
 
 def run_worker(
@@ -177,6 +198,7 @@ def run_worker(
     inner, ours = objective_for(study, task)
     stop, summary = stop or _Stop(), WorkerSummary(worker_id())
     objective = _WorkerObjective(inner, limit, stop, summary.worker)
+    reserve = objective.reserve
     deadline = None if timeout is None else time.monotonic() + timeout
 
     def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -187,7 +209,7 @@ def run_worker(
 
     with _handling(stop), _quiet_interrupts():
         recover_orphans(study)
-        while not stop.signal and _has_work(study, limit, deadline, stop, poll):
+        while not stop.signal and _has_work(study, limit, deadline, stop, poll, reserve):
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 break
@@ -210,7 +232,12 @@ def run_worker(
 
 
 def _has_work(
-    study: optuna.Study, target: float, deadline: float | None, stop: _Stop, poll: float
+    study: optuna.Study,
+    target: float,
+    deadline: float | None,
+    stop: _Stop,
+    poll: float,
+    reserve: float = 0.0,
 ) -> bool:
     """Whether a trial should start: waiting trials, or fewer than ``target`` counted. Else
     waits while trials run that may yet fail and be retried (alive on this machine, or
@@ -220,7 +247,7 @@ def _has_work(
         if stop.signal:  # first: a trial queued again by the signal is not for this worker
             return False
         # One read of the study; the tracker looks at the trials that are new since the last.
-        tracker = count_tracker(study, study.get_trials(deepcopy=False))
+        tracker = count_tracker(study, study.get_trials(deepcopy=False), reserve)
         unfinished = tracker.unfinished()
         if any(t.state == TrialState.WAITING for t in unfinished) or tracker.total() < target:
             # Again: a signal that came during the read must not let this worker claim a

@@ -54,6 +54,10 @@ LEAN_DROP_PREFIXES = ("tpe:relative_params:",)
 # the front (Optuna's key, and its older list form) and its retries count toward the target.
 CONSTRAINTS = "constraints"
 ALWAYS_SYSTEM = (CONSTRAINTS, "retry_history")
+# User attrs that every read includes: a screened trial (fidelity < 1) is never on the front,
+# and counts its fidelity toward the target (autoprune.study.fidelity).
+FIDELITY_ATTR = "fidelity"
+ALWAYS_USER = (FIDELITY_ATTR,)
 
 _TRIALS = models.TrialModel.__table__
 _VALUES = models.TrialValueModel.__table__
@@ -103,7 +107,8 @@ def pareto_front(
     trials: Sequence[FrozenTrial], directions: Sequence[StudyDirection]
 ) -> list[FrozenTrial]:
     """``study.best_trials`` of a study holding ``trials``: its complete, feasible trials that no
-    other dominates, in the order given.
+    other dominates, in the order given. Screened trials (user attr ``fidelity`` below 1, see
+    :mod:`autoprune.study.fidelity`) are left out, as infeasible ones are.
 
     As Optuna's ``_get_pareto_front_trials_by_trials`` (what ``best_trials`` calls), with its
     per-value normalisation done by numpy (a tenth of a second at 10,000 trials). Optuna
@@ -112,7 +117,10 @@ def pareto_front(
     """
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     feasible = [
-        t for t in complete if not t.system_attrs or all(c <= 0.0 for c in t.constraints.values())
+        t
+        for t in complete
+        if (not t.system_attrs or all(c <= 0.0 for c in t.constraints.values()))
+        and t.user_attrs.get(FIDELITY_ATTR, 1.0) >= 1.0
     ]
     if not feasible:
         return []
@@ -120,6 +128,19 @@ def pareto_front(
     losses = np.asarray([t.values for t in feasible], dtype=float) * signs
     on_front = _is_pareto_front(losses, assume_unique_lexsorted=False)
     return [t for t, on in zip(feasible, on_front, strict=True) if on]
+
+
+def is_pareto_front(losses: np.ndarray) -> np.ndarray:
+    """Which rows of ``losses`` (minimised) no other row dominates: Optuna's function."""
+    return _is_pareto_front(losses, assume_unique_lexsorted=False)
+
+
+def is_enqueued(trial: optuna.Trial) -> bool:
+    """Whether ``trial`` was enqueued with fixed params (``study.enqueue_trial``: warm starts,
+    promotions) rather than sampled: Optuna's ``fixed_params`` system attr (checked against
+    Optuna 5.0)."""
+    attrs = trial.storage.get_trial_system_attrs(trial._trial_id)
+    return "fixed_params" in attrs
 
 
 def read_trials(
@@ -137,8 +158,8 @@ def read_trials(
 
     Args:
         numbers, states: Only these trials (None: all).
-        user_attrs: Only these user attrs (None: all). System attrs are all read when user
-            attrs are, else only ``ALWAYS_SYSTEM`` ones.
+        user_attrs: Only these user attrs and ``ALWAYS_USER`` (None: all). System attrs are
+            all read when user attrs are, else only ``ALWAYS_SYSTEM`` ones.
         params: Read params and distributions (else both are empty).
         where: A further SQLAlchemy condition on Optuna's ``trials`` table.
         lean: Finished trials leave out ``LEAN_DROPS`` and ``LEAN_DROP_PREFIXES``.
@@ -165,7 +186,7 @@ def read_trials(
     user = joined(_USER, _USER.c.key, _USER.c.value_json)
     system = joined(_SYSTEM, _SYSTEM.c.key, _SYSTEM.c.value_json)
     if user_attrs is not None:
-        user = user.where(_USER.c.key.in_(list(user_attrs)))
+        user = user.where(_USER.c.key.in_([*user_attrs, *ALWAYS_USER]))
         system = system.where(
             _SYSTEM.c.key.in_(ALWAYS_SYSTEM) | _SYSTEM.c.key.startswith(CONSTRAINTS + ":")
         )
@@ -215,8 +236,6 @@ def read_trials(
                 trials[tid].params[name] = dist.to_external_repr(value)
                 trials[tid].distributions[name] = dist
         for target, (query, table) in enumerate(((user, _USER), (system, _SYSTEM))):
-            if target == 0 and user_attrs is not None and not user_attrs:
-                continue  # none asked for
             # By key, as Optuna's own read returns them from SQLite (by the unique index).
             for tid, key, text in connection.execute(query.order_by(table.c.key)):
                 trials[tid].attrs[target][sys.intern(key)] = json.loads(text)

@@ -3,23 +3,26 @@ and its numbers recorded on the Optuna trial."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import optuna
-from torch import Tensor
 
 from autoprune import devices, measure
 from autoprune.errors import TrialFailed
-from autoprune.pruning.criteria import calibration_gradients, get_criterion
+from autoprune.pruning.calibration import LayerStats, calibrate
+from autoprune.pruning.criteria import get_criterion, statistics_for
 from autoprune.pruning.masks import prunable_layers
 from autoprune.pruning.policy import Policy
 from autoprune.study.constraints import Constraints
+from autoprune.study.fidelity import EPOCHS_ATTR, FIDELITY_ATTR, Fidelity, starting_fidelity
 from autoprune.study.space import SearchSpace, suggest_policy
 from autoprune.study.stopping import EarlyStop
 from autoprune.task import Task
+from autoprune.train import steps_per_epoch, total_steps
 from autoprune.trial import PruneResult, dense_on_device, prune_and_finetune, trial_seed
 
 # The default objectives, in order; a study stores its own (``study.metric_names``).
@@ -38,7 +41,9 @@ class Objective:
     ``on_result(trial, result, values)``, if given, is called before the values are returned
     (it is how the weights of front trials are stored).
     ``constraints`` are recorded with ``trial.set_constraint``; ``early_stop`` may end a
-    hopeless trial after its first epoch with ``optuna.TrialPruned``.
+    hopeless trial after its first epoch with ``optuna.TrialPruned``. With ``fidelity``, a
+    sampled trial is screened (a short fine-tune, :mod:`autoprune.study.fidelity`) and
+    records its ``fidelity`` and ``epochs_spent``; a screened trial's weights are not kept.
 
     A trial that fails (``TrialFailed``: a non-finite loss or objective, or the device ran out
     of memory, whose cached memory is then released) records why in ``fail_reason``, and the
@@ -59,8 +64,10 @@ class Objective:
         on_result: ResultHook | None = None,
         constraints: Constraints | None = None,
         early_stop: EarlyStop | None = None,
+        fidelity: Fidelity | None = None,
     ):
         self.task, self.space, self.layers, self.seed = task, space, list(layers), seed
+        self.fidelity = fidelity
         self.constraints, self.early_stop = constraints, early_stop
         self.objectives = measure.check_objectives(objectives)
         self.groups, self.blocks = list(groups), list(blocks)
@@ -69,9 +76,15 @@ class Objective:
         )
         self.on_result = on_result
         self.device = task.torch_device
-        self._grads: dict[str, Tensor] | None = None
+        self._stats: dict[str, LayerStats] | None = None
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
+        task, level = self.task, 1.0
+        if self.fidelity is not None:  # first: the budget counts the trial by its fidelity
+            level = starting_fidelity(trial, self.fidelity)
+            trial.set_user_attr(FIDELITY_ATTR, level)
+            task = screened_task(task, level) if level < 1.0 else task
+            trial.set_user_attr(EPOCHS_ATTR, epochs_spent(task))
         policy = suggest_policy(
             trial, self.space, self.layers, self.groups, self.blocks, model=self.task.model
         )
@@ -82,10 +95,10 @@ class Objective:
         out_of_memory = None
         try:
             result = prune_and_finetune(
-                self.task,
+                task,
                 policy,
                 seed=seed,
-                grads=self._grads_for(policy),
+                stats=self._stats_for(policy),
                 count=self.layers,
                 on_epoch=hook,
             )
@@ -125,19 +138,45 @@ class Objective:
                 result.metrics, self.task.higher_is_better
             ).items():
                 trial.set_constraint(key, value)
-        if self.on_result is not None:
+        if self.on_result is not None and level >= 1.0:  # a screened trial is never on the front
             self.on_result(trial, result, values)
         return values
 
-    def _grads_for(self, policy: Policy) -> dict[str, Tensor] | None:
-        # The dense model's gradients are the same for every trial: compute them once, for
-        # every layer (a channel group may reach beyond the searched layers).
-        if not get_criterion(policy.criterion).needs_grad:
+    def _stats_for(self, policy: Policy) -> dict[str, LayerStats] | None:
+        # The dense model's statistics are the same for every trial: measure them once, for
+        # every layer (a channel group may reach beyond the searched layers) and for every
+        # criterion the space offers, in one pass over the calibration batches.
+        if not get_criterion(policy.criterion).needs:
             return None
-        if self._grads is None:
+        if self._stats is None:
             layers = sorted(set(prunable_layers(self.task.model)) | set(self.layers))
-            self._grads = calibration_gradients(dense_on_device(self.task), self.task, layers)
-        return self._grads
+            space, offered = self.space, {policy.criterion}
+            if "unstructured" in space.granularities:
+                offered |= set(space.criteria)
+            if "structured" in space.granularities:
+                offered |= set(space.channel_criteria)
+            needs = statistics_for(sorted(offered))
+            self._stats = calibrate(dense_on_device(self.task), self.task, layers, needs)
+        return self._stats
+
+
+def screened_task(task: Task, screen: float) -> Task:
+    """``task`` with a fine-tune of ``screen`` of its optimizer steps (at least one step).
+
+    The budget becomes ``finetune_steps``, so a fraction of an epoch is possible; the
+    learning-rate schedule (and a gradual pruning schedule) then spans the short fine-tune,
+    as a short run of the recipe would.
+    """
+    full = total_steps(task)
+    if full == 0:
+        return task  # no fine-tune to shorten: evaluated as pruned
+    return dataclasses.replace(task, finetune_steps=max(1, math.floor(screen * full)))
+
+
+def epochs_spent(task: Task) -> float:
+    """Fine-tune epochs (optimizer steps / steps per epoch) that ``task`` runs."""
+    steps = total_steps(task)
+    return steps / steps_per_epoch(task) if steps else 0.0
 
 
 def _first_line(error: BaseException) -> str:

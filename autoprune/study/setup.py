@@ -33,6 +33,7 @@ from autoprune.pruning.criteria import get_criterion
 from autoprune.pruning.masks import prunable_layers
 from autoprune.study.artifacts import ArtifactSpec
 from autoprune.study.constraints import Constraints
+from autoprune.study.fidelity import Fidelity
 from autoprune.study.record import FORMAT, STUDY_ATTR, recorded
 from autoprune.study.samplers import SAMPLERS
 from autoprune.study.space import SearchSpace
@@ -134,6 +135,9 @@ class StudySetup:
         front_table: Keep the ``autoprune_front`` table of a database storage current.
         version: The autoprune version of the latest run.
         dense: The dense model's numbers, measured when the study was created.
+        fidelity: Screen sampled policies with a short fine-tune and promote the best to the
+            full one (:mod:`autoprune.study.fidelity`); the target then counts fine-tune
+            compute in full trials. None: every trial is full (stored setups omit it).
     """
 
     task: str
@@ -157,12 +161,15 @@ class StudySetup:
     front_table: bool = True
     version: str = __version__
     dense: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    fidelity: Fidelity | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data: ``StudySetup.from_dict(setup.to_dict()) == setup``."""
         data: dict[str, Any] = {"format": FORMAT}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
+            if field.name in _OMITTED_IF_NONE and value is None:
+                continue  # setups stored before the field existed read and compare the same
             if hasattr(value, "to_dict"):
                 value = value.to_dict()
             elif isinstance(value, Recipe):
@@ -200,13 +207,14 @@ class StudySetup:
     def identity(self) -> dict[str, Any]:
         """The fields a resumed run or a joining worker must bring unchanged."""
         data = self.to_dict()
-        return {key: data[key] for key in IDENTITY}
+        return {key: data.get(key) for key in IDENTITY}
 
     def settings(self) -> dict[str, Any]:
         """The keyword arguments of :func:`make_setup` that rebuild this setup for a task."""
         names = (
             *("trials", "seed", "sampler", "space", "warm_start", "constraints"),
             *("early_stop", "artifacts", "objectives", "latency", "front_table", "task_ref"),
+            "fidelity",
         )
         return {name: getattr(self, name) for name in names}
 
@@ -223,7 +231,10 @@ IDENTITY = (
     "groups",
     "blocks",
     "higher_is_better",
+    "fidelity",  # a screened trial's numbers are of a short fine-tune
 )
+# Fields added after setups were first stored: left out of ``to_dict`` at None.
+_OMITTED_IF_NONE = ("fidelity",)
 
 
 def _optional(read: Any) -> Any:
@@ -243,6 +254,7 @@ _TYPED: dict[str, Any] = {
     "early_stop": _optional(EarlyStop.from_dict),
     "artifacts": ArtifactSpec.from_dict,
     "dense": dict,
+    "fidelity": _optional(Fidelity.from_dict),
 }
 
 
@@ -261,6 +273,7 @@ def make_setup(
     objectives: Sequence[str] = DEFAULT_OBJECTIVES,
     latency: Latency | None = None,
     front_table: bool = True,
+    fidelity: Fidelity | None = None,
 ) -> StudySetup:
     """The setup of a study of ``task``: the one place where one is made.
 
@@ -283,6 +296,7 @@ def make_setup(
         ("early_stop", early_stop, EarlyStop),
         ("artifacts", artifacts, ArtifactSpec),
         ("latency", latency, Latency),
+        ("fidelity", fidelity, Fidelity),
     ):
         if value is not None and not isinstance(value, kind):
             raise SpecError(f"{name} must be a {kind.__name__} or None, got {value!r}")
@@ -327,6 +341,7 @@ def make_setup(
         early_stop=early_stop,
         artifacts=artifacts or ArtifactSpec(),
         front_table=front_table,
+        fidelity=fidelity,
     )
 
 

@@ -72,7 +72,7 @@ class SearchSpace:
         SpecError: Naming the first bad argument and its value.
     """
 
-    criteria: Sequence[str] = ("magnitude", "random", "sensitivity", "taylor")
+    criteria: Sequence[str] = ("magnitude", "random", "sensitivity", "taylor", "wanda")
     scopes: Sequence[str] = SCOPES
     rules: Sequence[str] = RULES
     sparsity: tuple[float, float] = (0.0, 0.98)

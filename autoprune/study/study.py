@@ -24,9 +24,10 @@ from autoprune.pruning.masks import count_nonzero
 from autoprune.pruning.policy import Policy
 from autoprune.study import storages
 from autoprune.study.artifacts import FrontWeights
+from autoprune.study.fidelity import Promoter, trial_fidelity
 from autoprune.study.front_table import FrontTable
 from autoprune.study.loading import await_setup
-from autoprune.study.objective import Objective
+from autoprune.study.objective import Objective, screened_task
 from autoprune.study.samplers import make_sampler
 from autoprune.study.setup import (
     DEFAULT_SAMPLER,
@@ -125,9 +126,9 @@ def _with_dense(setup: StudySetup, dense: Any) -> StudySetup:
 
 def objective_for(study: optuna.Study, task: Task) -> tuple[Objective, list[Callback]]:
     """The objective of an opened study, as its setup says (space, layers, seed, objectives,
-    constraints, early stop), and the callbacks that keep its side products current: front
-    weights and the ``autoprune_front`` table. The callbacks go before the user's, who may
-    read what they write."""
+    constraints, early stop, fidelity), and the callbacks that keep its side products
+    current: front weights, the ``autoprune_front`` table and promotions of screened trials.
+    The callbacks go before the user's, who may read what they write."""
     setup = read_setup(study)
     weights = FrontWeights.for_study(study, setup.artifacts)
     table = FrontTable.for_study(study) if setup.front_table else None
@@ -143,10 +144,12 @@ def objective_for(study: optuna.Study, task: Task) -> tuple[Objective, list[Call
         on_result=weights.upload if weights is not None else None,
         constraints=setup.constraints,
         early_stop=setup.early_stop,
+        fidelity=setup.fidelity,
     )
     if table is not None:
         table.write(study)  # a resumed study's table is current before its first new trial
-    return objective, [c for c in (weights, table) if c is not None]
+    promoter = Promoter(setup.fidelity) if setup.fidelity is not None else None
+    return objective, [c for c in (weights, table, promoter) if c is not None]
 
 
 def dense_metrics(task: Task, setup: StudySetup) -> dict[str, float]:
@@ -196,6 +199,8 @@ def replay(task: Task, trial: FrozenTrial) -> PruneResult:
             f"trial {trial.number} prunes layer {sorted(missing)[0]!r}, "
             "which the task's model does not have"
         )
+    fidelity = trial_fidelity(trial)  # a screened trial replays its short fine-tune
+    task = screened_task(task, fidelity) if fidelity < 1.0 else task
     result = prune_and_finetune(task, policy, seed=trial.user_attrs["seed"])
     if trial.values is not None and result.metrics["accuracy"] != trial.values[0]:
         logger.warning(

@@ -38,6 +38,12 @@ class WarmStart:
         sparsities: Target sparsities, each in [0, 1). Targets outside the search space's
             sparsity bounds are skipped.
         schedules: The schedules each heuristic is tried with (those the space has).
+        extreme_allocations: Allocations also tried at the extreme targets (those of
+            ``sparsities`` from ``extreme_from`` up), where the best heuristic changes (ERK or
+            uniform sometimes beat LAMP at 95% and more); those in ``allocations`` are not
+            repeated. They come after all of ``allocations``' warm starts, so that a small
+            budget's ``limit`` keeps the main heuristics first. An empty list turns them off.
+        extreme_from: The lowest target sparsity that counts as extreme, in [0, 1].
         channel_sparsities: Structured spaces: the fractions of channels that L1 channel
             pruning removes from every channel group (uniform L1, ``l1-uniform@0.5``), and the
             same with every removable block removed as well (``l1-uniform@0.5+blocks``) when
@@ -54,13 +60,25 @@ class WarmStart:
     allocations: Sequence[str] = ("lamp", "global")
     sparsities: Sequence[float] = (0.5, 0.8, 0.9, 0.95, 0.98)
     schedules: Sequence[str] = ("oneshot", "gradual")
+    extreme_allocations: Sequence[str] = ("erk", "uniform")
+    extreme_from: float = 0.95
     channel_sparsities: Sequence[float] = (0.2, 0.3, 0.5, 0.65)
 
     def __post_init__(self) -> None:
-        if isinstance(self.allocations, str):
-            raise SpecError(f"allocations must be a list, got {self.allocations!r}")
-        for name in self.allocations:
-            get_allocation(name)
+        for field in ("allocations", "extreme_allocations"):
+            names = getattr(self, field)
+            if isinstance(names, str):
+                raise SpecError(f"{field} must be a list, got {names!r}")
+            for name in names:
+                get_allocation(name)
+            object.__setattr__(self, field, tuple(names))
+        if (
+            isinstance(self.extreme_from, bool)
+            or not isinstance(self.extreme_from, (int, float))
+            or not 0.0 <= self.extreme_from <= 1.0
+        ):
+            raise SpecError(f"extreme_from must be a number in [0, 1], got {self.extreme_from!r}")
+        object.__setattr__(self, "extreme_from", float(self.extreme_from))
         for field in ("sparsities", "channel_sparsities"):
             values = getattr(self, field)
             if isinstance(values, (str, int, float)):
@@ -78,7 +96,26 @@ class WarmStart:
                 f"schedules must be a list of {', '.join(SCHEDULES)}, got {self.schedules!r}"
             )
         object.__setattr__(self, "schedules", tuple(self.schedules))
-        object.__setattr__(self, "allocations", tuple(self.allocations))
+
+    def heuristics(self) -> list[tuple[str, float, str]]:
+        """``(schedule, target, allocation)`` of each unstructured warm start, in order: every
+        allocation at every target per schedule, then the extreme allocations at the extreme
+        targets."""
+        main = [
+            (schedule, target, name)
+            for schedule in self.schedules
+            for target in self.sparsities
+            for name in self.allocations
+        ]
+        extra = [name for name in self.extreme_allocations if name not in self.allocations]
+        extreme = [
+            (schedule, target, name)
+            for schedule in self.schedules
+            for target in self.sparsities
+            if target >= self.extreme_from
+            for name in extra
+        ]
+        return main + extreme
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -106,9 +143,10 @@ def enqueue_warm_starts(
     """Enqueue each heuristic at each target as a trial of ``study``; return how many.
 
     A space with the unstructured granularity gets the magnitude heuristics (in the order
-    schedule, sparsity, allocation; user attr ``warm_start`` e.g. ``"lamp@0.9"``, or
-    ``"lamp@0.9 gradual"`` for a schedule other than one-shot). A space with the structured
-    granularity gets L1 channel pruning of its channel ``groups`` at each of
+    schedule, sparsity, allocation, then the extreme allocations at the extreme targets in the
+    same order: see :meth:`WarmStart.heuristics`; user attr ``warm_start`` e.g.
+    ``"lamp@0.9"``, or ``"lamp@0.9 gradual"`` for a schedule other than one-shot). A space
+    with the structured granularity gets L1 channel pruning of its channel ``groups`` at each of
     ``warm_start.channel_sparsities`` (``"l1-uniform@0.5"``; ``"l1-global@0.5"`` in a space
     with the global scope only), then, if it has removable ``blocks``, the same with all of
     them removed (``"l1-uniform@0.5+blocks"``); see
@@ -125,17 +163,15 @@ def enqueue_warm_starts(
     """
     candidates: list[tuple[str, dict[str, Any] | None, Any]] = []
     if "unstructured" in space.granularities:
-        for schedule in warm_start.schedules:
-            for target in warm_start.sparsities:
-                for name in warm_start.allocations:
-                    for quantization in space.quantizations:
-                        label = f"{name}@{target:g}"
-                        label += "" if schedule == "oneshot" else f" {schedule}"
-                        label += _suffix(quantization)
-                        params = heuristic_params(
-                            space, name, target, task.model, layers, schedule, quantization
-                        )
-                        candidates.append((label, params, None))
+        for schedule, target, name in warm_start.heuristics():
+            for quantization in space.quantizations:
+                label = f"{name}@{target:g}"
+                label += "" if schedule == "oneshot" else f" {schedule}"
+                label += _suffix(quantization)
+                params = heuristic_params(
+                    space, name, target, task.model, layers, schedule, quantization
+                )
+                candidates.append((label, params, None))
     if "structured" in space.granularities:
         candidates += _structured_candidates(task, space, warm_start, groups, blocks)
     n, skipped, repeated = 0, [], []
