@@ -26,7 +26,7 @@ import time
 from collections import defaultdict
 
 import torch
-from bench_search import best_at, hypervolume  # scripts/ is on the path of a script
+from _search_bench import best_at, hypervolume  # scripts/ is on the path of a script
 
 from autoprune import SearchSpace, recovery
 from autoprune.pruning.masks import prunable_layers
