@@ -33,8 +33,8 @@ schedules = ["oneshot", "gradual"]  # and/or "gradual-regrow"
 allocations = ["lamp", "erk", "global", "uniform"]
 quantizations = ["none"]         # and/or "int8-dynamic", "int8-static": trials deployed to
                                  # ONNX Runtime (structured; objectives bytes, latency_ms)
-lr_scale = [1.0, 1.0]            # factor on the task's fine-tune learning rate (log scale);
-                                 # [0.5, 16] searches it (measured: README)
+lr_scale = [0.5, 16.0]           # factor on the task's fine-tune learning rate (log scale);
+                                 # [1, 1]: the task's own
 distill = [0.0]                  # distillation weights from the dense model, e.g. [0.0, 0.5]
 rewinds = [false]                # and/or true: a rewound (high, then decaying) learning rate
 

@@ -359,12 +359,11 @@ def test_warm_starts_pin_the_task_s_recovery(tiny_task: Task) -> None:
     assert structured_heuristic_params(no_task_rate, 0.5, ["features.0"]) is None
 
 
-def test_a_space_searching_the_learning_rate_only(tiny_task: Task) -> None:
-    """The measured choice (scripts/bench_recovery.py, README): the fine-tune learning rate
-    from half to 16 times the task's; distillation and rewinding off. The default searches
-    none of them, so that studies and their params are as before."""
-    assert SearchSpace(**TASK_RECIPE) == SearchSpace()
-    space = SearchSpace(lr_scale=(0.5, 16.0))
+def test_the_default_space_searches_the_learning_rate_only(tiny_task: Task) -> None:
+    """The measured defaults (scripts/bench_recovery.py, README): the fine-tune learning rate
+    from half to 16 times the task's; distillation and rewinding available, off."""
+    space = SearchSpace()
+    assert (space.distill, space.lr_scale, space.rewinds) == ((0.0,), (0.5, 16.0), (False,))
     params, policy = _drawn(space, model=tiny_task.model)
     assert {"distill", "lr_scale", "rewind"} & set(params) == {"lr_scale"}
     assert policy.lr_scale == params["lr_scale"] and policy.distill == 0.0 and not policy.rewind

@@ -59,10 +59,10 @@ class SearchSpace:
         distill: Weights of distillation from the dense model during fine-tuning to choose
             from (each in [0, 1); 0 is off); searched as a categorical when there are several.
         lr_scale: ``(low, high)`` bounds of the factor on the task's fine-tune learning rate,
-            searched on a log scale; ``(1, 1)`` (the default) keeps the task's rate and adds no
-            param. At 95-98% sparsity on the digits tasks a 2-epoch fine-tune recovered far
-            more at 4-16 times the task's rate (``scripts/bench_recovery.py``): ``(0.5, 16)``
-            is the measured choice. Warm starts keep the task's rate.
+            searched on a log scale; ``(1, 1)`` keeps the task's rate and adds no param. By
+            default half to 16 times the task's: at 95-98% sparsity on the digits tasks a
+            2-epoch fine-tune recovered far more at 4-16 times the task's rate (see
+            ``scripts/bench_recovery.py``). Warm starts keep the task's rate.
         rewinds: Any of ``False`` (the task's learning-rate schedule), ``True`` (a rewound,
             high-then-decaying one); searched as a categorical when there are both. The
             recovery settings apply to both granularities, always at the task's budget (see
@@ -89,7 +89,7 @@ class SearchSpace:
     schedules: Sequence[str] = ("oneshot", "gradual")
     quantizations: Sequence[str] = ("none",)
     distill: Sequence[float] = (0.0,)
-    lr_scale: tuple[float, float] = (1.0, 1.0)
+    lr_scale: tuple[float, float] = (0.5, 16.0)
     rewinds: Sequence[bool] = (False,)
 
     def __post_init__(self) -> None:
