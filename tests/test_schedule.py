@@ -115,6 +115,7 @@ def test_schedule_is_searched_only_when_there_is_a_choice() -> None:
         rules=["ratio"],
         parametrization="per-layer",
         schedules=["oneshot"],
+        lr_scale=(1.0, 1.0),  # the task's rate: no param of its own
     )
     trial = optuna.trial.FixedTrial(
         {"criterion": "magnitude", "scope": "global", "rule": "ratio", "sparsity": 0.5}

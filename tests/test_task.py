@@ -166,8 +166,13 @@ def test_whole_split_metric_lower_is_better_searches_downwards(tmp_path: Any) ->
     study = autoprune.search(task, n_trials=3, warm_start=None, seed=0)
     assert study.directions[0] == optuna_minimize()
     assert all(0 <= t.values[0] <= 1 for t in study.trials)
+    front = study.best_trials
+    assert min(t.values[0] for t in front) == min(t.values[0] for t in study.trials)
     chosen = autoprune.pick(study, min_accuracy=1.0)  # error <= 1: every front trial
-    assert chosen.values[0] == min(t.values[0] for t in study.best_trials)
+    assert chosen.values[1] == min(t.values[1] for t in front)  # so the smallest of them
+    best = min(t.values[0] for t in front)
+    assert autoprune.pick(study, min_accuracy=best).values[0] == best  # error <= best: it
+    assert autoprune.pick(study, max_params=math.inf).values[0] == best  # the most accurate
 
 
 def optuna_minimize() -> Any:

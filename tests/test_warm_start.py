@@ -71,6 +71,7 @@ def test_mixed_and_global_only_spaces(resnet_task: Task) -> None:
         "rule": "ratio",
         "scope": "global",
         "channels": 0.3,
+        "lr_scale": 1.0,  # the default space searches the rate; warm starts keep the task's
     }
     policy = suggest_policy(FixedTrial(params), space, ["fc"], groups)
     assert policy.scope == "global" and policy.sparsity == dict.fromkeys(groups, 0.3)
