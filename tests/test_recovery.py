@@ -252,9 +252,10 @@ def test_policy_dicts_omit_recovery_defaults_and_round_trip() -> None:
         ({"distill": 1.0}, "distill must be a number in [0, 1), got 1.0"),
         ({"distill": -0.1}, "distill must be a number in [0, 1), got -0.1"),
         ({"distill": True}, "distill must be a number in [0, 1), got True"),
-        ({"lr_scale": 0}, "lr_scale must be a finite number > 0, got 0"),
-        ({"lr_scale": math.inf}, "lr_scale must be a finite number > 0, got inf"),
-        ({"lr_scale": "2"}, "lr_scale must be a finite number > 0, got '2'"),
+        ({"lr_scale": 0}, "lr_scale must be a number > 0 and <= 1000, got 0"),
+        ({"lr_scale": math.inf}, "lr_scale must be a number > 0 and <= 1000, got inf"),
+        ({"lr_scale": 1e300}, "lr_scale must be a number > 0 and <= 1000, got 1e+300"),
+        ({"lr_scale": "2"}, "lr_scale must be a number > 0 and <= 1000, got '2'"),
         ({"rewind": 1}, "rewind must be true or false, got 1"),
     ],
 )
@@ -276,11 +277,15 @@ def test_bad_policy_recovery_is_named(kwargs: dict[str, Any], message: str) -> N
         ({"distill": [False]}, "distill weights must be numbers in [0, 1), got False"),
         (
             {"lr_scale": [2.0, 0.5]},
-            "lr_scale bounds must satisfy 0 < low <= high < inf, got [2.0, 0.5]",
+            "lr_scale bounds must satisfy 0 < low <= high <= 1000, got [2.0, 0.5]",
         ),
         (
             {"lr_scale": [0, 1]},
-            "lr_scale bounds must satisfy 0 < low <= high < inf, got [0.0, 1.0]",
+            "lr_scale bounds must satisfy 0 < low <= high <= 1000, got [0.0, 1.0]",
+        ),
+        (
+            {"lr_scale": [1, 1e300]},  # would overflow the optimizer's float32 rate mid-trial
+            "lr_scale bounds must satisfy 0 < low <= high <= 1000, got [1.0, 1e+300]",
         ),
         ({"lr_scale": 1.0}, "lr_scale must be a [low, high] pair of numbers, got 1.0"),
         ({"rewinds": True}, "rewinds must be a non-empty list of true/false, got True"),

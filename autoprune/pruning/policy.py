@@ -22,6 +22,9 @@ QUANTIZATIONS = ("none", "int8-dynamic", "int8-static")
 RUNTIMES = ("pytorch", "onnxruntime")
 # Recovery settings (see autoprune.recovery) at the task's own recipe: a policy dict leaves
 # them out at these values, so that dicts from before them read and compare as they were.
+# The largest factor on the task's learning rate: with Task's own bound (autoprune.task.MAX_LR)
+# the rate stays far inside float32, so a diverging trial fails on its loss, not in the optimizer.
+MAX_LR_SCALE = 1e3
 RECOVERY_DEFAULTS: dict[str, object] = {"distill": 0.0, "lr_scale": 1.0, "rewind": False}
 
 
@@ -140,8 +143,10 @@ class Policy:
         distill, lr_scale = self.distill, self.lr_scale
         if not _is_number(distill) or not 0.0 <= distill < 1.0:
             raise SpecError(f"distill must be a number in [0, 1), got {distill!r}")
-        if not _is_number(lr_scale) or not lr_scale > 0.0:
-            raise SpecError(f"lr_scale must be a finite number > 0, got {lr_scale!r}")
+        if not _is_number(lr_scale) or not 0.0 < lr_scale <= MAX_LR_SCALE:
+            raise SpecError(
+                f"lr_scale must be a number > 0 and <= {MAX_LR_SCALE:g}, got {lr_scale!r}"
+            )
         if not isinstance(self.rewind, bool):
             raise SpecError(f"rewind must be true or false, got {self.rewind!r}")
         object.__setattr__(self, "distill", float(distill))

@@ -14,7 +14,14 @@ from autoprune._registry import Registry, from_dict, to_dict
 from autoprune.errors import SpecError
 from autoprune.pruning.allocation import allocate, get_allocation, reallocate
 from autoprune.pruning.criteria import CRITERIA, GRANULARITIES, get_criterion
-from autoprune.pruning.policy import QUANTIZATIONS, RULES, SCHEDULES, SCOPES, Policy
+from autoprune.pruning.policy import (
+    MAX_LR_SCALE,
+    QUANTIZATIONS,
+    RULES,
+    SCHEDULES,
+    SCOPES,
+    Policy,
+)
 from autoprune.study.recovery_space import check_recovery, suggest_recovery, task_recovery_params
 
 
@@ -161,9 +168,10 @@ class SearchSpace:
     def _check_recovery(self) -> None:
         distill, rewinds = check_recovery(self.distill, self.rewinds)
         low, high = _bounds("lr_scale", self.lr_scale)
-        if not (0.0 < low <= high and math.isfinite(high)):
+        if not 0.0 < low <= high <= MAX_LR_SCALE:
             raise SpecError(
-                f"lr_scale bounds must satisfy 0 < low <= high < inf, got {[low, high]}"
+                f"lr_scale bounds must satisfy 0 < low <= high <= {MAX_LR_SCALE:g}, "
+                f"got {[low, high]}"
             )
         object.__setattr__(self, "distill", distill)
         object.__setattr__(self, "lr_scale", (low, high))
