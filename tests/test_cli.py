@@ -504,8 +504,8 @@ def test_reading_commands_read_whole_only_the_trials_they_show(
     else:
         assert len(whole) == 1 and front <= whole[0]
     summaries = [attrs for numbers, attrs in reads if attrs is not None]
-    assert summaries and all(set(attrs) <= {"density", "policy", "worker", "surplus", "resumes"}
-                             for attrs in summaries)  # fmt: skip
+    small = {"density", "policy", "worker", "surplus", "resumes", "fidelity", "promoted_from"}
+    assert summaries and all(set(attrs) <= small for attrs in summaries)
 
 
 def test_reading_commands_never_import_torch(tmp_path: Path) -> None:
