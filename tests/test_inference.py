@@ -187,4 +187,14 @@ def test_a_deployed_model_takes_no_targets() -> None:
     assert set(out) == {"logits"} and out["logits"].shape == (5, 3)
     score, loss = evaluate(deployed, task, "val")  # the task's loss, from the logits
     want_score, want_loss = evaluate(task.model, task, "val")
-    assert abs(score - want_score) <= 2 / 64 and abs(loss - want_loss) < 0.05
+    assert abs(loss - want_loss) < 0.05
+    # int8 moves each logit by at most `error`, so only a sample whose top two dense logits
+    # are within 2 * error may change its class (an untrained model has many near-ties).
+    with torch.no_grad():
+        dense = task.model(pixels=x)["logits"]
+    quantized = torch.as_tensor(deployed(pixels=x)["logits"])
+    error = float((quantized - dense).abs().max())
+    top2 = dense.topk(2, dim=1).values
+    flipped = dense.argmax(1) != quantized.argmax(1)
+    assert bool((top2[flipped, 0] - top2[flipped, 1] <= 2 * error).all())
+    assert abs(score - want_score) <= float(flipped.float().mean()) + 1e-9
