@@ -120,6 +120,7 @@ def test_the_space_draws_quantization_and_measures_every_trial_in_onnx_runtime(
         "scope": "layer",
         "channels:g": 0.5,
         "quantization": "int8-static",
+        "lr_scale": 1.0,  # the default space searches the rate; warm starts keep the task's
     }
     unquantized = SearchSpace(granularities=["structured"], channel_criteria=["l1"])
     assert structured_heuristic_params(unquantized, 0.5, ["g"], quantization="int8-static") is None
