@@ -191,3 +191,33 @@ def test_a_trial_running_process_reads_lean_and_search_returns_whole(tmp_path: P
     assert all("policy" in t.user_attrs for t in whole(running).trials)
     plain = optuna.create_study()
     assert whole(plain) is plain
+
+
+@pytest.mark.parametrize("states", [None, [TrialState.COMPLETE]])
+def test_a_trial_written_during_a_read_is_left_out(
+    study: optuna.Study, states: list[TrialState] | None
+) -> None:
+    """Another worker adds a trial, with values, params and attrs, between the read's first
+    query (the trials) and the next ones: on PostgreSQL each query sees what is committed by
+    then, and the read failed with ``KeyError: <trial id>`` (a race test caught it)."""
+    storage = _optuna.rdb_storage(study)
+    assert storage is not None
+    with storage.engine.connect() as connection:  # readers and a writer at once, as on PG
+        connection.exec_driver_sql("PRAGMA journal_mode=WAL")
+    writer = optuna.load_study(study_name=study.study_name, storage=storage.url)
+    queries: list[str] = []
+
+    def after_the_first_query(*args: object) -> None:
+        queries.append("select")
+        if len(queries) == 1:
+            writer.add_trial(made_trial(random.Random(1), 60))  # a complete one, seed 1
+
+    sa_event = pytest.importorskip("sqlalchemy").event
+    sa_event.listen(storage.engine, "after_cursor_execute", after_the_first_query)
+    try:
+        ours = _optuna.read_trials(storage, _optuna.study_id(study), states=states)
+    finally:
+        sa_event.remove(storage.engine, "after_cursor_execute", after_the_first_query)
+    assert len(queries) > 1 and len(study.get_trials(deepcopy=False)) == 61
+    theirs = [t for t in study.get_trials()[:60] if states is None or t.state in states]
+    same(ours, theirs)

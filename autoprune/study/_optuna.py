@@ -165,7 +165,10 @@ def read_trials(
         lean: Finished trials leave out ``LEAN_DROPS`` and ``LEAN_DROP_PREFIXES``.
 
     Returns:
-        The trials in the order of their ids (that is, of their numbers).
+        The trials in the order of their ids (that is, of their numbers), as the first query
+        found them: the queries that fill them in run one after another while other workers
+        write (PostgreSQL reads each at its own snapshot), so rows of a trial made, or moved
+        into ``states``, since then are left out rather than looked up.
     """
     condition = _TRIALS.c.study_id == study
     if numbers is not None:
@@ -217,6 +220,8 @@ def read_trials(
         for tid, objective, value, kind in connection.execute(
             joined(_VALUES, _VALUES.c.objective, _VALUES.c.value, _raw(_VALUES.c.value_type))
         ):
+            if tid not in trials:  # made or finished since the trials were read: not in it
+                continue
             trials[tid].values[objective] = (
                 value
                 if kind == finite
@@ -231,6 +236,8 @@ def read_trials(
                 .add_columns(_PARAMS.c.distribution_json)
                 .order_by(_PARAMS.c.param_id)
             ):
+                if tid not in trials:
+                    continue
                 dist = dists.get(text) or dists.setdefault(text, json_to_distribution(text))
                 name = sys.intern(name)
                 trials[tid].params[name] = dist.to_external_repr(value)
@@ -238,7 +245,8 @@ def read_trials(
         for target, (query, table) in enumerate(((user, _USER), (system, _SYSTEM))):
             # By key, as Optuna's own read returns them from SQLite (by the unique index).
             for tid, key, text in connection.execute(query.order_by(table.c.key)):
-                trials[tid].attrs[target][sys.intern(key)] = json.loads(text)
+                if tid in trials:
+                    trials[tid].attrs[target][sys.intern(key)] = json.loads(text)
         if user_attrs is None:  # not for summaries (they are few: pruners and TPE read them)
             model = models.TrialIntermediateValueModel
             for tid, step, value, kind in connection.execute(
@@ -246,6 +254,8 @@ def read_trials(
                 .add_columns(_INTERMEDIATE.c.intermediate_value)
                 .add_columns(_INTERMEDIATE.c.intermediate_value_type)  # parsed: they are few
             ):
+                if tid not in trials:
+                    continue
                 trials[tid].intermediate[step] = model.stored_repr_to_intermediate_value(
                     value, kind
                 )
