@@ -606,7 +606,12 @@ def test_sigterm_retries_the_held_trial_once_and_the_idle_worker_claims_nothing(
     assert len(trials) == 4 and again.number == 3  # nothing claimed after the signal
     assert len(counted(trials)) == 3
     resume_to_the_target(tmp_path, url, hit, 3)
-    assert len(trials_of(url, "sig")) == 4
+    # The resume's two workers race for the one waiting retry: the one that loses may have
+    # asked for a new trial already, which it refuses, unrun and uncounted, as surplus
+    # (seen once in 10 rounds under load). Nothing else is added.
+    extra = trials_of(url, "sig")[4:]
+    assert all(t.state == TrialState.FAIL and t.user_attrs.get(SURPLUS_ATTR) for t in extra)
+    assert all(t.values is None and "policy" not in t.user_attrs for t in extra)
 
 
 @pytest.mark.slow
