@@ -42,7 +42,7 @@ from optuna.storages import RDBStorage
 from optuna.storages._heartbeat import is_heartbeat_enabled as _heartbeat_enabled
 from optuna.storages._rdb import models
 from optuna.study import StudyDirection
-from optuna.study._multi_objective import _is_pareto_front
+from optuna.study._multi_objective import _fast_non_domination_rank, _is_pareto_front
 from optuna.trial import FrozenTrial, TrialState
 
 # Bulky user attrs that the trial loop never reads from a finished trial (only the commands
@@ -133,6 +133,12 @@ def pareto_front(
 def is_pareto_front(losses: np.ndarray) -> np.ndarray:
     """Which rows of ``losses`` (minimised) no other row dominates: Optuna's function."""
     return _is_pareto_front(losses, assume_unique_lexsorted=False)
+
+
+def non_domination_ranks(losses: np.ndarray) -> list[int]:
+    """Non-dominated rank (0: the front) of each row of ``losses`` (minimised): Optuna's
+    function, the one its NSGA-II sorts by."""
+    return [int(r) for r in _fast_non_domination_rank(losses)]
 
 
 def is_enqueued(trial: optuna.Trial) -> bool:

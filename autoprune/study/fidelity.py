@@ -130,23 +130,10 @@ def promotions(trials: Sequence[FrozenTrial], fidelity: Fidelity, directions: An
         return []
     signs = [-1.0 if d == optuna.study.StudyDirection.MAXIMIZE else 1.0 for d in directions]
     losses = np.asarray([t.values for t in screened], dtype=float) * signs
-    ranks = _ranks(losses)
+    ranks = _optuna.non_domination_ranks(losses)
     order = sorted(range(len(screened)), key=lambda i: (ranks[i], losses[i][0], i))
     fresh = [screened[i].number for i in order if screened[i].number not in promoted]
     return fresh[:wanted]
-
-
-def _ranks(losses: np.ndarray) -> list[int]:
-    """Non-dominated rank (0: the front) of each row of ``losses`` (minimised)."""
-    ranks, left, rank = [0] * len(losses), list(range(len(losses))), 0
-    while left:
-        front = _optuna.is_pareto_front(losses[left])
-        for i, on in zip(left, front, strict=True):
-            if on:
-                ranks[i] = rank
-        left = [i for i, on in zip(left, front, strict=True) if not on]
-        rank += 1
-    return ranks
 
 
 class Promoter:
