@@ -130,11 +130,6 @@ def pareto_front(
     return [t for t, on in zip(feasible, on_front, strict=True) if on]
 
 
-def is_pareto_front(losses: np.ndarray) -> np.ndarray:
-    """Which rows of ``losses`` (minimised) no other row dominates: Optuna's function."""
-    return _is_pareto_front(losses, assume_unique_lexsorted=False)
-
-
 def non_domination_ranks(losses: np.ndarray) -> list[int]:
     """Non-dominated rank (0: the front) of each row of ``losses`` (minimised): Optuna's
     function, the one its NSGA-II sorts by."""
