@@ -35,7 +35,7 @@ from optuna.trial import FrozenTrial, TrialState, create_trial
 SPEC = Path(__file__).resolve().parent.parent / "studies" / "digits_mlp.toml"
 NAME = "digits-mlp"
 CACHE = Path(tempfile.gettempdir()) / "autoprune-bench-scale"
-BUILD_FORMAT = 1  # bump when the synthetic trials change: the cache is rebuilt
+BUILD_FORMAT = 2  # bump when the synthetic trials change: the cache is rebuilt
 START = datetime.datetime(2025, 1, 1, 20, 0, 0)
 STEP = 0.18  # seconds between two trials (1,500 trials took 4.5 minutes)
 WORKER = "bench:4242"
@@ -44,6 +44,7 @@ VAL, TEST = 359, 360  # digits-mlp's validation and test set sizes: accuracies a
 CRITERIA = ("magnitude", "taylor")
 ALLOCATIONS = ("lamp", "erk", "global", "uniform")
 SCHEDULES = ("oneshot", "gradual")
+LR_SCALE = (0.5, 16.0)  # SearchSpace's default bounds of the fine-tune rate's factor
 SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.98)
 WARM = [(a, d, s) for s in SCHEDULES for d in SPARSITIES for a in ("lamp", "global")]
 
@@ -55,6 +56,7 @@ def _distributions(layers: list[str]) -> dict[str, Any]:
         "density": FloatDistribution(0.016000000000000014, 0.7, log=True),
         **{f"offset:{layer}": FloatDistribution(-1.0, 1.0) for layer in layers},
         "schedule": CategoricalDistribution(SCHEDULES),
+        "lr_scale": FloatDistribution(*LR_SCALE, log=True),
     }
 
 
@@ -76,6 +78,7 @@ def synthetic_trial(
         params: dict[str, Any] = {"criterion": "magnitude", "allocation": allocation}
         params |= {"density": 1.0 - sparsity, **{f"offset:{x}": 0.0 for x in layers}}
         params["schedule"] = schedule
+        params["lr_scale"] = 1.0  # a warm start fine-tunes at the task's own rate
         system["fixed_params"] = dict(params)
         user["warm_start"] = f"{allocation}@{sparsity:g}" + (" gradual" * (schedule == "gradual"))
     else:
@@ -83,6 +86,7 @@ def synthetic_trial(
         params["density"] = math.exp(rng.uniform(math.log(0.016), math.log(0.7)))
         params |= {f"offset:{x}": rng.uniform(-1.0, 1.0) for x in layers}
         params["schedule"] = rng.choice(SCHEDULES)
+        params["lr_scale"] = math.exp(rng.uniform(*map(math.log, LR_SCALE)))
         if number >= 10 + len(WARM):
             system["tpe:relative_params:0"] = json.dumps(params, sort_keys=True)
     total = sum(sizes)
@@ -107,6 +111,7 @@ def synthetic_trial(
             "rule": "ratio",
             "alpha": 1.0,
             "schedule": params["schedule"],
+            **({"lr_scale": params["lr_scale"]} if params["lr_scale"] != 1.0 else {}),
         },
         "seed": number,
         "density": density,
