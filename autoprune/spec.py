@@ -61,7 +61,7 @@ epochs = 2
 lr = 0.001
 batch_size = 32
 precision = "fp32"               # or bf16, fp16 (autocast): stored with the study's recipe
-steps = 300                      # optional: a budget of optimizer steps instead of epochs
+# steps = 300                    # or: a budget of optimizer steps instead of epochs
 grad_accumulation = 1            # batches summed into one optimizer step
 val_batches = 50                 # optional: at most this many batches per evaluation
 
@@ -361,6 +361,11 @@ def _finetune(table: dict[str, Any]) -> Finetune:
     for key, value in table.items():
         kind, ok, what = checks[key]
         kwargs[key] = _check(f"finetune.{key}", value, kind, ok, what)
+    if "epochs" in kwargs and "steps" in kwargs:  # steps would win: one budget, not two
+        raise SpecError(
+            f"[finetune] give epochs or steps, not both (got epochs = {kwargs['epochs']}, "
+            f"steps = {kwargs['steps']})"
+        )
     return Finetune(**kwargs)
 
 

@@ -355,3 +355,10 @@ def test_step_budget_accumulation_and_val_batches_reach_the_recipe(
             SpecError, match=f"key 'finetune.{key}' must be an integer >= 1, got 0"
         ):
             load_spec(write_spec(tmp_path, f"[finetune]\n{key} = 0\n"))
+
+
+def test_epochs_and_steps_together_are_refused(tmp_path: Path) -> None:
+    # steps would silently win over epochs: the spec names one budget
+    text = "[finetune]\nepochs = 2\nsteps = 300\n"
+    expected = "[finetune] give epochs or steps, not both (got epochs = 2, steps = 300)"
+    assert expected in spec_error(write_spec(tmp_path, text))
