@@ -217,11 +217,37 @@ def test_prune_command_prints_and_saves_the_baseline(
     assert zeros == round(0.9 * 17024)
 
 
+def test_prune_command_takes_the_schedule_and_recovery_settings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = tmp_path / "s.toml"
+    spec.write_text('task = "digits-mlp"\nseed = 0\n[finetune]\nsteps = 3\n')
+    argv = ["--policy", "lamp", "--sparsity", "0.9", "--schedule", "gradual"]
+    argv += ["--lr-scale", "4", "--distill", "0.5", "--rewind"]
+    assert main(["prune", str(spec), *argv]) == 0
+    assert capsys.readouterr().out.startswith(
+        "lamp at 0.9 (gradual) on digits-mlp, 3 fine-tuning steps, distill 0.5, lr_scale 4, "
+        "rewound: sparsity 0.9000"
+    )
+
+
+def test_prune_command_knows_policys_recovery_defaults_without_torch() -> None:
+    from autoprune.cli import baselines
+    from autoprune.pruning.policy import MAX_LR_SCALE, RECOVERY_DEFAULTS
+
+    assert (baselines.RECOVERY, baselines.MAX_LR_SCALE) == (RECOVERY_DEFAULTS, MAX_LR_SCALE)
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["--policy", "lampp", "--sparsity", "0.9"], "invalid choice: 'lampp'"),
         (["--policy", "lamp", "--sparsity", "1"], "must be a number in [0, 1), got '1'"),
+        (["--policy", "lamp", "--sparsity", "0.9", "--lr-scale", "0"], "<= 1000, got '0'"),
+        (["--policy", "lamp", "--sparsity", "0.9", "--lr-scale", "1e9"], "got '1e9'"),
+        (["--policy", "lamp", "--sparsity", "0.9", "--lr-scale", "nan"], "got 'nan'"),
+        (["--policy", "lamp", "--sparsity", "0.9", "--distill", "1"], "in [0, 1), got '1'"),
+        (["--policy", "lamp", "--sparsity", "0.9", "--schedule", "slow"], "choice: 'slow'"),
     ],
 )
 def test_prune_command_names_bad_arguments(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 
 from autoprune._files import atomic_write, check_output_file
 from autoprune.cli._common import (
@@ -30,11 +31,31 @@ def _prune(args: argparse.Namespace) -> int:
     check_seed(seed)
     task = spec.load_task()
     layers = prunable_layers(task.model, spec.space.include, spec.space.exclude)
-    result = baseline(task, args.policy, args.sparsity, seed=seed, layers=layers)
+    recovery = {"distill": args.distill, "lr_scale": args.lr_scale, "rewind": args.rewind}
+    result = baseline(
+        task,
+        args.policy,
+        args.sparsity,
+        seed=seed,
+        layers=layers,
+        schedule=args.schedule,
+        **recovery,
+    )
     m = result.metrics
+    budget = (
+        f"{task.finetune_steps} fine-tuning steps"
+        if task.finetune_steps is not None
+        else f"{task.finetune_epochs} fine-tuning epochs"
+    )
+    settings = "".join(
+        f", {name} {value:g}" if name != "rewind" else ", rewound"
+        for name, value in recovery.items()
+        if value != RECOVERY[name]
+    )
+    schedule = "" if args.schedule == "oneshot" else f" ({args.schedule})"
     print(
-        f"{args.policy} at {args.sparsity:g} on {task.name}, {task.finetune_epochs} fine-tuning "
-        f"epochs: sparsity {m['sparsity']:.4f}, val accuracy {m['accuracy']:.4f}, test "
+        f"{args.policy} at {args.sparsity:g}{schedule} on {task.name}, {budget}{settings}: "
+        f"sparsity {m['sparsity']:.4f}, val accuracy {m['accuracy']:.4f}, test "
         f"accuracy {m.get('test_accuracy', float('nan')):.4f}, "
         f"{int(m['nonzero_params'])} of {int(m['total_params'])} weights left"
     )
@@ -45,6 +66,34 @@ def _prune(args: argparse.Namespace) -> int:
         torch.save(result.model.state_dict(), buffer)
         print(f"pruned model's state dict: {atomic_write(out, buffer.getvalue()).resolve()}")
     return 0
+
+
+# The recovery settings at the task's own recipe (as Policy's RECOVERY_DEFAULTS; repeated here
+# so that parsing the command line imports no torch).
+RECOVERY = {"distill": 0.0, "lr_scale": 1.0, "rewind": False}
+MAX_LR_SCALE = 1e3  # Policy's bound on lr_scale (autoprune.pruning.policy.MAX_LR_SCALE)
+
+
+def _lr_scale(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 < value <= MAX_LR_SCALE:
+        raise argparse.ArgumentTypeError(
+            f"must be a number > 0 and <= {MAX_LR_SCALE:g}, got {text!r}"
+        )
+    return value
+
+
+def _distill(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
+    return value
 
 
 def _sensitivity(args: argparse.Namespace) -> int:
@@ -87,6 +136,30 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         help="allocation: %(choices)s",
     )
     p.add_argument("--sparsity", required=True, type=sparsity, help="target, e.g. 0.9")
+    p.add_argument(
+        "--schedule",
+        default="oneshot",
+        choices=RegistryNames("autoprune.pruning.policy", "SCHEDULES"),
+        metavar="SCHEDULE",
+        help="when the sparsity is reached: %(choices)s (default: oneshot)",
+    )
+    p.add_argument(
+        "--lr-scale",
+        type=_lr_scale,
+        default=1.0,
+        help="fine-tune at the task's learning rate times this (default: 1)",
+    )
+    p.add_argument(
+        "--distill",
+        type=_distill,
+        default=0.0,
+        help="weight in [0, 1) of distillation from the dense model (default: 0, off)",
+    )
+    p.add_argument(
+        "--rewind",
+        action="store_true",
+        help="a rewound learning-rate schedule (warm-up, then cosine decay) instead of the task's",
+    )
     p.add_argument("--seed", type=int, help="fine-tuning seed (default: the spec's)")
     p.add_argument("--out", help="save the pruned model's state dict here")
     p.set_defaults(run=_prune)
