@@ -65,7 +65,8 @@ def positive_int(text: str) -> int:
     return value
 
 
-def sparsity(text: str) -> float:
+def fraction(text: str) -> float:
+    """A sparsity, a distillation weight: a number in [0, 1)."""
     try:
         value = float(text)
     except ValueError:

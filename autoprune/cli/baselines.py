@@ -13,7 +13,7 @@ from autoprune.cli._common import (
     DEFAULT_STORAGE,
     RegistryNames,
     create_in_existing_argument,
-    sparsity,
+    fraction,
 )
 
 
@@ -86,16 +86,6 @@ def _lr_scale(text: str) -> float:
     return value
 
 
-def _distill(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
-    return value
-
-
 def _sensitivity(args: argparse.Namespace) -> int:
     import pandas as pd
 
@@ -135,7 +125,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         metavar="ALLOCATION",
         help="allocation: %(choices)s",
     )
-    p.add_argument("--sparsity", required=True, type=sparsity, help="target, e.g. 0.9")
+    p.add_argument("--sparsity", required=True, type=fraction, help="target, e.g. 0.9")
     p.add_argument(
         "--schedule",
         default="oneshot",
@@ -151,7 +141,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )
     p.add_argument(
         "--distill",
-        type=_distill,
+        type=fraction,
         default=0.0,
         help="weight in [0, 1) of distillation from the dense model (default: 0, off)",
     )
