@@ -67,8 +67,18 @@ def check_output_file(path: str | Path) -> Path:
     mode = _mode(path, text)
     if mode is not None and stat.S_ISDIR(mode):
         raise OutputError(f"cannot write {text!r}: it is a directory")
-    _check_directory(path.parent, text)
+    if mode is not None and not stat.S_ISREG(mode):  # a device or a pipe: written in place
+        if not os.access(path, os.W_OK):
+            raise OutputError(f"cannot write {text!r}: it is not writable")
+        return path
+    _check_directory(_target(path).parent, text)
     return path
+
+
+def _target(path: Path) -> Path:
+    """The file that writing ``path`` replaces: the one a symbolic link names, so that the
+    link stays a link."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
 def check_output_dir(path: str | Path) -> Path:
@@ -123,25 +133,41 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
     ``path`` when complete: a reader sees the old file or the whole new one, and writers of
     the same path at once never touch each other's temporary files (the last rename wins).
     The temporary file is removed if anything fails. The new file gets the permissions of
-    a file opened as usual (the umask applies).
+    a file opened as usual (the umask applies). A symbolic link stays one: the file it
+    names is replaced. A device or a pipe (``/dev/stdout``) is written in place, never
+    replaced.
 
     Raises:
         OutputError: If the file cannot be written, naming the path and why.
     """
     path = Path(path)
     payload = data.encode() if isinstance(data, str) else data
-    # A short, unique name: the target's own may be near the file system's limit.
-    tmp = path.with_name(f".{_cut(path.name, 64)}.{uuid.uuid4().hex[:12]}.tmp")
     try:
+        if _is_stream(path):
+            with open(path, "wb") as stream:
+                stream.write(payload)
+            return path
+        target = _target(path)
+        # A short, unique name: the target's own may be near the file system's limit.
+        tmp = target.with_name(f".{_cut(target.name, 64)}.{uuid.uuid4().hex[:12]}.tmp")
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
         fd = os.open(tmp, flags, 0o666)
         try:
             with os.fdopen(fd, "wb") as file:
                 file.write(payload)
-            os.replace(tmp, path)
+            os.replace(tmp, target)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
     except OSError as e:
         raise OutputError(f"cannot write {str(path)!r}: {e.strerror or e}") from e
     return path
+
+
+def _is_stream(path: Path) -> bool:
+    """Whether ``path`` (its link followed) is there and neither a file nor a directory."""
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))

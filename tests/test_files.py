@@ -154,6 +154,35 @@ def test_atomic_write_of_a_name_at_the_limit(tmp_path: Path) -> None:
     assert path.read_text() == "x"
 
 
+def test_atomic_write_keeps_a_link_a_link(tmp_path: Path) -> None:
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "r.html").write_text("old")
+    link = tmp_path / "r.html"
+    link.symlink_to(tmp_path / "site" / "r.html")
+    assert check_output_file(link) == link
+    atomic_write(link, "new")
+    assert link.is_symlink() and link.read_text() == "new"
+    assert [p.name for p in (tmp_path / "site").iterdir()] == ["r.html"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.html", "site"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_atomic_write_writes_a_pipe_in_place(tmp_path: Path) -> None:
+    """A device or a pipe (``--json /dev/stdout``) is written, not replaced by a file: the
+    replace once turned /dev/full into a regular file."""
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    read: list[bytes] = []
+    reader = threading.Thread(target=lambda: read.append(pipe.read_bytes()), daemon=True)
+    reader.start()
+    assert check_output_file(pipe) == pipe
+    atomic_write(pipe, "through the pipe")
+    reader.join(timeout=60)
+    assert read == [b"through the pipe"]
+    assert stat.S_ISFIFO(pipe.lstat().st_mode)
+    assert [p.name for p in tmp_path.iterdir()] == ["pipe"]
+
+
 def _write_page(path: Path, text: str) -> None:
     atomic_write(path, text)
 
