@@ -527,3 +527,25 @@ def test_reading_commands_never_import_torch(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX pipes")
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path: Path) -> None:
+    """``autoprune front | head -1``: the pipe breaks while front prints; it ends with 141,
+    as a command killed by SIGPIPE, and no traceback."""
+    from test_dashboard import hand_made
+
+    storage = f"sqlite:///{tmp_path / 'x.db'}"
+    hand_made("a", storage)
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone before the command prints
+    with os.fdopen(write, "wb") as stdout:
+        done = subprocess.run(
+            [sys.executable, "-m", "autoprune", "status", "--storage", storage],
+            cwd=tmp_path,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=600,
+        )
+    assert (done.returncode, done.stderr) == (141, "")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import select
 import sys
 import warnings
 from collections.abc import Sequence
@@ -41,3 +43,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("autoprune: interrupted; completed trials are kept in the study", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        if not _stdout_gone():
+            raise
+        # The reader of the output went away (`autoprune front | head`): end quietly, as
+        # `cat` does, with stdout on devnull so that the interpreter's last flush cannot fail.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a command that SIGPIPE ended
+
+
+def _stdout_gone() -> bool:
+    """Whether standard output is a pipe that nobody reads any more (on POSIX: polling it
+    reports an error)."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), no file descriptor
+        return False
