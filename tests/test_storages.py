@@ -405,3 +405,29 @@ def test_an_empty_study_that_a_search_may_be_creating_is_waited_for(
     ):
         with pytest.raises(StorageError, match=r"none came in 0\.2 s\)$"):
             attempt()
+
+
+def test_creation_retries_outlast_every_object_optuna_creates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Processes creating one new database fail once per table or version row another made
+    first: five attempts once ran out with six processes under load."""
+    from autoprune.study import storages
+
+    url = f"sqlite:///{tmp_path / 'new.db'}"
+    optuna.storages.RDBStorage(url)
+    engine = sa.create_engine(url)
+    tables = sa.inspect(engine).get_table_names()  # Optuna's and Alembic's
+    engine.dispose()
+    objects = len(tables) + 2  # and the two version rows
+    assert objects < storages._CREATE_ATTEMPTS
+    failures = iter(range(objects))
+    opened = storages._open_rdb
+
+    def made_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        for n in failures:
+            raise sa.exc.IntegrityError("INSERT", {}, Exception(f"UNIQUE constraint failed {n}"))
+        return opened(*args, **kwargs)
+
+    monkeypatch.setattr(storages, "_open_rdb", made_meanwhile)
+    assert open_storage(url, for_writing=True).engine.name == "sqlite"
