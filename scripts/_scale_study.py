@@ -32,6 +32,8 @@ import sqlalchemy
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
+from autoprune.spec import load_spec
+
 SPEC = Path(__file__).resolve().parent.parent / "studies" / "digits_mlp.toml"
 NAME = "digits-mlp"
 CACHE = Path(tempfile.gettempdir()) / "autoprune-bench-scale"
@@ -44,7 +46,7 @@ VAL, TEST = 359, 360  # digits-mlp's validation and test set sizes: accuracies a
 CRITERIA = ("magnitude", "taylor")
 ALLOCATIONS = ("lamp", "erk", "global", "uniform")
 SCHEDULES = ("oneshot", "gradual")
-LR_SCALE = (0.5, 16.0)  # SearchSpace's default bounds of the fine-tune rate's factor
+LR_SCALE = load_spec(SPEC).space.lr_scale  # the bounds the real trials draw their rate from
 SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.98)
 WARM = [(a, d, s) for s in SCHEDULES for d in SPARSITIES for a in ("lamp", "global")]
 
@@ -236,7 +238,6 @@ def _same(made: FrozenTrial, read: FrozenTrial) -> bool:
 
 def build(path: Path, n: int, seed: int = 0) -> None:
     """Write a digits-mlp study of ``n`` synthetic trials to the SQLite file ``path``."""
-    from autoprune.spec import load_spec
     from autoprune.study.setup import write_setup
     from autoprune.study.study import dense_metrics
     from autoprune.tasks import load_task

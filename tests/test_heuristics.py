@@ -231,13 +231,6 @@ def test_prune_command_takes_the_schedule_and_recovery_settings(
     )
 
 
-def test_prune_command_knows_policys_recovery_defaults_without_torch() -> None:
-    from autoprune.cli import baselines
-    from autoprune.pruning.policy import MAX_LR_SCALE, RECOVERY_DEFAULTS
-
-    assert (baselines.RECOVERY, baselines.MAX_LR_SCALE) == (RECOVERY_DEFAULTS, MAX_LR_SCALE)
-
-
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

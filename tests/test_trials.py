@@ -10,6 +10,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState, create_trial
@@ -212,12 +213,11 @@ def test_a_trial_written_during_a_read_is_left_out(
         if len(queries) == 1:
             writer.add_trial(made_trial(random.Random(1), 60))  # a complete one, seed 1
 
-    sa_event = pytest.importorskip("sqlalchemy").event
-    sa_event.listen(storage.engine, "after_cursor_execute", after_the_first_query)
+    sqlalchemy.event.listen(storage.engine, "after_cursor_execute", after_the_first_query)
     try:
         ours = _optuna.read_trials(storage, _optuna.study_id(study), states=states)
     finally:
-        sa_event.remove(storage.engine, "after_cursor_execute", after_the_first_query)
+        sqlalchemy.event.remove(storage.engine, "after_cursor_execute", after_the_first_query)
     assert len(queries) > 1 and len(study.get_trials(deepcopy=False)) == 61
     theirs = [t for t in study.get_trials()[:60] if states is None or t.state in states]
     same(ours, theirs)

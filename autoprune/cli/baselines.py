@@ -21,6 +21,7 @@ def _prune(args: argparse.Namespace) -> int:
     import torch
 
     from autoprune.pruning.masks import prunable_layers
+    from autoprune.pruning.policy import RECOVERY_DEFAULTS
     from autoprune.spec import load_spec
     from autoprune.study.setup import check_seed
     from autoprune.trial import baseline
@@ -50,7 +51,7 @@ def _prune(args: argparse.Namespace) -> int:
     settings = "".join(
         f", {name} {value:g}" if name != "rewind" else ", rewound"
         for name, value in recovery.items()
-        if value != RECOVERY[name]
+        if value != RECOVERY_DEFAULTS[name]
     )
     schedule = "" if args.schedule == "oneshot" else f" ({args.schedule})"
     print(
@@ -68,13 +69,10 @@ def _prune(args: argparse.Namespace) -> int:
     return 0
 
 
-# The recovery settings at the task's own recipe (as Policy's RECOVERY_DEFAULTS; repeated here
-# so that parsing the command line imports no torch).
-RECOVERY = {"distill": 0.0, "lr_scale": 1.0, "rewind": False}
-MAX_LR_SCALE = 1e3  # Policy's bound on lr_scale (autoprune.pruning.policy.MAX_LR_SCALE)
-
-
 def _lr_scale(text: str) -> float:
+    # Imported here, as RegistryNames does: a command that does not take it imports no torch.
+    from autoprune.pruning.policy import MAX_LR_SCALE
+
     try:
         value = float(text)
     except ValueError:

@@ -20,11 +20,11 @@ SCHEDULES = ("oneshot", "gradual", "gradual-regrow")
 QUANTIZATIONS = ("none", "int8-dynamic", "int8-static")
 # Where the trial's model is measured: PyTorch eager, or exported to ONNX in ONNX Runtime.
 RUNTIMES = ("pytorch", "onnxruntime")
-# Recovery settings (see autoprune.recovery) at the task's own recipe: a policy dict leaves
-# them out at these values, so that dicts from before them read and compare as they were.
 # The largest factor on the task's learning rate: with Task's own bound (autoprune.task.MAX_LR)
 # the rate stays far inside float32, so a diverging trial fails on its loss, not in the optimizer.
 MAX_LR_SCALE = 1e3
+# Recovery settings (see autoprune.recovery) at the task's own recipe: a policy dict leaves
+# them out at these values, so that dicts from before them read and compare as they were.
 RECOVERY_DEFAULTS: dict[str, object] = {"distill": 0.0, "lr_scale": 1.0, "rewind": False}
 
 

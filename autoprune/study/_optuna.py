@@ -27,7 +27,7 @@ import datetime
 import importlib
 import json
 import sys
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -217,12 +217,15 @@ def read_trials(
         }
         if not trials:
             return []
+
+        def ours(query: sa.Select[Any]) -> Iterator[Any]:
+            """The rows of ``query`` of the trials read above (see Returns)."""
+            return (row for row in connection.execute(query) if row[0] in trials)
+
         finite = models.TrialValueModel.TrialValueType.FINITE.name
-        for tid, objective, value, kind in connection.execute(
+        for tid, objective, value, kind in ours(
             joined(_VALUES, _VALUES.c.objective, _VALUES.c.value, _raw(_VALUES.c.value_type))
         ):
-            if tid not in trials:  # made or finished since the trials were read: not in it
-                continue
             trials[tid].values[objective] = (
                 value
                 if kind == finite
@@ -232,31 +235,26 @@ def read_trials(
             )
         if params:
             dists: dict[str, BaseDistribution] = {}
-            for tid, name, value, text in connection.execute(
+            for tid, name, value, text in ours(
                 joined(_PARAMS, _PARAMS.c.param_name, _PARAMS.c.param_value)
                 .add_columns(_PARAMS.c.distribution_json)
                 .order_by(_PARAMS.c.param_id)
             ):
-                if tid not in trials:
-                    continue
                 dist = dists.get(text) or dists.setdefault(text, json_to_distribution(text))
                 name = sys.intern(name)
                 trials[tid].params[name] = dist.to_external_repr(value)
                 trials[tid].distributions[name] = dist
         for target, (query, table) in enumerate(((user, _USER), (system, _SYSTEM))):
             # By key, as Optuna's own read returns them from SQLite (by the unique index).
-            for tid, key, text in connection.execute(query.order_by(table.c.key)):
-                if tid in trials:
-                    trials[tid].attrs[target][sys.intern(key)] = json.loads(text)
+            for tid, key, text in ours(query.order_by(table.c.key)):
+                trials[tid].attrs[target][sys.intern(key)] = json.loads(text)
         if user_attrs is None:  # not for summaries (they are few: pruners and TPE read them)
             model = models.TrialIntermediateValueModel
-            for tid, step, value, kind in connection.execute(
+            for tid, step, value, kind in ours(
                 joined(_INTERMEDIATE, _INTERMEDIATE.c.step)
                 .add_columns(_INTERMEDIATE.c.intermediate_value)
                 .add_columns(_INTERMEDIATE.c.intermediate_value_type)  # parsed: they are few
             ):
-                if tid not in trials:
-                    continue
                 trials[tid].intermediate[step] = model.stored_repr_to_intermediate_value(
                     value, kind
                 )
